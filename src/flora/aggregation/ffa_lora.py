@@ -1,0 +1,41 @@
+"""FFA-LoRA: A frozen and shared by every client (same seed), only B trained and averaged.
+
+Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024,
+arXiv:2403.12313.
+
+Computes, per module, B = sum_k p_k s_k B_k (out, r) with the shared A (r, in), scaling 1. Exact
+given the shared A: B @ A = sum_k p_k s_k B_k A. Equal ranks and identical A are checked.
+Because the update is linear in the uploads, it can sit behind secure aggregation.
+Bytes up and down, every client: r * out elements (B only; A is regenerated from the seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flora.adapters import Adapter, LoraFactors
+from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lowrank import weighted_sum
+from flora.aggregation.validate import check_equal_ranks, check_shared_A
+
+__all__ = ["aggregate", "average_B_module"]
+
+
+def average_B_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """The shared A with B = sum_k p_k s_k B_k."""
+    B = weighted_sum([f.B for f in factors], [p * f.scaling for f, p in zip(factors, weights)])
+    return LoraFactors(factors[0].A.clone(), B, 1.0)
+
+
+def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
+    """Average every module's B over the shared A."""
+    check_equal_ranks(clients, "ffa-lora")
+    check_shared_A(clients, "ffa-lora")
+    global_factors = {m: average_B_module([c[m] for c in clients], weights) for m in clients[0]}
+    down = adapter_bytes(global_factors, parts="B")
+    return AggregationResult(
+        method="ffa-lora",
+        global_factors=global_factors,
+        bytes_up=uploads(clients, parts="B"),
+        bytes_down=[down] * len(clients),
+    )

@@ -1,0 +1,66 @@
+"""FlexLoRA: the weighted sum of full updates, redistributed by truncated SVD to each client's rank.
+
+Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
+Resources", NeurIPS 2024, arXiv:2402.11505.
+
+Computes, per module, W = sum_k p_k s_k B_k A_k = U S V^T, and sends client k
+B_k' = U[:, :r_k] S[:r_k] (out, r_k), A_k' = V[:, :r_k]^T (r_k, in), scaling 1. The SVD is taken
+in the (sum r) space of the stacked factors (see lowrank.lowrank_svd), which gives the same
+singular triplets as the paper's dense SVD of W without forming the (out, in) matrix. The global
+factors are the truncation at r_max = max_k r_k. NOT exact: client k's download is the best
+rank-r_k approximation of W; exact only when rank(W) <= r_k.
+Bytes up, client k: r_k (in + out) elements; down, client k: r_k (in + out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flora.adapters import Adapter, LoraFactors
+from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lowrank import lowrank_svd, stack
+
+__all__ = ["aggregate", "svd_truncate", "svd_module"]
+
+
+def svd_truncate(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, dtype: torch.dtype
+) -> LoraFactors:
+    """B = U[:, :r] diag(S[:r]) (out, r), A = Vh[:r] (r, in); zero-padded where r > len(S)."""
+    keep = min(rank, S.shape[0])
+    A = torch.zeros(rank, Vh.shape[1], dtype=dtype)
+    B = torch.zeros(U.shape[0], rank, dtype=dtype)
+    A[:keep] = Vh[:keep]
+    B[:, :keep] = U[:, :keep] * S[:keep]
+    return LoraFactors(A, B, 1.0)
+
+
+def svd_module(
+    factors: Sequence[LoraFactors], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD (U, S, Vh) of the exact weighted sum of one module's client updates."""
+    coeffs = [p * f.scaling for f, p in zip(factors, weights, strict=True)]
+    A, B = stack([f.A for f in factors], [f.B for f in factors], coeffs)
+    return lowrank_svd(B, A)
+
+
+def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
+    """SVD every module's exact sum; client k downloads its rank-r_k truncation."""
+    global_factors: Adapter = {}
+    downloads: list[Adapter] = [{} for _ in clients]
+    for module in clients[0]:
+        factors = [c[module] for c in clients]
+        dtype = torch.promote_types(factors[0].A.dtype, torch.float32)
+        U, S, Vh = svd_module(factors, weights)
+        global_factors[module] = svd_truncate(U, S, Vh, max(f.rank for f in factors), dtype)
+        for k, f in enumerate(factors):
+            downloads[k][module] = svd_truncate(U, S, Vh, f.rank, dtype)
+    return AggregationResult(
+        method="flexlora",
+        global_factors=global_factors,
+        bytes_up=uploads(clients),
+        bytes_down=[adapter_bytes(d) for d in downloads],
+        client_factors=downloads,
+    )

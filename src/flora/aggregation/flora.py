@@ -1,0 +1,43 @@
+"""FLoRA: stacking aggregation for heterogeneous-rank LoRA.
+
+Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
+Adaptations", NeurIPS 2024, arXiv:2409.05976.
+
+Computes, per module, A = [p_1 s_1 A_1; ...; p_K s_K A_K] (sum r_k, in) and
+B = [B_1 ... B_K] (out, sum r_k), stored with scaling 1, so that
+
+    B @ A = sum_k p_k s_k B_k @ A_k        exactly, for any mix of ranks.
+
+Clients add B @ A into their base weights and start fresh LoRAs for the next round.
+Bytes up, client k: r_k (in + out) elements. Bytes down, every client: (sum_k r_k)(in + out):
+the downlink grows with the number of clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flora.adapters import Adapter, LoraFactors
+from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lowrank import stack
+
+__all__ = ["aggregate", "stack_module"]
+
+
+def stack_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """One module's stacked factors: B @ A = sum_k p_k s_k B_k A_k, scaling 1."""
+    coeffs = [p * f.scaling for f, p in zip(factors, weights, strict=True)]
+    A, B = stack([f.A for f in factors], [f.B for f in factors], coeffs)
+    return LoraFactors(A, B, 1.0)
+
+
+def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
+    """Stack every module; every client downloads the same global factors."""
+    global_factors = {m: stack_module([c[m] for c in clients], weights) for m in clients[0]}
+    down = adapter_bytes(global_factors)
+    return AggregationResult(
+        method="flora",
+        global_factors=global_factors,
+        bytes_up=uploads(clients),
+        bytes_down=[down] * len(clients),
+    )

@@ -1,0 +1,65 @@
+"""Low-rank linear algebra shared by the aggregators: stacking, and SVDs in the small space.
+
+A product B @ A with B (out, R) and A (R, in) is never formed densely here: its SVD and norm come
+from thin QRs of B and A^T and an (R x R) core, in O((out + in) R^2) instead of O(out in R).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["frobenius", "lowrank_svd", "stack", "weighted_sum"]
+
+
+def stack(
+    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], coeffs: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [c_1 A_1; ...; c_K A_K] (sum r, in) and columns [B_1 ... B_K] (out, sum r).
+
+    Then B @ A = sum_k c_k B_k @ A_k. Written into preallocated outputs: one pass over the bytes.
+    """
+    total = sum(int(a.shape[0]) for a in As)
+    dtype = torch.promote_types(As[0].dtype, torch.float32)
+    A = torch.empty(total, As[0].shape[1], dtype=dtype)  # (sum r, in)
+    B = torch.empty(Bs[0].shape[0], total, dtype=dtype)  # (out, sum r)
+    row = 0
+    for a, b, c in zip(As, Bs, coeffs, strict=True):
+        r = int(a.shape[0])
+        torch.mul(a, c, out=A[row : row + r])
+        B[:, row : row + r].copy_(b)
+        row += r
+    return A, B
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    """sum_k c_k T_k, accumulated in at least fp32."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    out = torch.zeros(tensors[0].shape, dtype=dtype)
+    for tensor, c in zip(tensors, coeffs, strict=True):
+        out.add_(tensor, alpha=c)
+    return out
+
+
+def lowrank_svd(
+    B: torch.Tensor, A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of B @ A without forming it: U (out, k), S (k,), Vh (k, in), k = min(out, in, R).
+
+    B = Qb Rb and A^T = Qa Ra (thin QR), so B A = Qb (Rb Ra^T) Qa^T; the SVD of the small core
+    Rb Ra^T = Uc S Vch gives U = Qb Uc and Vh = Vch Qa^T. Computed in float64.
+    """
+    Qb, Rb = torch.linalg.qr(B.double())  # (out, kb), (kb, R)
+    Qa, Ra = torch.linalg.qr(A.double().T)  # (in, ka), (ka, R)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (kb, ka)
+    return Qb @ Uc, S, Vch @ Qa.T
+
+
+def frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
+    """||B @ A||_F without forming the product (float64, via the same thin QRs)."""
+    if B.shape[1] == 0:
+        return 0.0
+    _, Rb = torch.linalg.qr(B.double())
+    _, Ra = torch.linalg.qr(A.double().T)
+    return float(torch.linalg.matrix_norm(Rb @ Ra.T))

@@ -1,0 +1,1 @@
+"""The CLI's subcommands: each module adds its parser and runs it."""

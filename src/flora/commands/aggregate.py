@@ -1,0 +1,137 @@
+"""`flora aggregate`: combine PEFT adapter directories trained anywhere into a global adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from flora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
+from flora.aggregation import METHODS, AggregationReport, aggregate, get_method, measure
+from flora.aggregation.validate import normalize_weights
+from flora.errors import FloraError
+from flora.io import atomic_write, atomic_write_json
+
+__all__ = ["CLIENT_INFO", "add_parser", "run"]
+
+CLIENT_INFO = "flora_client.json"  # written beside a client's adapter by flora's engine
+
+_HELP = """\
+Aggregate LoRA adapters (PEFT directories: adapter_model.safetensors + adapter_config.json) with
+one of flora's methods and write the global adapter as a PEFT directory, loadable with
+PeftModel.from_pretrained on the same base model, plus report.json (aggregation noise, bytes).
+
+methods (exact = realised update equals sum_k p_k s_k B_k A_k):
+  flora         stacking, exact, mixed ranks; global rank = sum of client ranks
+  fedit         FedAvg of A and B separately; equal ranks; not exact
+  zero-padding  HetLoRA: pad to max rank, average, truncate per client (writes clients/)
+  flexlora      SVD of the exact sum, truncated per client (writes clients/)
+  ffa-lora      shared frozen A, averaged B; equal ranks; exact given the shared A
+  fedex-lora    FedIT plus a dense residual for the base weights (writes residual.safetensors)
+  florist       stacking + singular value thresholding at --tau; exact at tau=1
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "aggregate",
+        help="aggregate PEFT LoRA adapter directories into a global adapter",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="client adapters")
+    parser.add_argument(
+        "--method", default="flora", help=f"one of {', '.join(METHODS)} (default: flora)"
+    )
+    parser.add_argument(
+        "--weights",
+        help="comma-separated client weights, e.g. example counts 120,80,40 (normalised); "
+        f"default: the 'examples' in each adapter's {CLIENT_INFO} if all have one, else equal",
+    )
+    parser.add_argument("--out", default="aggregated", help="output directory (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output adapter")
+    parser.add_argument("--tau", type=float, help="florist: energy threshold in (0, 1] (0.9)")
+    parser.add_argument("--energy", choices=["sum", "squared"], help="florist: energy of sigma_i")
+    parser.add_argument(
+        "--weighting", choices=["examples", "norm"], help="zero-padding: HetLoRA norm weights"
+    )
+    parser.set_defaults(handler=run)
+
+
+def _parse_weights(text: str | None, directories: list[Path]) -> list[float] | None:
+    if text is not None:
+        try:
+            return [float(part) for part in text.split(",")]
+        except ValueError:
+            raise FloraError(
+                f"--weights '{text}': expected comma-separated numbers such as 120,80,40"
+            ) from None
+    counts = []
+    for directory in directories:
+        info = directory / CLIENT_INFO
+        if not info.is_file():
+            return None
+        try:
+            counts.append(float(json.loads(info.read_text(encoding="utf-8"))["examples"]))
+        except (ValueError, KeyError, TypeError):
+            raise FloraError(f"{info}: unreadable; it needs an 'examples' count") from None
+    return counts
+
+
+def _options(args: argparse.Namespace) -> dict[str, object]:
+    chosen = {"tau": args.tau, "energy": args.energy, "weighting": args.weighting}
+    options = {name: value for name, value in chosen.items() if value is not None}
+    valid = METHODS[args.method].options
+    for name in options:
+        if name not in valid:
+            raise FloraError(f"--{name} applies to another method, not {args.method}; drop it")
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    directories = [Path(d) for d in args.adapters]
+    out = Path(args.out)
+    if (out / ADAPTER_WEIGHTS).exists() and not args.force:
+        raise FloraError(f"{out} already holds an adapter; pass --force or choose another --out")
+    get_method(args.method)
+    options = _options(args)
+    loaded = [load_peft_adapter(d) for d in directories]
+    clients = [adapter.modules for adapter in loaded]
+    weights = normalize_weights(_parse_weights(args.weights, directories), len(clients))
+    result = aggregate(args.method, clients, weights, **options)
+    report = measure(clients, weights, result)
+
+    template = {k: v for k, v in loaded[0].config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    save_peft_adapter(out, result.global_factors, template=template)
+    if result.client_factors is not None:
+        for k, download in enumerate(result.client_factors):
+            save_peft_adapter(out / "clients" / f"client_{k}", download, template=template)
+    if result.residual is not None:
+        residual = {f"{m}.weight": t.contiguous() for m, t in result.residual.items()}
+        atomic_write(out / "residual.safetensors", lambda tmp: save_file(residual, str(tmp)))
+    summary = report.to_dict() | {"inputs": [str(d) for d in directories], "options": options}
+    atomic_write_json(out / "report.json", summary)
+    print(format_report(report, out))
+    return 0
+
+
+def format_report(report: AggregationReport, out: Path) -> str:
+    """A short human summary of an aggregation."""
+    lines = [f"method {report.method}: {len(report.weights)} clients -> {out}/"]
+    lines.append(f"{'client':>6}  {'weight':>7}  {'ranks':>10}  {'bytes up':>12}  {'bytes down':>12}")
+    for k, weight in enumerate(report.weights):
+        ranks = sorted(set(report.client_ranks[k].values()))
+        rank_text = ",".join(str(r) for r in ranks)
+        lines.append(
+            f"{k:>6}  {weight:>7.4f}  {rank_text:>10}  {report.bytes_up[k]:>12,}  "
+            f"{report.bytes_down[k]:>12,}"
+        )
+    global_ranks = sorted(set(report.global_ranks.values()))
+    lines.append(f"global rank {','.join(map(str, global_ranks))}; noise {report.noise:.3e}")
+    if report.client_noise is not None:
+        per_client = ", ".join(f"{v:.3e}" for v in report.client_noise)
+        lines.append(f"per-client download noise: {per_client}")
+    lines.append(f"wrote {ADAPTER_WEIGHTS}, {ADAPTER_CONFIG}, report.json")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The data layer: load instruction records, encode them with masked prompts, split them
+across clients, and batch them."""
+
+from flora.data.batching import batches, collate
+from flora.data.partition import (
+    SCHEMES,
+    client_table,
+    partition,
+    partition_dirichlet,
+    partition_iid,
+    partition_shards,
+    split_heldout,
+)
+from flora.data.prompts import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    EncodedRecords,
+    Example,
+    Template,
+    encode_example,
+    encode_prompt,
+    encode_records,
+    format_prompt,
+)
+from flora.data.sources import (
+    DATA_DIR_ENV,
+    DOLLY_FILE,
+    DOLLY_HUB_ID,
+    Record,
+    find_shared_data,
+    load_records,
+)
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "DOLLY_FILE",
+    "DOLLY_HUB_ID",
+    "IGNORE_INDEX",
+    "SCHEMES",
+    "TEMPLATES",
+    "EncodedRecords",
+    "Example",
+    "Record",
+    "Template",
+    "batches",
+    "client_table",
+    "collate",
+    "encode_example",
+    "encode_prompt",
+    "encode_records",
+    "find_shared_data",
+    "format_prompt",
+    "load_records",
+    "partition",
+    "partition_dirichlet",
+    "partition_iid",
+    "partition_shards",
+    "split_heldout",
+]

