@@ -53,5 +53,6 @@ class CharTokenizer:
 
 
 @pytest.fixture
-def char_tokenizer() -> CharTokenizer:
-    return CharTokenizer()
+def char_tokenizer() -> type[CharTokenizer]:
+    """The class, so tests can build variants (conftest modules are not importable)."""
+    return CharTokenizer

@@ -25,7 +25,9 @@ __all__ = ["aggregate", "average_module"]
 def average_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """Entrywise weighted means of A and of s_k B_k."""
     A = weighted_sum([f.A for f in factors], weights)
-    B = weighted_sum([f.B for f in factors], [p * f.scaling for f, p in zip(factors, weights)])
+    B = weighted_sum(
+        [f.B for f in factors], [p * f.scaling for f, p in zip(factors, weights, strict=True)]
+    )
     return LoraFactors(A, B, 1.0)
 
 

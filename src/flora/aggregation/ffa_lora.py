@@ -23,7 +23,9 @@ __all__ = ["aggregate", "average_B_module"]
 
 def average_B_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """The shared A with B = sum_k p_k s_k B_k."""
-    B = weighted_sum([f.B for f in factors], [p * f.scaling for f, p in zip(factors, weights)])
+    B = weighted_sum(
+        [f.B for f in factors], [p * f.scaling for f, p in zip(factors, weights, strict=True)]
+    )
     return LoraFactors(factors[0].A.clone(), B, 1.0)
 
 

@@ -22,7 +22,7 @@ from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
 from flora.aggregation.lowrank import lowrank_svd, stack
 
-__all__ = ["aggregate", "svd_truncate", "svd_module"]
+__all__ = ["aggregate", "svd_module", "svd_truncate"]
 
 
 def svd_truncate(

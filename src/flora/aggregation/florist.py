@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
+from flora.adapters import Adapter
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
 from flora.aggregation.flexlora import svd_module, svd_truncate
 from flora.errors import FloraError

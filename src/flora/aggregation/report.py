@@ -53,9 +53,11 @@ def _finite(value: float) -> float | None:
 
 
 def _exact(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
-    A, B = stack([f.A for f in factors], [f.B for f in factors], [
-        p * f.scaling for f, p in zip(factors, weights, strict=True)
-    ])
+    A, B = stack(
+        [f.A for f in factors],
+        [f.B for f in factors],
+        [p * f.scaling for f, p in zip(factors, weights, strict=True)],
+    )
     return LoraFactors(A, B, 1.0)
 
 

@@ -58,7 +58,9 @@ def aggregate(
 ) -> AggregationResult:
     """Pad, average and truncate every module; client k downloads its own rank."""
     if weighting not in WEIGHTINGS:
-        raise FloraError(f"zero-padding: weighting '{weighting}' is unknown; use one of {WEIGHTINGS}")
+        raise FloraError(
+            f"zero-padding: weighting '{weighting}' is unknown; use one of {WEIGHTINGS}"
+        )
     global_factors: Adapter = {}
     downloads: list[Adapter] = [{} for _ in clients]
     for module in clients[0]:

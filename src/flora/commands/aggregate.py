@@ -50,7 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated client weights, e.g. example counts 120,80,40 (normalised); "
         f"default: the 'examples' in each adapter's {CLIENT_INFO} if all have one, else equal",
     )
-    parser.add_argument("--out", default="aggregated", help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--out", default="aggregated", help="output directory (default: %(default)s)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output adapter")
     parser.add_argument("--tau", type=float, help="florist: energy threshold in (0, 1] (0.9)")
     parser.add_argument("--energy", choices=["sum", "squared"], help="florist: energy of sigma_i")
@@ -103,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     result = aggregate(args.method, clients, weights, **options)
     report = measure(clients, weights, result)
 
-    template = {k: v for k, v in loaded[0].config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    template = {
+        k: v for k, v in loaded[0].config.items() if k not in ("rank_pattern", "alpha_pattern")
+    }
     save_peft_adapter(out, result.global_factors, template=template)
     if result.client_factors is not None:
         for k, download in enumerate(result.client_factors):
@@ -120,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
 def format_report(report: AggregationReport, out: Path) -> str:
     """A short human summary of an aggregation."""
     lines = [f"method {report.method}: {len(report.weights)} clients -> {out}/"]
-    lines.append(f"{'client':>6}  {'weight':>7}  {'ranks':>10}  {'bytes up':>12}  {'bytes down':>12}")
+    lines.append(
+        f"{'client':>6}  {'weight':>7}  {'ranks':>10}  {'bytes up':>12}  {'bytes down':>12}"
+    )
     for k, weight in enumerate(report.weights):
         ranks = sorted(set(report.client_ranks[k].values()))
         rank_text = ",".join(str(r) for r in ranks)

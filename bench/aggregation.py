@@ -1,0 +1,140 @@
+"""Aggregation benchmark: every method against a plain copy of the same bytes.
+
+10 clients with Llama-7B-shaped q_proj and v_proj adapters (32 layers, 4096 x 4096), ranks
+[64, 32, 16, 16, 8, 8, 4, 4, 4, 4]; the equal-rank methods (fedit, ffa-lora, fedex-lora) get
+r = 16 on every client, which is the same number of bytes (sum of ranks 160). Each method runs in
+a fresh subprocess, so its peak memory is its own: time is the median of --repeats runs of
+flora.aggregation.aggregate (input checks included), peak is the rise of the process's maximum
+RSS above its RSS before the first run. Both are reported as ratios to `copy` (cloning every
+client's tensors). The goal for flora is at most 2.0x the copy in time and memory.
+
+    .venv/bin/python bench/aggregation.py            # full size, about 2 minutes
+    .venv/bin/python bench/aggregation.py --layers 4 # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+
+from flora.adapters import Adapter, LoraFactors
+from flora.aggregation import METHODS, aggregate, measure
+from flora.aggregation.validate import normalize_weights
+
+RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+EQUAL_RANK = ["fedit", "ffa-lora", "fedex-lora"]
+DIM = 4096
+
+
+def make_clients(method: str, layers: int, dim: int) -> list[Adapter]:
+    ranks = [sum(RANKS) // len(RANKS)] * len(RANKS) if method in EQUAL_RANK else RANKS
+    generator = torch.Generator().manual_seed(0)
+    shared = {}
+    clients: list[Adapter] = []
+    for rank in ranks:
+        client: Adapter = {}
+        for layer in range(layers):
+            for proj in ("q_proj", "v_proj"):
+                name = f"model.layers.{layer}.self_attn.{proj}"
+                if method == "ffa-lora":
+                    shared.setdefault(name, torch.randn(rank, dim, generator=generator))
+                    A = shared[name]
+                else:
+                    A = torch.randn(rank, dim, generator=generator)
+                B = torch.randn(dim, rank, generator=generator)
+                client[name] = LoraFactors(A, B, 2.0)
+        clients.append(client)
+    return clients
+
+
+def worker(method: str, layers: int, dim: int, repeats: int, report: bool) -> dict[str, float]:
+    clients = make_clients(method, layers, dim)
+    weights = [float(100 + 10 * k) for k in range(len(clients))]
+    rss_before = psutil.Process().memory_info().rss
+    times = []
+    result = None
+    for _ in range(repeats):
+        result = None  # free the previous result before the next run
+        start = time.perf_counter()
+        if method == "copy":
+            result = [{m: (f.A.clone(), f.B.clone()) for m, f in c.items()} for c in clients]
+        else:
+            options = {"tau": 1.0} if method == "florist" else {}
+            result = aggregate(method, clients, weights, **options)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    row = {"seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+    if report and method != "copy":
+        start = time.perf_counter()
+        noise = measure(clients, normalize_weights(weights, len(clients)), result).noise  # type: ignore[arg-type]
+        row |= {"report_seconds": time.perf_counter() - start, "noise": noise}
+    input_bytes = sum(f.nbytes() for c in clients for f in c.values())
+    return row | {"input_bytes": input_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=DIM)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(["copy", *METHODS]))
+    parser.add_argument("--report", action="store_true", help="also time the noise report")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.layers, args.dim, args.repeats, args.report)))
+        return
+    rows = {}
+    for method in args.methods.split(","):
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--layers",
+            str(args.layers),
+            "--dim",
+            str(args.dim),
+            "--repeats",
+            str(args.repeats),
+        ]
+        if args.report:
+            command.append("--report")
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  measured {method}", file=sys.stderr)
+    copy = rows["copy"]
+    print(
+        f"{args.layers} layers x q,v of {args.dim}x{args.dim}, ranks {RANKS} (equal-rank methods: "
+        f"r=16); input {copy['input_bytes'] / 2**20:.0f} MiB; torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'method':<13} {'median s':>9} {'x copy':>7} {'peak MiB':>9} {'x copy':>7}"
+        + (f" {'report s':>9} {'noise':>9}" if args.report else "")
+    )
+    for method, row in rows.items():
+        line = (
+            f"{method:<13} {row['seconds']:>9.3f} {row['seconds'] / copy['seconds']:>7.2f} "
+            f"{row['peak_bytes'] / 2**20:>9.0f} {row['peak_bytes'] / max(copy['peak_bytes'], 1):>7.2f}"
+        )
+        if args.report and "noise" in row:
+            line += f" {row['report_seconds']:>9.2f} {row['noise']:>9.2e}"
+        print(line)
+    flora_time = rows.get("flora", copy)["seconds"] / copy["seconds"]
+    print(
+        f"goal: flora <= 2.0x copy in time: {'met' if flora_time <= 2.0 else 'NOT met'} ({flora_time:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

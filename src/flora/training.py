@@ -1,0 +1,410 @@
+"""One client's local LoRA training on the one shared base model, and held-out loss.
+
+The simulator keeps a single base model for all K clients. :func:`train_client` injects the
+client's LoRA into it in place (peft's ``LoraModel`` tuner, no copy), trains only the LoRA
+factors, copies them out, and unloads the LoRA layers again without merging, so the base weights
+are bitwise what they were before and the next client starts from the same model.
+
+LoRA: Hu et al., 2021 (https://arxiv.org/abs/2106.09685); rsLoRA scaling alpha / sqrt(r):
+Kalajdzievski, 2023 (https://arxiv.org/abs/2312.03732); frozen A (FFA-LoRA): Sun et al., 2024
+(https://arxiv.org/abs/2403.12313).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, LoraModel
+from peft.tuners.lora import LoraLayer
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from flora.adapters import Adapter, LoraFactors, lora_scaling
+from flora.data.batching import batches, collate
+from flora.data.prompts import IGNORE_INDEX, Example
+from flora.errors import FloraError
+from flora.models import PRECISIONS, autocast_context
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "LocalResult",
+    "TrainConfig",
+    "evaluate_loss",
+    "merge_into_base",
+    "train_client",
+]
+
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
+SCHEDULES = ("linear", "cosine")
+_ADAPTER_NAME = "flora"
+
+
+@dataclass
+class TrainConfig:
+    """How one client trains locally in one round."""
+
+    lr: float = 2e-4  # AdamW peak learning rate for the LoRA factors
+    batch_size: int = 8  # examples per micro-batch (one forward/backward)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    local_epochs: float = 1.0  # passes over the client's data; fractions allowed
+    max_steps: int = 0  # optimizer steps per round; when > 0 it overrides local_epochs
+    warmup_ratio: float = 0.0  # fraction of the steps spent ramping the lr up linearly
+    schedule: str = "linear"  # decay after warmup: "linear" or "cosine"
+    max_grad_norm: float = 1.0  # global grad-norm clip over the LoRA params; 0 disables it
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA factors
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
+    precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number >= 0")
+        for name in ("batch_size", "grad_accum"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        _check(
+            self.local_epochs >= 0 and math.isfinite(self.local_epochs),
+            "local_epochs",
+            self.local_epochs,
+            "a finite number >= 0",
+        )
+        _check(
+            isinstance(self.max_steps, int) and self.max_steps >= 0,
+            "max_steps",
+            self.max_steps,
+            "an integer >= 0 (0 means: use local_epochs)",
+        )
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0: no clip)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimizer steps for a client holding ``num_examples`` examples."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return math.ceil(self._micro_batches(num_examples) / self.grad_accum)
+
+    def _micro_batches(self, num_examples: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps * self.grad_accum
+        return math.ceil(self.local_epochs * math.ceil(num_examples / self.batch_size))
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise FloraError(f"train.{name} must be {expected}, got {value!r}")
+
+
+@dataclass
+class LocalResult:
+    """What one client's local training returns."""
+
+    factors: Adapter  # module -> A (r, in), B (out, r): detached fp32 CPU clones
+    examples: int  # examples the client holds (its aggregation weight)
+    tokens: int  # non-pad tokens fed through the model
+    train_loss: float  # mean of loss_curve; nan when no step ran
+    seconds: float
+    steps: int  # optimizer steps taken
+    loss_curve: list[float] = field(default_factory=list)  # per step, token-weighted
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA in and out of the shared model
+
+
+@contextmanager
+def _lora_injected(model: PreTrainedModel, config: LoraConfig) -> Iterator[dict[str, LoraLayer]]:
+    """Inject a LoRA in place; on exit unload it without merging and restore requires_grad."""
+    if getattr(model, "peft_config", None) is not None or _lora_layers(model):
+        raise FloraError("the base model already holds LoRA layers; unload them before training")
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    tuner = LoraModel(model, config, _ADAPTER_NAME)  # mutates model in place, freezes the base
+    try:
+        yield _lora_layers(model)
+    finally:
+        tuner.unload()  # swaps every LoRA layer back for its base layer, deletes peft_config
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad.get(name, param.requires_grad))
+        model.train(was_training)
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _weights(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The injected lora_A (r, in) and lora_B (out, r) weight parameters of one layer."""
+    a = layer.lora_A[_ADAPTER_NAME].weight
+    b = layer.lora_B[_ADAPTER_NAME].weight
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return a, b
+
+
+def _load_init(layers: dict[str, LoraLayer], init: Adapter, rank: int, scaling: float) -> None:
+    """Copy ``init`` into the injected layers, re-expressed at the client's ``scaling``."""
+    if set(init) != set(layers):
+        missing, extra = sorted(set(layers) - set(init)), sorted(set(init) - set(layers))
+        raise FloraError(
+            f"init adapter modules do not match the LoRA targets: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}; pass an init over exactly the target modules"
+        )
+    for name, layer in layers.items():
+        a, b = _weights(layer)
+        factors = init[name].with_scaling(scaling)
+        if factors.A.shape != a.shape or factors.B.shape != b.shape:
+            raise FloraError(
+                f"init module '{name}' has A {tuple(factors.A.shape)}, B "
+                f"{tuple(factors.B.shape)}; rank {rank} needs A {tuple(a.shape)}, B "
+                f"{tuple(b.shape)}: give an init of rank {rank}"
+            )
+        with torch.no_grad():
+            a.copy_(factors.A)
+            b.copy_(factors.B)
+
+
+def _extract(layers: dict[str, LoraLayer]) -> Adapter:
+    adapter: Adapter = {}
+    for name, layer in sorted(layers.items()):
+        a, b = _weights(layer)
+        adapter[name] = LoraFactors(
+            A=a.detach().float().cpu().clone(),  # (r, in)
+            B=b.detach().float().cpu().clone(),  # (out, r)
+            scaling=float(layer.scaling[_ADAPTER_NAME]),
+        )
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+
+
+def _micro_batches(
+    examples: Sequence[Example], config: TrainConfig, seed: int
+) -> Iterator[list[Example]]:
+    """``config``'s number of micro-batches, reshuffled each epoch by (seed, epoch)."""
+    remaining, epoch = config._micro_batches(len(examples)), 0
+    while remaining > 0:
+        for batch in batches(examples, config.batch_size, seed, epoch):
+            if remaining == 0:
+                return
+            remaining -= 1
+            yield batch
+        epoch += 1
+
+
+def _lr_lambda(total: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
+    """Linear warmup over ceil(warmup_ratio * total) steps, then linear or cosine decay."""
+    warmup = math.ceil(warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)  # in [0, 1): no step gets lr 0
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+def _supervised(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss counts: labels after the one-token shift that are not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_client(
+    model: PreTrainedModel,
+    examples: Sequence[Example],
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    config: TrainConfig,
+    seed: int,
+    pad_id: int,
+    init: Adapter | None = None,
+    freeze_A: bool = False,
+    use_rslora: bool = False,
+    progress: bool = False,
+) -> LocalResult:
+    """Train a rank-``rank`` LoRA on ``examples``; return its factors and leave the model as found.
+
+    The LoRA starts from ``init`` (re-expressed at this client's scaling) or from PEFT's seeded
+    init (A Kaiming-uniform, B zero). With ``freeze_A`` only B trains. Everything random (init,
+    dropout, data order) derives from ``seed``, so equal calls give bitwise-equal factors.
+    """
+    if not examples:
+        raise FloraError("train_client got no examples; give each client at least one example")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise FloraError(f"lora rank must be an integer >= 1, got {rank!r}")
+    if not alpha > 0:
+        raise FloraError(f"lora alpha must be > 0, got {alpha!r}")
+    if not target_modules:
+        raise FloraError("target_modules is empty; name the linear layers to adapt, e.g. q_proj")
+    scaling = lora_scaling(alpha, rank, use_rslora)
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int, any number works
+        target_modules=list(target_modules),
+        lora_dropout=config.lora_dropout,
+        use_rslora=use_rslora,
+        bias="none",
+    )
+    total = config.total_steps(len(examples))
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with _lora_injected(model, lora_config) as layers:
+            if init is not None:
+                _load_init(layers, init, rank, scaling)
+            if freeze_A:
+                for layer in layers.values():
+                    _weights(layer)[0].requires_grad_(False)
+            params = [p for layer in layers.values() for p in _weights(layer) if p.requires_grad]
+            curve, tokens = _run_steps(
+                model, examples, params, config, seed, pad_id, total, progress
+            )
+            factors = _extract(layers)
+    return LocalResult(
+        factors=factors,
+        examples=len(examples),
+        tokens=tokens,
+        train_loss=sum(curve) / len(curve) if curve else math.nan,
+        seconds=time.perf_counter() - start,
+        steps=len(curve),
+        loss_curve=curve,
+    )
+
+
+def _run_steps(
+    model: PreTrainedModel,
+    examples: Sequence[Example],
+    params: list[torch.Tensor],
+    config: TrainConfig,
+    seed: int,
+    pad_id: int,
+    total: int,
+    progress: bool,
+) -> tuple[list[float], int]:
+    """AdamW + warmup/decay + clipping + accumulation; returns (per-step loss, tokens seen)."""
+    if total == 0:
+        return [], 0
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    factor = _lr_lambda(total, config.warmup_ratio, config.schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    device = next(model.parameters()).device
+    stream = _micro_batches(examples, config, seed)
+    curve: list[float] = []
+    tokens = 0
+    model.train()
+    bar = tqdm(total=total, disable=not progress, desc="local steps", leave=False)
+    for _ in range(total):
+        window = [collate(b, pad_id) for b in _take(stream, config.grad_accum)]
+        supervised = sum(_supervised(batch["labels"]) for batch in window)
+        step_loss = 0.0
+        for batch in window:
+            weight = _supervised(batch["labels"]) / max(1, supervised)
+            if weight == 0:
+                continue  # no response token: the model's mean loss would be 0/0
+            tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast_context(config.precision):
+                loss = model(**batch).loss  # mean over this micro-batch's response tokens
+            (loss * weight).backward()
+            step_loss += float(loss.detach()) * weight
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+    bar.close()
+    return curve, tokens
+
+
+def _take(stream: Iterator[list[Example]], n: int) -> list[list[Example]]:
+    out = []
+    for batch in stream:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and merging
+
+
+def evaluate_loss(
+    model: PreTrainedModel,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    precision: str = "fp32",
+) -> float:
+    """Token-weighted mean cross-entropy over response tokens (labels != -100), in eval mode."""
+    if not examples:
+        raise FloraError("evaluate_loss got no examples; give a non-empty held-out set")
+    if batch_size < 1:
+        raise FloraError(f"eval batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start : start + batch_size], pad_id)
+                n = _supervised(batch["labels"])
+                if n == 0:
+                    continue
+                with autocast_context(precision):
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                total += float(loss) * n  # mean * count = this batch's summed loss
+                count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise FloraError("evaluate_loss: no example has a response token; check the labels")
+    return total / count
+
+
+def merge_into_base(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    """Add dense updates (out, in) into the named modules' ``.weight`` in place, in fp32.
+
+    Every name and shape is checked before any weight changes. A module whose weight is tied
+    (e.g. lm_head with tied embeddings) changes its twin too.
+    """
+    targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, update in delta.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise FloraError(
+                f"merge: the model has no module '{name}'; check the adapter keys"
+            ) from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise FloraError(f"merge: module '{name}' has no weight tensor to update")
+        if tuple(update.shape) != tuple(weight.shape):
+            raise FloraError(
+                f"merge: delta for '{name}' is {tuple(update.shape)} but the weight is "
+                f"{tuple(weight.shape)}; give (out, in) = B @ A"
+            )
+        if not torch.isfinite(update).all():
+            raise FloraError(f"merge: delta for '{name}' holds NaN or inf; check the aggregation")
+        targets.append((weight, update))
+    with torch.no_grad():
+        for weight, update in targets:
+            merged = weight.float() + update.to(device=weight.device, dtype=torch.float32)
+            weight.copy_(merged.to(weight.dtype))
