@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from flora import __version__
-from flora.commands import aggregate
+from flora.commands import aggregate, run
 from flora.errors import FloraError
 
 __all__ = ["build_parser", "main"]
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flora {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     aggregate.add_parser(subparsers)
+    run.add_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,265 @@
+"""The run configuration: typed dataclasses, read from one TOML file with dotted overrides.
+
+    cfg = load_config("configs/default.toml", ["federation.rounds=3", "train.lr=1e-4"])
+
+Every section is validated in ``__post_init__``; unknown keys and wrong types raise FloraError
+naming the dotted key and the fix. The resolved config is saved as JSON beside every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flora.aggregation import METHODS
+from flora.data.partition import SCHEMES
+from flora.data.prompts import TEMPLATES
+from flora.errors import FloraError
+from flora.training import TrainConfig
+
+__all__ = [
+    "RANK_PROFILES",
+    "DataConfig",
+    "EvalConfig",
+    "FederationConfig",
+    "LoraSpec",
+    "ModelConfig",
+    "RunConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+]
+
+# Named per-client rank lists; "hetero-10" is the FLoRA paper's heterogeneous setting.
+RANK_PROFILES: dict[str, list[int]] = {
+    "hetero-10": [64, 32, 16, 16, 8, 8, 4, 4, 4, 4],
+    "homo-16": [16] * 10,
+    "hetero-3": [16, 8, 4],
+}
+CATCH_UPS = ("replay", "svd")
+
+
+def _need(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise FloraError(f"{key} must be {expected}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2"  # "smollm2" (packaged), "tiny-llama" (tests), or an HF path / hub id
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        _need(bool(self.name), "model.name", self.name, "a model spec such as 'smollm2'")
+        _need(bool(self.target_modules), "model.target_modules", self.target_modules, "non-empty")
+
+
+@dataclass
+class DataConfig:
+    source: str = "dolly"  # "dolly" (shared copy, else the hub), a .json/.jsonl path, or a hub id
+    template: str = "chat"  # "chat" (the tokenizer's chat template) or "alpaca"
+    max_length: int = 256  # tokens per example; longer ones are cut from the end
+    limit: int = 0  # use a seeded random subset of this many rows (0: all)
+    heldout: int = 200  # held-out examples for the loss before/after (seeded split)
+    partition: str = "iid"  # "iid", "dirichlet" (over label_column) or "shards"
+    label_column: str = "category"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+
+    def __post_init__(self) -> None:
+        _need(self.template in TEMPLATES, "data.template", self.template, f"one of {TEMPLATES}")
+        _need(self.max_length >= 16, "data.max_length", self.max_length, "an integer >= 16")
+        _need(self.limit >= 0, "data.limit", self.limit, ">= 0 (0: all rows)")
+        _need(self.heldout >= 1, "data.heldout", self.heldout, "an integer >= 1")
+        _need(self.partition in SCHEMES, "data.partition", self.partition, f"one of {SCHEMES}")
+        _need(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "> 0")
+        _need(self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, ">= 1")
+
+
+@dataclass
+class LoraSpec:
+    ranks: list[int] | str = "hetero-10"  # per-client ranks, or a profile name (RANK_PROFILES)
+    alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio * r on every client (scaling alpha / r)
+    use_rslora: bool = False  # scaling alpha / sqrt(r)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, str):
+            _need(self.ranks in RANK_PROFILES, "lora.ranks", self.ranks,
+                  f"a list of ints or a profile: {', '.join(RANK_PROFILES)}")
+        else:
+            _need(bool(self.ranks) and all(isinstance(r, int) and r >= 1 for r in self.ranks),
+                  "lora.ranks", self.ranks, "a non-empty list of integers >= 1")
+        _need(self.alpha_ratio > 0, "lora.alpha_ratio", self.alpha_ratio, "> 0")
+
+    def rank_list(self) -> list[int]:
+        return list(RANK_PROFILES[self.ranks]) if isinstance(self.ranks, str) else list(self.ranks)
+
+
+@dataclass
+class FederationConfig:
+    method: str = "flora"  # any name in flora.aggregation.METHODS
+    num_clients: int = 10
+    rounds: int = 2
+    fraction: float = 1.0  # share of clients sampled each round
+    min_clients: int = 1  # at least this many per round
+    centralized: bool = False  # baseline: all training data on one client of rank max(ranks)
+    catch_up: str = "replay"  # missed merged updates: "replay" them, or "svd" (one exact re-factoring)
+    tau: float = 0.9  # florist's energy threshold
+    weighting: str = "examples"  # zero-padding: "examples" or HetLoRA's "norm"
+
+    def __post_init__(self) -> None:
+        _need(self.method in METHODS, "federation.method", self.method, f"one of {list(METHODS)}")
+        _need(self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1")
+        _need(self.rounds >= 1, "federation.rounds", self.rounds, ">= 1")
+        _need(0 < self.fraction <= 1, "federation.fraction", self.fraction, "in (0, 1]")
+        _need(1 <= self.min_clients <= self.num_clients, "federation.min_clients",
+              self.min_clients, f"between 1 and num_clients ({self.num_clients})")
+        _need(self.catch_up in CATCH_UPS, "federation.catch_up", self.catch_up, f"one of {CATCH_UPS}")
+        _need(0 < self.tau <= 1, "federation.tau", self.tau, "in (0, 1]")
+
+    def method_options(self) -> dict[str, object]:
+        options = {"florist": {"tau": self.tau}, "zero-padding": {"weighting": self.weighting}}
+        return dict(options.get(self.method, {}))
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # held-out loss every N rounds (0: only before and after)
+    batch_size: int = 8
+    samples: int = 1  # answers generated before and after for the first N held-out prompts
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        _need(self.every >= 0, "eval.every", self.every, ">= 0")
+        _need(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        _need(self.samples >= 0, "eval.samples", self.samples, ">= 0")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # every random choice (split, partition, sampling, init, data order) derives from it
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        ranks = self.lora.rank_list()
+        if not self.federation.centralized:
+            _need(len(ranks) == self.federation.num_clients, "lora.ranks", ranks,
+                  f"one rank per client ({self.federation.num_clients} clients)")
+        method = METHODS[self.federation.method]
+        if not method.mixed_ranks and len(set(ranks)) > 1 and not self.federation.centralized:
+            raise FloraError(
+                f"federation.method {method.name} needs equal ranks but lora.ranks is {ranks}; "
+                "use a homogeneous profile such as 'homo-16' or a mixed-rank method (flora)"
+            )
+
+    def client_ranks(self) -> list[int]:
+        ranks = self.lora.rank_list()
+        return [max(ranks)] if self.federation.centralized else ranks
+
+
+# --- TOML + dotted overrides -> dataclasses ---------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a simple annotation (int, float, str, bool, list[int], unions)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key)
+            except FloraError:
+                continue
+        raise FloraError(f"{key}: {value!r} does not fit {annotation}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise FloraError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise FloraError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (str, bool) and isinstance(value, annotation):
+        return value
+    raise FloraError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise FloraError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise FloraError(f"'{dotted}' is a section; write [{dotted}] with keys under it")
+            kwargs[key] = _build(hint, value, f"{dotted}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    try:
+        return cls(**kwargs)
+    except FloraError as error:
+        message = str(error)
+        if prefix and not message.startswith(prefix) and message.startswith(tuple(names)):
+            message = prefix + message
+        raise FloraError(message) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from nested dicts (TOML or JSON)."""
+    return typing.cast(RunConfig, _build(RunConfig, data, ""))
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); value parsed as TOML, else taken as a string."""
+    if "=" not in text:
+        raise FloraError(f"--set '{text}': expected key=value, e.g. federation.rounds=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML config (None: the defaults), apply ``a.b=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FloraError(f"config file {file} not found; see configs/ for ready ones")
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise FloraError(f"{file}: invalid TOML ({error})") from None
+    for override in overrides or []:
+        keys, value = parse_override(override)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FloraError(f"--set {override}: '{part}' is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(data)

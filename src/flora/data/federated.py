@@ -1,0 +1,70 @@
+"""A run's data: load, subsample, split off the held-out set, encode, partition across clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from flora.data._seed import make_rng
+from flora.data.partition import client_table, partition, split_heldout
+from flora.data.prompts import Example, encode_records
+from flora.data.sources import Record, load_records
+from flora.errors import FloraError
+
+__all__ = ["FederatedData", "prepare_data"]
+
+
+@dataclass
+class FederatedData:
+    clients: list[list[Example]]  # each client's encoded training examples
+    heldout: list[Example]
+    heldout_records: list[Record]  # the raw held-out rows (for generation samples)
+    table: str  # per-client rows and label mix, printed at the start of a run
+    dropped: int  # examples whose response was cut away entirely by max_length
+
+
+def prepare_data(
+    *,
+    source: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    max_length: int,
+    limit: int,
+    heldout: int,
+    scheme: str,
+    num_clients: int,
+    seed: int,
+    label_column: str = "category",
+    dirichlet_alpha: float = 0.5,
+    shards_per_client: int = 2,
+) -> FederatedData:
+    """Seeded end to end: the same arguments give the same clients and held-out set."""
+    records = load_records(source)
+    if limit and limit < len(records):
+        keep = sorted(make_rng(seed, 1).permutation(len(records))[:limit].tolist())
+        records = [records[i] for i in keep]
+    if heldout >= len(records):
+        raise FloraError(f"data.heldout={heldout} leaves no training rows of {len(records)}")
+    train_idx, held_idx = split_heldout(len(records), heldout / len(records), seed)
+    # the partition label travels as each example's "category"
+    labelled = [dict(r, category=str(r.get(label_column) or "all")) for r in records]
+    train = encode_records([labelled[i] for i in train_idx], tokenizer, template=template,  # type: ignore[arg-type]
+                           max_length=max_length)
+    held = encode_records([labelled[i] for i in held_idx], tokenizer, template=template,  # type: ignore[arg-type]
+                          max_length=max_length)
+    labels = [example["category"] for example in train.examples]
+    if len(train.examples) < num_clients:
+        raise FloraError(
+            f"{len(train.examples)} training examples for {num_clients} clients; raise data.limit"
+        )
+    parts = partition(labels, scheme=scheme, num_clients=num_clients, seed=seed,
+                      alpha=dirichlet_alpha, shards_per_client=shards_per_client)
+    return FederatedData(
+        clients=[[train.examples[i] for i in part] for part in parts],
+        heldout=held.examples,
+        heldout_records=[records[i] for i in held_idx],
+        table=client_table(parts, labels),
+        dropped=train.dropped + held.dropped,
+    )
+

@@ -1,0 +1,37 @@
+"""Greedy answers to instruction prompts, for before/after samples."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flora.data.prompts import Template, encode_prompt
+from flora.models import autocast_context
+
+__all__ = ["generate_answer"]
+
+
+def generate_answer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instruction: str,
+    context: str = "",
+    *,
+    template: Template = "chat",
+    max_new_tokens: int = 48,
+    precision: str = "fp32",
+) -> str:
+    """The model's greedy answer to one prompt, decoded without special tokens."""
+    ids = torch.tensor([encode_prompt(instruction, context, tokenizer, template)])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast_context(precision):
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    model.train(was_training)
+    return str(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)).strip()

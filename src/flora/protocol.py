@@ -1,0 +1,117 @@
+"""The round protocol's pure parts: client sampling, the initial global LoRA, and catch-up.
+
+Methods that merge each round's update into the base weights (flora, florist, fedex-lora) need
+every client's base to equal the server's before it trains: a client that missed rounds first
+downloads what it missed, either each missed update as sent ("replay") or all of them re-factored
+into one exact low-rank pair ("svd": the thin SVD of the stacked missed factors, numerical rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flora.adapters import Adapter, LoraFactors
+from flora.aggregation.base import adapter_bytes, tensor_bytes
+from flora.aggregation.flexlora import svd_truncate
+from flora.aggregation.lowrank import lowrank_svd, stack
+
+__all__ = [
+    "RoundUpdate",
+    "apply_to_sketch",
+    "catch_up",
+    "initial_lora",
+    "sample_clients",
+    "sketch_drift",
+    "sketch_probes",
+]
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """One round's merged update: W += B @ A (+ residual) for every module."""
+
+    round: int
+    factors: Adapter  # scaling 1
+    residual: dict[str, torch.Tensor] | None = None
+
+    def nbytes(self) -> int:
+        residual = sum(tensor_bytes(t) for t in (self.residual or {}).values())
+        return adapter_bytes(self.factors) + residual
+
+
+def sample_clients(
+    num_clients: int, fraction: float, min_clients: int, seed: int, round: int
+) -> list[int]:
+    """max(min_clients, ceil(fraction K)) distinct clients, seeded by (seed, round), sorted."""
+    count = min(num_clients, max(min_clients, math.ceil(fraction * num_clients - 1e-9)))
+    rng = np.random.default_rng([seed, round])
+    return sorted(int(k) for k in rng.choice(num_clients, size=count, replace=False))
+
+
+def initial_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Adapter:
+    """The server's starting global LoRA: A Kaiming-uniform as PEFT inits it, B zero, scaling 1."""
+    generator = torch.Generator().manual_seed(seed)
+    adapter: Adapter = {}
+    for module in sorted(shapes):
+        out_features, in_features = shapes[module]
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on (rank, in)
+        A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        adapter[module] = LoraFactors(A, torch.zeros(out_features, rank), 1.0)
+    return adapter
+
+
+def catch_up(
+    missed: Sequence[RoundUpdate], mode: str = "replay"
+) -> tuple[list[RoundUpdate], int]:
+    """What a client that missed ``missed`` downloads, and its bytes.
+
+    "replay" sends the updates as they were; "svd" sends one update whose factors are the exact
+    re-factoring of all missed factors (and the summed residual), when that is smaller.
+    """
+    replay_bytes = sum(update.nbytes() for update in missed)
+    if mode == "replay" or len(missed) < 2:
+        return list(missed), replay_bytes
+    factors: Adapter = {}
+    for module in missed[0].factors:
+        parts = [update.factors[module] for update in missed]
+        A, B = stack([p.A for p in parts], [p.B for p in parts], [1.0] * len(parts))
+        U, S, Vh = lowrank_svd(B, A)
+        keep = max(1, int((S > S[0] * 1e-7).sum())) if S.numel() and S[0] > 0 else 1
+        factors[module] = svd_truncate(U, S, Vh, keep, A.dtype)
+    residual = None
+    if missed[0].residual is not None:
+        residual = {m: sum((u.residual or {})[m] for u in missed) for m in missed[0].residual}
+    merged = RoundUpdate(missed[-1].round, factors, residual)  # type: ignore[arg-type]
+    if merged.nbytes() >= replay_bytes:
+        return list(missed), replay_bytes
+    return [merged], merged.nbytes()
+
+
+def sketch_probes(shapes: dict[str, tuple[int, int]], seed: int) -> dict[str, torch.Tensor]:
+    """One fixed random probe x_m (in,) per module: a base is summarised by W_m @ x_m (out,)."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    return {m: torch.randn(shapes[m][1], generator=generator, dtype=torch.float64) for m in sorted(shapes)}
+
+
+def apply_to_sketch(
+    sketch: dict[str, torch.Tensor], probes: dict[str, torch.Tensor], updates: Sequence[RoundUpdate]
+) -> None:
+    """What applying ``updates`` to a base does to its sketch: s_m += B (A x_m) (+ R x_m)."""
+    for update in updates:
+        for module, factors in update.factors.items():
+            x = probes[module]
+            sketch[module] += factors.B.double() @ (factors.A.double() @ x)
+            if update.residual is not None:
+                sketch[module] += update.residual[module].double() @ x
+
+
+def sketch_drift(client: dict[str, torch.Tensor], server: dict[str, torch.Tensor]) -> float:
+    """Largest relative gap between a client's base sketch and the server's, over modules."""
+    return max(
+        float((client[m] - server[m]).norm() / server[m].norm().clamp_min(1e-30)) for m in server
+    )
