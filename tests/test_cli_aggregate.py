@@ -87,7 +87,11 @@ def test_peft_round_trip_matches_the_exact_weighted_sum(adapters, tmp_path, meth
     weights = [1.0, 2.0, 3.0]
     out = tmp_path / "global"
     # Execute
-    code = main(["aggregate", "--method", method, "--weights", "1,2,3", "--out", str(out)] + extra + [str(d) for d in adapters])
+    code = main(
+        ["aggregate", "--method", method, "--weights", "1,2,3", "--out", str(out)]
+        + extra
+        + [str(d) for d in adapters]
+    )
     # Assert
     assert code == 0
     merged = _merged_weights(out)
@@ -117,7 +121,9 @@ def test_weights_default_to_the_example_counts_written_beside_adapters(adapters,
 
 def test_zero_padding_writes_per_client_adapters(adapters, tmp_path):
     out = tmp_path / "zp"
-    assert main(["aggregate", "--method", "zero-padding", "--out", str(out), *map(str, adapters)]) == 0
+    assert (
+        main(["aggregate", "--method", "zero-padding", "--out", str(out), *map(str, adapters)]) == 0
+    )
     for k in range(3):
         PeftModel.from_pretrained(_base(), out / "clients" / f"client_{k}")
     assert json.loads((out / "report.json").read_text())["noise"] > 1e-3
@@ -196,7 +202,9 @@ def test_bad_adapter_files(adapters, tmp_path, capsys, how, message):
     ],
 )
 def test_bad_options(adapters, tmp_path, capsys, args, message):
-    code = main(["aggregate", "--out", str(tmp_path / "o"), *args, str(adapters[0]), str(adapters[1])])
+    code = main(
+        ["aggregate", "--out", str(tmp_path / "o"), *args, str(adapters[0]), str(adapters[1])]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err
 

@@ -50,8 +50,12 @@ def _pack_adapter(adapter: Adapter, prefix: str = "") -> dict[str, torch.Tensor]
 
 
 def _unpack_adapter(tensors: dict[str, torch.Tensor], prefix: str = "") -> Adapter:
-    modules = sorted({k[len(prefix) : -2] for k in tensors if k.startswith(prefix) and k[-2:] in (".A", ".B")})
-    return {m: LoraFactors(tensors[f"{prefix}{m}.A"], tensors[f"{prefix}{m}.B"], 1.0) for m in modules}
+    modules = sorted(
+        {k[len(prefix) : -2] for k in tensors if k.startswith(prefix) and k[-2:] in (".A", ".B")}
+    )
+    return {
+        m: LoraFactors(tensors[f"{prefix}{m}.A"], tensors[f"{prefix}{m}.B"], 1.0) for m in modules
+    }
 
 
 def save_checkpoint(
@@ -74,7 +78,9 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "update.safetensors"))
     if global_lora is not None:
         save_file(_pack_adapter(global_lora), str(tmp / "global_lora.safetensors"))
-    packed = {f"{k}.{m}": s.contiguous() for k, sketch in sketches.items() for m, s in sketch.items()}
+    packed = {
+        f"{k}.{m}": s.contiguous() for k, sketch in sketches.items() for m, s in sketch.items()
+    }
     save_file(packed or {"empty": torch.zeros(1)}, str(tmp / "sketches.safetensors"))
     rng = {"torch_rng_state": torch.get_rng_state()}
     save_file(rng, str(tmp / "rng.safetensors"))
@@ -98,7 +104,9 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises several types for damaged files
-        raise FloraError(f"{path}: unreadable checkpoint file ({error}); resume from an earlier round") from None
+        raise FloraError(
+            f"{path}: unreadable checkpoint file ({error}); resume from an earlier round"
+        ) from None
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
@@ -111,7 +119,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     history = []
     for round in state.get("history_rounds", []):
         tensors = _load(_round_dir(run_dir, round) / "update.safetensors")
-        residual = {k[len("residual.") :]: v for k, v in tensors.items() if k.startswith("residual.")}
+        residual = {
+            k[len("residual.") :]: v for k, v in tensors.items() if k.startswith("residual.")
+        }
         history.append(RoundUpdate(round, _unpack_adapter(tensors, "factors."), residual or None))
     lora_path = directory / "global_lora.safetensors"
     global_lora = _unpack_adapter(_load(lora_path)) if lora_path.is_file() else None

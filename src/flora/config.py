@@ -91,11 +91,19 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, str):
-            _need(self.ranks in RANK_PROFILES, "lora.ranks", self.ranks,
-                  f"a list of ints or a profile: {', '.join(RANK_PROFILES)}")
+            _need(
+                self.ranks in RANK_PROFILES,
+                "lora.ranks",
+                self.ranks,
+                f"a list of ints or a profile: {', '.join(RANK_PROFILES)}",
+            )
         else:
-            _need(bool(self.ranks) and all(isinstance(r, int) and r >= 1 for r in self.ranks),
-                  "lora.ranks", self.ranks, "a non-empty list of integers >= 1")
+            _need(
+                bool(self.ranks) and all(isinstance(r, int) and r >= 1 for r in self.ranks),
+                "lora.ranks",
+                self.ranks,
+                "a non-empty list of integers >= 1",
+            )
         _need(self.alpha_ratio > 0, "lora.alpha_ratio", self.alpha_ratio, "> 0")
 
     def rank_list(self) -> list[int]:
@@ -110,7 +118,9 @@ class FederationConfig:
     fraction: float = 1.0  # share of clients sampled each round
     min_clients: int = 1  # at least this many per round
     centralized: bool = False  # baseline: all training data on one client of rank max(ranks)
-    catch_up: str = "replay"  # missed merged updates: "replay" them, or "svd" (one exact re-factoring)
+    catch_up: str = (
+        "replay"  # missed merged updates: "replay" them, or "svd" (one exact re-factoring)
+    )
     tau: float = 0.9  # florist's energy threshold
     weighting: str = "examples"  # zero-padding: "examples" or HetLoRA's "norm"
 
@@ -119,9 +129,15 @@ class FederationConfig:
         _need(self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1")
         _need(self.rounds >= 1, "federation.rounds", self.rounds, ">= 1")
         _need(0 < self.fraction <= 1, "federation.fraction", self.fraction, "in (0, 1]")
-        _need(1 <= self.min_clients <= self.num_clients, "federation.min_clients",
-              self.min_clients, f"between 1 and num_clients ({self.num_clients})")
-        _need(self.catch_up in CATCH_UPS, "federation.catch_up", self.catch_up, f"one of {CATCH_UPS}")
+        _need(
+            1 <= self.min_clients <= self.num_clients,
+            "federation.min_clients",
+            self.min_clients,
+            f"between 1 and num_clients ({self.num_clients})",
+        )
+        _need(
+            self.catch_up in CATCH_UPS, "federation.catch_up", self.catch_up, f"one of {CATCH_UPS}"
+        )
         _need(0 < self.tau <= 1, "federation.tau", self.tau, "in (0, 1]")
 
     def method_options(self) -> dict[str, object]:
@@ -144,7 +160,9 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 0  # every random choice (split, partition, sampling, init, data order) derives from it
+    seed: int = (
+        0  # every random choice (split, partition, sampling, init, data order) derives from it
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -155,8 +173,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         ranks = self.lora.rank_list()
         if not self.federation.centralized:
-            _need(len(ranks) == self.federation.num_clients, "lora.ranks", ranks,
-                  f"one rank per client ({self.federation.num_clients} clients)")
+            _need(
+                len(ranks) == self.federation.num_clients,
+                "lora.ranks",
+                ranks,
+                f"one rank per client ({self.federation.num_clients} clients)",
+            )
         method = METHODS[self.federation.method]
         if not method.mixed_ranks and len(set(ranks)) > 1 and not self.federation.centralized:
             raise FloraError(
@@ -195,7 +217,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation in (str, bool) and isinstance(value, annotation):
         return value
-    raise FloraError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    raise FloraError(
+        f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
+    )
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -65,9 +65,7 @@ def initial_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Ad
     return adapter
 
 
-def catch_up(
-    missed: Sequence[RoundUpdate], mode: str = "replay"
-) -> tuple[list[RoundUpdate], int]:
+def catch_up(missed: Sequence[RoundUpdate], mode: str = "replay") -> tuple[list[RoundUpdate], int]:
     """What a client that missed ``missed`` downloads, and its bytes.
 
     "replay" sends the updates as they were; "svd" sends one update whose factors are the exact
@@ -81,7 +79,7 @@ def catch_up(
         parts = [update.factors[module] for update in missed]
         A, B = stack([p.A for p in parts], [p.B for p in parts], [1.0] * len(parts))
         U, S, Vh = lowrank_svd(B, A)
-        keep = max(1, int((S > S[0] * 1e-7).sum())) if S.numel() and S[0] > 0 else 1
+        keep = max(1, int((S[0] * 1e-7 < S).sum())) if S.numel() and S[0] > 0 else 1
         factors[module] = svd_truncate(U, S, Vh, keep, A.dtype)
     residual = None
     if missed[0].residual is not None:
@@ -95,7 +93,10 @@ def catch_up(
 def sketch_probes(shapes: dict[str, tuple[int, int]], seed: int) -> dict[str, torch.Tensor]:
     """One fixed random probe x_m (in,) per module: a base is summarised by W_m @ x_m (out,)."""
     generator = torch.Generator().manual_seed(seed + 7919)
-    return {m: torch.randn(shapes[m][1], generator=generator, dtype=torch.float64) for m in sorted(shapes)}
+    return {
+        m: torch.randn(shapes[m][1], generator=generator, dtype=torch.float64)
+        for m in sorted(shapes)
+    }
 
 
 def apply_to_sketch(

@@ -70,13 +70,17 @@ class Server:
         fed = self.config.federation
         if fed.centralized:
             return [0]
-        return sample_clients(self.num_clients, fed.fraction, fed.min_clients, self.config.seed, round)
+        return sample_clients(
+            self.num_clients, fed.fraction, fed.min_clients, self.config.seed, round
+        )
 
     def configure(self, round: int, clients: Sequence[int] | None = None) -> list[ClientTask]:
         """Tasks for ``clients`` (default: this round's sample), with what each downloads."""
         tasks = []
         for k in self.sample(round) if clients is None else clients:
-            task = ClientTask(k, round, self.ranks[k], self.alphas[k], client_seed(self.config.seed, round, k))
+            task = ClientTask(
+                k, round, self.ranks[k], self.alphas[k], client_seed(self.config.seed, round, k)
+            )
             if self.global_lora is not None:
                 task.init = {m: truncate(f, task.rank) for m, f in self.global_lora.items()}
                 task.freeze_A = self.method.name == "ffa-lora"
@@ -90,7 +94,11 @@ class Server:
         return tasks
 
     def aggregate(
-        self, round: int, tasks: Sequence[ClientTask], updates: Sequence[Adapter], examples: Sequence[int]
+        self,
+        round: int,
+        tasks: Sequence[ClientTask],
+        updates: Sequence[Adapter],
+        examples: Sequence[int],
     ) -> tuple[RoundUpdate | None, AggregationReport]:
         """Aggregate the uploads; returns the update to merge into the base (None if none)."""
         weights = normalize_weights([float(n) for n in examples], len(updates))
@@ -108,7 +116,9 @@ class Server:
         """JSON-ready scalar state (tensors are checkpointed separately)."""
         return {"synced": list(self.synced), "history_rounds": [u.round for u in self.history]}
 
-    def restore(self, state: dict[str, Any], history: list[RoundUpdate], lora: Adapter | None) -> None:
+    def restore(
+        self, state: dict[str, Any], history: list[RoundUpdate], lora: Adapter | None
+    ) -> None:
         self.synced = [int(v) for v in state["synced"]]
         self.history = history
         if self.method.keeps_global_lora:

@@ -83,7 +83,9 @@ def applied(model: PreTrainedModel, lora: Adapter | None) -> Iterator[None]:
                 model.get_submodule(module).weight.copy_(weight)
 
 
-def _server_sketch(model: PreTrainedModel, probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _server_sketch(
+    model: PreTrainedModel, probes: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     return {m: model.get_submodule(m).weight.detach().double() @ x for m, x in probes.items()}
 
 
@@ -94,37 +96,58 @@ class _Run:
         self.config = config
         self.run_dir = run_dir
         self.precision = resolve_precision(config.train.precision)
-        self.model, self.tokenizer = load_model(config.model.name, precision=self.precision, seed=config.seed)
+        self.model, self.tokenizer = load_model(
+            config.model.name, precision=self.precision, seed=config.seed
+        )
         fed = config.federation
         self.data: FederatedData = prepare_data(
-            source=config.data.source, tokenizer=self.tokenizer, template=config.data.template,
-            max_length=config.data.max_length, limit=config.data.limit, heldout=config.data.heldout,
-            scheme=config.data.partition, num_clients=1 if fed.centralized else fed.num_clients,
-            seed=config.seed, label_column=config.data.label_column,
-            dirichlet_alpha=config.data.dirichlet_alpha, shards_per_client=config.data.shards_per_client,
+            source=config.data.source,
+            tokenizer=self.tokenizer,
+            template=config.data.template,
+            max_length=config.data.max_length,
+            limit=config.data.limit,
+            heldout=config.data.heldout,
+            scheme=config.data.partition,
+            num_clients=1 if fed.centralized else fed.num_clients,
+            seed=config.seed,
+            label_column=config.data.label_column,
+            dirichlet_alpha=config.data.dirichlet_alpha,
+            shards_per_client=config.data.shards_per_client,
         )
         self.shapes = target_shapes(self.model, config.model.target_modules)
         self.server = Server(config, self.shapes)
         self.probes = sketch_probes(self.shapes, config.seed)
         base = _server_sketch(self.model, self.probes)
-        self.sketches = {k: {m: s.clone() for m, s in base.items()} for k in range(self.server.num_clients)}
+        self.sketches = {
+            k: {m: s.clone() for m, s in base.items()} for k in range(self.server.num_clients)
+        }
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.pad_id = int(self.tokenizer.pad_token_id)
 
     # --- evaluation ---------------------------------------------------------------------------
     def heldout_loss(self) -> float:
         with applied(self.model, self.server.global_lora):
-            return evaluate_loss(self.model, self.data.heldout, batch_size=self.config.eval.batch_size,
-                                 pad_id=self.pad_id, precision=self.precision)
+            return evaluate_loss(
+                self.model,
+                self.data.heldout,
+                batch_size=self.config.eval.batch_size,
+                pad_id=self.pad_id,
+                precision=self.precision,
+            )
 
     def samples(self) -> list[dict[str, str]]:
         out = []
         with applied(self.model, self.server.global_lora):
             for record in self.data.heldout_records[: self.config.eval.samples]:
-                answer = generate_answer(self.model, self.tokenizer, record["instruction"],
-                                         record.get("context", ""), template=self.config.data.template,  # type: ignore[arg-type]
-                                         max_new_tokens=self.config.eval.max_new_tokens,
-                                         precision=self.precision)
+                answer = generate_answer(
+                    self.model,
+                    self.tokenizer,
+                    record["instruction"],
+                    record.get("context", ""),
+                    template=self.config.data.template,  # type: ignore[arg-type]
+                    max_new_tokens=self.config.eval.max_new_tokens,
+                    precision=self.precision,
+                )
                 out.append({"instruction": record["instruction"], "answer": answer})
         return out
 
@@ -139,34 +162,56 @@ class _Run:
             apply_to_sketch(self.sketches[task.client], self.probes, task.catch_up)
             drift = max(drift, sketch_drift(self.sketches[task.client], server_sketch))
             result = train_client(
-                self.model, self.data.clients[task.client], rank=task.rank, alpha=task.alpha,
-                target_modules=self.config.model.target_modules, config=dataclasses.replace(
-                    self.config.train, precision=self.precision),
-                seed=task.seed, pad_id=self.pad_id, init=task.init, freeze_A=task.freeze_A,
+                self.model,
+                self.data.clients[task.client],
+                rank=task.rank,
+                alpha=task.alpha,
+                target_modules=self.config.model.target_modules,
+                config=dataclasses.replace(self.config.train, precision=self.precision),
+                seed=task.seed,
+                pad_id=self.pad_id,
+                init=task.init,
+                freeze_A=task.freeze_A,
                 use_rslora=self.config.lora.use_rslora,
             )
             train_seconds += result.seconds
             results.append(result)
             bar.update(1)
         agg_start = time.perf_counter()
-        update, report = self.server.aggregate(t, tasks, [r.factors for r in results],
-                                               [r.examples for r in results])
+        update, report = self.server.aggregate(
+            t, tasks, [r.factors for r in results], [r.examples for r in results]
+        )
         if update is not None:
             merge_into_base(self.model, _deltas(update))
         aggregate_seconds = time.perf_counter() - agg_start
         for task, result, up in zip(tasks, results, report.bytes_up, strict=True):
-            self.metrics.write({
-                "kind": "client", "round": t, "client": task.client, "rank": task.rank,
-                "train_loss": result.train_loss, "examples": result.examples, "tokens": result.tokens,
-                "steps": result.steps, "seconds": result.seconds, "bytes_up": up,
-                "bytes_down": task.bytes_down, "catch_up_rounds": len(task.catch_up),
-            })
+            self.metrics.write(
+                {
+                    "kind": "client",
+                    "round": t,
+                    "client": task.client,
+                    "rank": task.rank,
+                    "train_loss": result.train_loss,
+                    "examples": result.examples,
+                    "tokens": result.tokens,
+                    "steps": result.steps,
+                    "seconds": result.seconds,
+                    "bytes_up": up,
+                    "bytes_down": task.bytes_down,
+                    "catch_up_rounds": len(task.catch_up),
+                }
+            )
         row: dict[str, Any] = {
-            "kind": "server", "round": t, "method": self.server.method.name,
-            "clients": [task.client for task in tasks], "noise": report.noise,
+            "kind": "server",
+            "round": t,
+            "method": self.server.method.name,
+            "clients": [task.client for task in tasks],
+            "noise": report.noise,
             "global_rank": max(report.global_ranks.values()),
-            "bytes_up": sum(report.bytes_up), "bytes_down": sum(task.bytes_down for task in tasks),
-            "base_drift": drift, "aggregate_seconds": aggregate_seconds,
+            "bytes_up": sum(report.bytes_up),
+            "bytes_down": sum(task.bytes_down for task in tasks),
+            "base_drift": drift,
+            "aggregate_seconds": aggregate_seconds,
             "train_seconds": train_seconds,
         }
         every = self.config.eval.every
@@ -175,8 +220,9 @@ class _Run:
         row["round_seconds"] = time.perf_counter() - start
         row["outside_training_share"] = 1.0 - train_seconds / row["round_seconds"]
         self.metrics.write(row)
-        save_checkpoint(self.run_dir, t, self.server.state(), update, self.server.global_lora,
-                        self.sketches)
+        save_checkpoint(
+            self.run_dir, t, self.server.state(), update, self.server.global_lora, self.sketches
+        )
 
     def restore(self) -> int:
         checkpoint = load_checkpoint(self.run_dir)
@@ -193,19 +239,25 @@ class _Run:
             self.model.save_pretrained(final / "model")
             self.tokenizer.save_pretrained(final / "model")
         if self.server.global_lora is not None:
-            template = {"base_model_name_or_path": self.config.model.name,
-                        "target_modules": self.config.model.target_modules}
+            template = {
+                "base_model_name_or_path": self.config.model.name,
+                "target_modules": self.config.model.target_modules,
+            }
             save_peft_adapter(final / "adapter", self.server.global_lora, template=template)
         return final
 
 
-def run(config: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False) -> RunResult:
+def run(
+    config: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False
+) -> RunResult:
     """Run (or resume) a federated fine-tuning in ``run_dir``; see the module docstring."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         if (run_dir / "metrics.jsonl").exists():
-            raise FloraError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            raise FloraError(
+                f"{run_dir} already holds a run; use --resume {run_dir} or another --out"
+            )
         atomic_write_json(run_dir / "config.json", config_to_dict(config))
     state = _Run(config, run_dir)
     say = (lambda *_: None) if quiet else print
@@ -218,21 +270,40 @@ def run(config: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool =
     else:
         say(state.data.table)
         loss_before, samples_before = state.heldout_loss(), state.samples()
-        state.metrics.write({"kind": "eval", "round": 0, "heldout_loss": loss_before,
-                             "perplexity": math.exp(loss_before), "samples": samples_before})
+        state.metrics.write(
+            {
+                "kind": "eval",
+                "round": 0,
+                "heldout_loss": loss_before,
+                "perplexity": math.exp(loss_before),
+                "samples": samples_before,
+            }
+        )
     rounds = config.federation.rounds
     per_round = len(state.server.sample(1))
     with tqdm(total=(rounds - first + 1) * per_round, disable=quiet, unit="client") as bar:
         for t in range(first, rounds + 1):
             state.round(t, bar)
     loss_after, samples_after = state.heldout_loss(), state.samples()
-    state.metrics.write({"kind": "eval", "round": rounds, "heldout_loss": loss_after,
-                         "perplexity": math.exp(loss_after), "samples": samples_after, "final": True})
+    state.metrics.write(
+        {
+            "kind": "eval",
+            "round": rounds,
+            "heldout_loss": loss_after,
+            "perplexity": math.exp(loss_after),
+            "samples": samples_after,
+            "final": True,
+        }
+    )
     state.finish()
-    samples = [{"instruction": b["instruction"], "before": b["answer"], "after": a["answer"]}
-               for b, a in zip(samples_before, samples_after, strict=False)]
+    samples = [
+        {"instruction": b["instruction"], "before": b["answer"], "after": a["answer"]}
+        for b, a in zip(samples_before, samples_after, strict=False)
+    ]
     result = RunResult(run_dir, loss_before, loss_after, samples, time.perf_counter() - start)
-    atomic_write_json(run_dir / "summary.json", dataclasses.asdict(result) | {"run_dir": str(run_dir)})
+    atomic_write_json(
+        run_dir / "summary.json", dataclasses.asdict(result) | {"run_dir": str(run_dir)}
+    )
     return result
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 from peft import LoraConfig, LoraModel
@@ -306,7 +307,7 @@ def _run_steps(
     model.train()
     bar = tqdm(total=total, disable=not progress, desc="local steps", leave=False)
     for _ in range(total):
-        window = [collate(b, pad_id) for b in _take(stream, config.grad_accum)]
+        window = [collate(b, pad_id) for b in islice(stream, config.grad_accum)]
         supervised = sum(_supervised(batch["labels"]) for batch in window)
         step_loss = 0.0
         for batch in window:
@@ -316,7 +317,7 @@ def _run_steps(
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast_context(config.precision):
-                loss = model(**batch).loss  # mean over this micro-batch's response tokens
+                loss = model(**batch, use_cache=False).loss  # mean over response tokens
             (loss * weight).backward()
             step_loss += float(loss.detach()) * weight
         if config.max_grad_norm > 0:
@@ -329,15 +330,6 @@ def _run_steps(
         bar.set_postfix(loss=f"{step_loss:.4f}")
     bar.close()
     return curve, tokens
-
-
-def _take(stream: Iterator[list[Example]], n: int) -> list[list[Example]]:
-    out = []
-    for batch in stream:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +361,8 @@ def evaluate_loss(
                 if n == 0:
                     continue
                 with autocast_context(precision):
-                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                    inputs = {k: v.to(device) for k, v in batch.items()}
+                    loss = model(**inputs, use_cache=False).loss
                 total += float(loss) * n  # mean * count = this batch's summed loss
                 count += n
     finally:

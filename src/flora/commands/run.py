@@ -22,11 +22,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("config", nargs="?", help="TOML config, e.g. configs/default.toml")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set federation.rounds=3 (repeatable)",
     )
     parser.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     parser.set_defaults(handler=run)
 
@@ -49,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{stamp}")
         result = simulate(config, run_dir, quiet=args.quiet)
     print(f"\nresults in {result.run_dir}/ (metrics.jsonl, final/model, checkpoints/)")
-    print(f"held-out loss: before {result.loss_before:.4f} -> after {result.loss_after:.4f} "
-          f"({config.federation.method}, {config.federation.rounds} rounds, {result.seconds:.0f} s)")
+    print(
+        f"held-out loss: before {result.loss_before:.4f} -> after {result.loss_after:.4f} "
+        f"({config.federation.method}, {config.federation.rounds} rounds, {result.seconds:.0f} s)"
+    )
     for sample in result.samples[:1]:
         print(f"\nprompt: {sample['instruction']}")
         print(f"before: {sample['before']}")

@@ -49,17 +49,31 @@ def prepare_data(
     train_idx, held_idx = split_heldout(len(records), heldout / len(records), seed)
     # the partition label travels as each example's "category"
     labelled = [dict(r, category=str(r.get(label_column) or "all")) for r in records]
-    train = encode_records([labelled[i] for i in train_idx], tokenizer, template=template,  # type: ignore[arg-type]
-                           max_length=max_length)
-    held = encode_records([labelled[i] for i in held_idx], tokenizer, template=template,  # type: ignore[arg-type]
-                          max_length=max_length)
+    train = encode_records(
+        [labelled[i] for i in train_idx],
+        tokenizer,
+        template=template,  # type: ignore[arg-type]
+        max_length=max_length,
+    )
+    held = encode_records(
+        [labelled[i] for i in held_idx],
+        tokenizer,
+        template=template,  # type: ignore[arg-type]
+        max_length=max_length,
+    )
     labels = [example["category"] for example in train.examples]
     if len(train.examples) < num_clients:
         raise FloraError(
             f"{len(train.examples)} training examples for {num_clients} clients; raise data.limit"
         )
-    parts = partition(labels, scheme=scheme, num_clients=num_clients, seed=seed,
-                      alpha=dirichlet_alpha, shards_per_client=shards_per_client)
+    parts = partition(
+        labels,
+        scheme=scheme,
+        num_clients=num_clients,
+        seed=seed,
+        alpha=dirichlet_alpha,
+        shards_per_client=shards_per_client,
+    )
     return FederatedData(
         clients=[[train.examples[i] for i in part] for part in parts],
         heldout=held.examples,
@@ -67,4 +81,3 @@ def prepare_data(
         table=client_table(parts, labels),
         dropped=train.dropped + held.dropped,
     )
-

@@ -1,0 +1,56 @@
+"""Every shipped config loads and validates; bad keys and values name the dotted key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flora.config import load_config
+from flora.errors import FloraError
+
+CONFIGS = sorted(Path("configs").glob("*.toml"))
+
+
+def test_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"default.toml", "tiny.toml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert len(config.client_ranks()) == (
+        1 if config.federation.centralized else config.federation.num_clients
+    )
+    assert "flora run" in path.read_text().splitlines()[1]  # the launch command in the header
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["federation.rounds=0"], "federation.rounds must be >= 1"),
+        (["federation.method='fedavg'"], "federation.method must be one of"),
+        (["federation.speed=3"], "unknown config key 'federation.speed'"),
+        (["train.lr=-1"], "train.lr must be a finite number >= 0"),
+        (["train.batch_size='big'"], "train.batch_size: expected int"),
+        (["lora.ranks='huge'"], "lora.ranks must be a list of ints or a profile"),
+        (["lora.ranks=[8, 4]"], "lora.ranks must be one rank per client (3 clients)"),
+        (["federation.method='fedit'"], "fedit needs equal ranks"),
+        (["data.partition='random'"], "data.partition must be one of"),
+        (["rounds"], "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(FloraError, match=re.escape(message)):
+        load_config("configs/tiny.toml", overrides)
+
+
+def test_overrides_and_profiles():
+    config = load_config("configs/tiny.toml", ["lora.ranks='hetero-3'", "train.lr=0.5"])
+    assert config.client_ranks() == [16, 8, 4] and config.train.lr == 0.5
+
+
+def test_missing_file():
+    with pytest.raises(FloraError, match="not found"):
+        load_config("configs/nope.toml")
