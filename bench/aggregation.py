@@ -115,8 +115,9 @@ def main() -> None:
         print(f"  measured {method}", file=sys.stderr)
     copy = rows["copy"]
     print(
-        f"{args.layers} layers x q,v of {args.dim}x{args.dim}, ranks {RANKS} (equal-rank methods: "
-        f"r=16); input {copy['input_bytes'] / 2**20:.0f} MiB; torch threads {torch.get_num_threads()}"
+        f"{args.layers} layers x q,v of {args.dim}x{args.dim}, ranks {RANKS} (equal-rank "
+        f"methods: r=16); input {copy['input_bytes'] / 2**20:.0f} MiB; "
+        f"torch threads {torch.get_num_threads()}"
     )
     print(
         f"{'method':<13} {'median s':>9} {'x copy':>7} {'peak MiB':>9} {'x copy':>7}"
@@ -125,14 +126,16 @@ def main() -> None:
     for method, row in rows.items():
         line = (
             f"{method:<13} {row['seconds']:>9.3f} {row['seconds'] / copy['seconds']:>7.2f} "
-            f"{row['peak_bytes'] / 2**20:>9.0f} {row['peak_bytes'] / max(copy['peak_bytes'], 1):>7.2f}"
+            f"{row['peak_bytes'] / 2**20:>9.0f} "
+            f"{row['peak_bytes'] / max(copy['peak_bytes'], 1):>7.2f}"
         )
         if args.report and "noise" in row:
             line += f" {row['report_seconds']:>9.2f} {row['noise']:>9.2e}"
         print(line)
     flora_time = rows.get("flora", copy)["seconds"] / copy["seconds"]
     print(
-        f"goal: flora <= 2.0x copy in time: {'met' if flora_time <= 2.0 else 'NOT met'} ({flora_time:.2f}x)"
+        f"goal: flora <= 2.0x copy in time: {'met' if flora_time <= 2.0 else 'NOT met'} "
+        f"({flora_time:.2f}x)"
     )
 
 

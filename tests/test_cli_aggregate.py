@@ -131,10 +131,10 @@ def test_zero_padding_writes_per_client_adapters(adapters, tmp_path):
 
 def test_console_script_runs_and_refuses_to_overwrite(adapters, tmp_path):
     command = [sys.executable, "-m", "flora.cli", "aggregate", "--out", str(tmp_path / "o")]
-    first = subprocess.run(command + [str(adapters[0])], capture_output=True, text=True)
+    first = subprocess.run([*command, str(adapters[0])], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert "method flora" in first.stdout
-    second = subprocess.run(command + [str(adapters[0])], capture_output=True, text=True)
+    second = subprocess.run([*command, str(adapters[0])], capture_output=True, text=True)
     assert second.returncode == 2
     assert second.stderr.strip() == (
         f"flora: error: {tmp_path / 'o'} already holds an adapter; pass --force or choose "

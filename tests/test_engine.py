@@ -1,4 +1,4 @@
-"""The embedded runtime end to end on the tiny random Llama: files, loss, resume, catch-up, memory."""
+"""The embedded runtime on the tiny random Llama: files, loss, resume, catch-up, memory."""
 
 from __future__ import annotations
 

@@ -141,7 +141,10 @@ class FederationConfig:
         _need(0 < self.tau <= 1, "federation.tau", self.tau, "in (0, 1]")
 
     def method_options(self) -> dict[str, object]:
-        options = {"florist": {"tau": self.tau}, "zero-padding": {"weighting": self.weighting}}
+        options: dict[str, dict[str, object]] = {
+            "florist": {"tau": self.tau},
+            "zero-padding": {"weighting": self.weighting},
+        }
         return dict(options.get(self.method, {}))
 
 

@@ -26,7 +26,7 @@ def generate_answer(
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast_context(precision):
-        output = model.generate(
+        output = model.generate(  # type: ignore[operator]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,

@@ -60,6 +60,12 @@ def target_shapes(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple
     return shapes
 
 
+def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    weight = model.get_submodule(name).weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def _deltas(update: RoundUpdate) -> dict[str, torch.Tensor]:
     out = {m: f.delta() for m, f in update.factors.items()}
     for module, residual in (update.residual or {}).items():
@@ -69,24 +75,24 @@ def _deltas(update: RoundUpdate) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def applied(model: PreTrainedModel, lora: Adapter | None) -> Iterator[None]:
-    """The base with ``lora`` merged in, restored bitwise afterwards (for evaluating a global LoRA)."""
+    """The base with ``lora`` merged in, restored bitwise afterwards (to evaluate a global LoRA)."""
     if lora is None:
         yield
         return
-    saved = {m: model.get_submodule(m).weight.detach().clone() for m in lora}
+    saved = {m: _weight(model, m).detach().clone() for m in lora}
     merge_into_base(model, {m: f.delta() for m, f in lora.items()})
     try:
         yield
     finally:
         with torch.no_grad():
             for module, weight in saved.items():
-                model.get_submodule(module).weight.copy_(weight)
+                _weight(model, module).copy_(weight)
 
 
 def _server_sketch(
     model: PreTrainedModel, probes: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    return {m: model.get_submodule(m).weight.detach().double() @ x for m, x in probes.items()}
+    return {m: _weight(model, m).detach().double() @ x for m, x in probes.items()}
 
 
 class _Run:
