@@ -1,0 +1,236 @@
+"""Client training throughput: flora's train_client against a bare PEFT loop and HF Trainer.
+
+Measures tokens/s (tokens = non-pad tokens fed) of `flora.training.train_client` on the packaged
+SmolLM2-135M-Instruct against (a) a bare PEFT + torch loop written here and (b)
+`transformers.Trainer`. All three use one shared base model, the same LoraConfig (r=16,
+alpha=32, dropout 0.05, q_proj + v_proj), AdamW on the LoRA factors with grad-norm clip 1.0, the
+same Dolly batches (flora.data.batches + collate, same seed and order), the same batch size,
+max_length, precision (bf16 CPU autocast or fp32) and number of steps. Each call injects a fresh
+LoRA, runs 1 warm-up step + --steps measured steps, and removes the LoRA.
+
+Two figures per contender, each the median over --repeats interleaved calls (A,B,C,A,B,C):
+- steps: tokens of the measured steps / their time (between optimizer-step ends),
+- call: tokens of all steps / the whole call (LoRA injection, setup, extraction included),
+plus the fixed per-call cost (call time minus the steps' time). Goals: flora/bare >= 0.95 and
+flora/Trainer >= 1.0 in steps tokens/s. Ratios are within one run; the machine is shared.
+
+    .venv/bin/python bench/training.py                   # precision auto (bf16 here), ~5 min
+    .venv/bin/python bench/training.py --precision fp32
+    .venv/bin/python bench/training.py --steps 3 --repeats 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.data import SequentialSampler
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+from flora.data import Example, batches, collate, encode_records, load_records
+from flora.data._seed import make_rng
+from flora.models import autocast_context, load_model, resolve_precision
+from flora.training import TrainConfig, train_client
+
+RANK, ALPHA, DROPOUT, LR, SEED = 16, 32.0, 0.05, 2e-4, 0
+TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class Clock:
+    """Timestamps of the first forward and of every optimizer step end within one call."""
+
+    first_forward: float = 0.0
+    step_ends: list[float] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.first_forward, self.step_ends = 0.0, []
+
+
+CLOCK = Clock()
+
+
+def install_hooks(model: PreTrainedModel) -> None:
+    def on_forward(*_: object) -> None:
+        if not CLOCK.first_forward:
+            CLOCK.first_forward = time.perf_counter()
+
+    model.model.register_forward_pre_hook(on_forward)  # the decoder: called once per step by all
+    register_optimizer_step_post_hook(lambda *_: CLOCK.step_ends.append(time.perf_counter()))
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=DROPOUT, bias="none"
+    )  # type: ignore[arg-type]
+
+
+def run_flora(model: PreTrainedModel, examples: list[Example], pad: int, args: Any) -> object:
+    config = TrainConfig(
+        lr=LR,
+        batch_size=args.batch_size,
+        max_steps=args.steps + 1,
+        lora_dropout=DROPOUT,
+        precision=args.precision,
+    )
+    return train_client(
+        model,
+        examples,
+        rank=RANK,
+        alpha=ALPHA,
+        target_modules=TARGETS,
+        config=config,
+        seed=SEED,
+        pad_id=pad,
+    )
+
+
+def run_bare(model: PreTrainedModel, examples: list[Example], pad: int, args: Any) -> object:
+    peft_model = get_peft_model(model, lora_config())
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    peft_model.train()
+    for chunk in batches(examples, args.batch_size, SEED, 0):
+        batch = collate(chunk, pad)
+        with autocast_context(args.precision):
+            loss = peft_model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    factors = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    peft_model.unload()
+    return factors
+
+
+class _InOrder(Trainer):
+    def _get_train_sampler(self, train_dataset: Any = None) -> SequentialSampler:
+        return SequentialSampler(self.train_dataset)  # type: ignore[arg-type]
+
+
+def run_trainer(model: PreTrainedModel, examples: list[Example], pad: int, args: Any) -> object:
+    peft_model = get_peft_model(model, lora_config())
+    model.config.use_cache = False
+    chunks = list(batches(examples, args.batch_size, SEED, 0))
+    with tempfile.TemporaryDirectory() as out:
+        training_args = TrainingArguments(
+            output_dir=out,
+            max_steps=args.steps + 1,
+            per_device_train_batch_size=1,
+            learning_rate=LR,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            bf16=args.precision == "bf16",
+            use_cpu=True,
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            remove_unused_columns=False,
+            seed=SEED,
+        )
+        trainer = _InOrder(
+            model=peft_model,
+            args=training_args,
+            train_dataset=chunks,  # type: ignore[arg-type]
+            data_collator=lambda items: collate(items[0], pad),
+        )
+        trainer.train()
+    factors = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    peft_model.unload()
+    model.config.use_cache = True
+    return factors
+
+
+CONTENDERS: dict[str, Callable[[PreTrainedModel, list[Example], int, Any], object]] = {
+    "flora": run_flora,
+    "bare": run_bare,
+    "trainer": run_trainer,
+}
+
+
+def measure(
+    name: str,
+    model: PreTrainedModel,
+    examples: list[Example],
+    pad: int,
+    args: Any,
+    step_tokens: list[int],
+) -> tuple[float, float, float]:
+    """(steps tokens/s, call tokens/s, fixed seconds) of one call."""
+    CLOCK.reset()
+    start = time.perf_counter()
+    CONTENDERS[name](model, examples, pad, args)
+    seconds = time.perf_counter() - start
+    ends = CLOCK.step_ends
+    assert len(ends) == args.steps + 1, f"{name}: {len(ends)} optimizer steps"
+    steps_seconds = ends[-1] - ends[0]
+    fixed = seconds - (ends[-1] - CLOCK.first_forward)  # setup before step 1 + teardown
+    return sum(step_tokens[1:]) / steps_seconds, sum(step_tokens) / seconds, fixed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per call")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved calls per contender")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=160)
+    args = parser.parse_args()
+    args.precision = resolve_precision(args.precision)
+
+    model, tokenizer = load_model("smollm2")
+    model.requires_grad_(False)
+    pad = int(tokenizer.pad_token_id)
+    records = load_records("dolly")
+    order = make_rng(SEED, 1).permutation(len(records)).tolist()
+    needed = (args.steps + 1) * args.batch_size
+    encoded = encode_records(
+        [records[i] for i in order[: needed * 2]],
+        tokenizer,
+        template="chat",
+        max_length=args.max_length,
+    )
+    examples = encoded.examples[:needed]
+    step_tokens = [
+        int(collate(chunk, pad)["attention_mask"].sum())
+        for chunk in batches(examples, args.batch_size, SEED, 0)
+    ]
+    install_hooks(model)
+    print(
+        f"SmolLM2-135M, {args.precision}, batch {args.batch_size}, max_length {args.max_length}, "
+        f"1 + {args.steps} steps, {sum(step_tokens) / len(step_tokens):.0f} tokens/step, "
+        f"torch threads {torch.get_num_threads()}, {args.repeats} interleaved repeats"
+    )
+    warm = argparse.Namespace(**{**vars(args), "steps": 1})
+    for name in CONTENDERS:  # warm-up: imports, kernels, allocator
+        CONTENDERS[name](model, examples[: 2 * args.batch_size], pad, warm)
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in CONTENDERS}
+    for _ in range(args.repeats):
+        for name in CONTENDERS:
+            results[name].append(measure(name, model, examples, pad, args, step_tokens))
+
+    med = {n: [statistics.median(r[i] for r in rs) for i in range(3)] for n, rs in results.items()}
+    print(f"\n{'contender':<10} {'steps tok/s':>12} {'call tok/s':>11} {'fixed s/call':>13}")
+    for name, (steps, call, fixed) in med.items():
+        print(f"{name:<10} {steps:>12.1f} {call:>11.1f} {fixed:>13.2f}")
+    print(f"\n{'ratio':<16} {'steps':>7} {'call':>7} {'goal':>6}")
+    for other, goal in (("bare", 0.95), ("trainer", 1.0)):
+        steps, call = (med["flora"][i] / med[other][i] for i in range(2))
+        verdict = "ok" if steps >= goal else "MISS"
+        print(f"flora/{other:<10} {steps:>7.3f} {call:>7.3f} {goal:>6.2f}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
