@@ -154,3 +154,12 @@ def test_one_base_model_whatever_the_number_of_clients(tmp_path, monkeypatch):
 def test_an_existing_run_is_never_overwritten(tiny_run, capsys):
     assert main(["run", TINY, "--out", str(tiny_run), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_centralized_baseline_trains_one_client_on_all_the_data(tiny_run, tmp_path):
+    overrides = ["federation.centralized=true", "train.max_steps=1", "eval.samples=0"]
+    simulation.run(load_config(TINY, overrides), tmp_path / "c", quiet=True)
+    clients = _rows(tmp_path / "c", "client")
+    assert [r["client"] for r in clients] == [0, 0]
+    federated = sum(r["examples"] for r in _rows(tiny_run, "client") if r["round"] == 1)
+    assert clients[0]["rank"] == 8 and clients[0]["examples"] == federated

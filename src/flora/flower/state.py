@@ -1,0 +1,163 @@
+"""A client node's state between messages: its base model and its data partition, on disk.
+
+A SuperNode starts a fresh ClientApp process for every message, so what a client must remember
+across rounds lives in a directory per run and partition::
+
+    <state dir>/run-<run id>/partition-<k>/base-<n>.safetensors
+
+``base-<n>`` holds the target modules' weights after the first ``n`` merged updates of the run
+(methods that merge into the base: flora, florist, fedex-lora, flexlora), written only after a
+round's training succeeded. The snapshot the server last assumed (``since``) is kept too, so a
+reply lost after the write can be retried. Everything else of the model comes from flora's
+model cache (:func:`flora.models.load_model`), and the encoded partition from
+``<state dir>/data/<key>/``, written once by the first message that needs it. Within one
+process (a simulation worker) the model and data are also kept in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flora.config import RunConfig
+from flora.data.federated import prepare_data
+from flora.data.prompts import Example
+from flora.errors import FloraError
+from flora.io import atomic_write, atomic_write_json
+from flora.models import cache_root, load_model, resolve_precision
+from flora.simulation import target_shapes
+
+__all__ = ["STATE_ENV", "ClientBase", "ClientData", "default_state_dir", "load_base", "load_data"]
+
+STATE_ENV = "FLORA_FLOWER_STATE"
+_SNAPSHOT = re.compile(r"^base-(\d+)\.safetensors$")
+
+
+def default_state_dir() -> Path:
+    """``$FLORA_FLOWER_STATE``, else ``<flora cache>/flower-state``."""
+    env = os.environ.get(STATE_ENV)
+    return Path(env).expanduser() if env else cache_root() / "flower-state"
+
+
+@dataclass
+class ClientBase:
+    """The model a client trains on, set to its partition's base."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    targets: list[str]  # module names whose weights the snapshots hold
+    pristine: dict[str, torch.Tensor]  # their weights as loaded: snapshot 0
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {m: self.model.get_submodule(m).weight.detach() for m in self.targets}
+
+    def restore(self, directory: Path, synced: int) -> None:
+        """Set the target weights to the snapshot after ``synced`` merged updates."""
+        if synced == 0:
+            saved = self.pristine
+        else:
+            path = directory / f"base-{synced}.safetensors"
+            if not path.is_file():
+                raise FloraError(
+                    f"{directory} holds no base after {synced} merged updates (the server "
+                    "expects it); the node lost its state dir: restart the run"
+                )
+            saved = load_file(str(path))
+        with torch.no_grad():
+            for module, weight in self.weights().items():
+                weight.copy_(saved[module])
+
+    def save(self, directory: Path, synced: int, keep_from: int) -> None:
+        """Write snapshot ``synced`` atomically; drop those older than ``keep_from``."""
+        tensors = {m: w.contiguous() for m, w in self.weights().items()}
+        atomic_write(
+            directory / f"base-{synced}.safetensors", lambda tmp: save_file(tensors, str(tmp))
+        )
+        for path in directory.glob("base-*.safetensors"):
+            match = _SNAPSHOT.match(path.name)
+            if match and int(match[1]) < keep_from:
+                path.unlink(missing_ok=True)
+
+
+_MODELS: dict[tuple[str, int], ClientBase] = {}
+
+
+def load_base(config: RunConfig) -> ClientBase:
+    """The run's base model at snapshot 0 (cached per process; ``restore`` moves it)."""
+    key = (config.model.name, config.seed)
+    if key not in _MODELS:
+        _MODELS.clear()  # one model per process
+        precision = resolve_precision(config.train.precision)
+        model, tokenizer = load_model(config.model.name, precision=precision, seed=config.seed)
+        targets = sorted(target_shapes(model, config.model.target_modules))
+        pristine = {m: model.get_submodule(m).weight.detach().clone() for m in targets}
+        _MODELS[key] = ClientBase(model, tokenizer, targets, pristine)
+    return _MODELS[key]
+
+
+@dataclass
+class ClientData:
+    examples: list[Example]  # this partition's training examples
+    heldout: list[Example]
+    heldout_records: list[dict[str, Any]]  # raw rows, for generation samples
+
+
+_DATA: dict[tuple[str, int], ClientData] = {}
+
+
+def _data_key(config: RunConfig) -> str:
+    fed = config.federation
+    spec = {
+        "data": dataclasses.asdict(config.data),
+        "seed": config.seed,
+        "model": config.model.name,  # the tokenizer
+        "clients": 1 if fed.centralized else fed.num_clients,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_data(
+    config: RunConfig, partition: int, tokenizer: PreTrainedTokenizerBase, state_dir: Path
+) -> ClientData:
+    """Partition ``partition`` of the run's data, exactly as the embedded runtime splits it."""
+    key = _data_key(config)
+    if (key, partition) in _DATA:
+        return _DATA[(key, partition)]
+    path = state_dir / "data" / key / f"partition-{partition}.json"
+    if path.is_file():
+        data = ClientData(**json.loads(path.read_text(encoding="utf-8")))
+    else:
+        fed = config.federation
+        full = prepare_data(
+            source=config.data.source,
+            tokenizer=tokenizer,
+            template=config.data.template,
+            max_length=config.data.max_length,
+            limit=config.data.limit,
+            heldout=config.data.heldout,
+            scheme=config.data.partition,
+            num_clients=1 if fed.centralized else fed.num_clients,
+            seed=config.seed,
+            label_column=config.data.label_column,
+            dirichlet_alpha=config.data.dirichlet_alpha,
+            shards_per_client=config.data.shards_per_client,
+        )
+        if not 0 <= partition < len(full.clients):
+            raise FloraError(
+                f"partition-id {partition} is outside the run's {len(full.clients)} clients; "
+                "set the node's partition-id in 0..num_clients-1"
+            )
+        data = ClientData(full.clients[partition], full.heldout, list(full.heldout_records))
+        atomic_write_json(path, dataclasses.asdict(data))
+    _DATA[(key, partition)] = data
+    return data
