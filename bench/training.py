@@ -8,15 +8,26 @@ same Dolly batches (flora.data.batches + collate, same seed and order), the same
 max_length, precision (bf16 CPU autocast or fp32) and number of steps. Each call injects a fresh
 LoRA, runs 1 warm-up step + --steps measured steps, and removes the LoRA.
 
-Two figures per contender, each the median over --repeats interleaved calls (A,B,C,A,B,C):
-- steps: tokens of the measured steps / their time (between optimizer-step ends),
-- call: tokens of all steps / the whole call (LoRA injection, setup, extraction included),
-plus the fixed per-call cost (call time minus the steps' time). Goals: flora/bare >= 0.95 and
-flora/Trainer >= 1.0 in steps tokens/s. Ratios are within one run; the machine is shared.
+After an untimed warm-up pass, the contenders run interleaved, rotating the order each repeat
+(A,B,C, B,C,A, C,A,B: by default each one once in each position). Per contender, medians over
+repeats of:
+- steps: tokens of the measured steps / their time, optimizer-step end to optimizer-step end
+  (collate, forward, backward, clip, step, zero_grad and any callbacks included), in wall
+  seconds and in this process's CPU seconds (which other jobs on the machine change far less),
+- call: all tokens / the whole call (LoRA injection, set-up, extraction, unload included),
+- fixed: seconds per call outside the steps (before the first forward, after the last step).
+Ratios are the median over repeats of flora / other within each repeat, which cancels drift.
+Goals, judged on steps per CPU second: flora/bare >= 0.95 and flora/Trainer >= 1.0. The machine
+is shared: compare ratios from one run, never absolute tokens/s across runs.
 
-    .venv/bin/python bench/training.py                   # precision auto (bf16 here), ~5 min
+    .venv/bin/python bench/training.py                   # precision auto (bf16 here), ~3 min idle
     .venv/bin/python bench/training.py --precision fp32
+    .venv/bin/python bench/training.py --threads 1       # a busy machine: see below
     .venv/bin/python bench/training.py --steps 3 --repeats 1   # quick look
+
+On a 2-core machine shared with other jobs, torch's 2 intra-op threads wait on each other at every
+op (a ~4 ms scheduler slice each), which makes steps 5-10x slower and very noisy; --threads 1
+gives stable ratios there.
 """
 
 from __future__ import annotations
@@ -40,19 +51,22 @@ from flora.data._seed import make_rng
 from flora.models import autocast_context, load_model, resolve_precision
 from flora.training import TrainConfig, train_client
 
-RANK, ALPHA, DROPOUT, LR, SEED = 16, 32.0, 0.05, 2e-4, 0
+RANK, ALPHA, DROPOUT, LR, SEED = 16, 32, 0.05, 2e-4, 0
 TARGETS = ["q_proj", "v_proj"]
 
 
 @dataclass
 class Clock:
-    """Timestamps of the first forward and of every optimizer step end within one call."""
+    """Wall time of the first forward; wall and process CPU time of every optimizer step end."""
 
     first_forward: float = 0.0
-    step_ends: list[float] = field(default_factory=list)
+    step_ends: list[tuple[float, float]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.first_forward, self.step_ends = 0.0, []
+
+    def step_end(self) -> None:
+        self.step_ends.append((time.perf_counter(), time.process_time()))
 
 
 CLOCK = Clock()
@@ -64,13 +78,13 @@ def install_hooks(model: PreTrainedModel) -> None:
             CLOCK.first_forward = time.perf_counter()
 
     model.model.register_forward_pre_hook(on_forward)  # the decoder: called once per step by all
-    register_optimizer_step_post_hook(lambda *_: CLOCK.step_ends.append(time.perf_counter()))
+    register_optimizer_step_post_hook(lambda *_: CLOCK.step_end())
 
 
 def lora_config() -> LoraConfig:
     return LoraConfig(
         r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=DROPOUT, bias="none"
-    )  # type: ignore[arg-type]
+    )
 
 
 def run_flora(model: PreTrainedModel, examples: list[Example], pad: int, args: Any) -> object:
@@ -143,7 +157,7 @@ def run_trainer(model: PreTrainedModel, examples: list[Example], pad: int, args:
         trainer = _InOrder(
             model=peft_model,
             args=training_args,
-            train_dataset=chunks,  # type: ignore[arg-type]
+            train_dataset=chunks,
             data_collator=lambda items: collate(items[0], pad),
         )
         trainer.train()
@@ -167,27 +181,32 @@ def measure(
     pad: int,
     args: Any,
     step_tokens: list[int],
-) -> tuple[float, float, float]:
-    """(steps tokens/s, call tokens/s, fixed seconds) of one call."""
+) -> tuple[float, float, float, float]:
+    """Tokens per wall and per CPU second over the measured steps; per wall second over the whole
+    call; fixed wall seconds."""
     CLOCK.reset()
     start = time.perf_counter()
     CONTENDERS[name](model, examples, pad, args)
     seconds = time.perf_counter() - start
     ends = CLOCK.step_ends
     assert len(ends) == args.steps + 1, f"{name}: {len(ends)} optimizer steps"
-    steps_seconds = ends[-1] - ends[0]
-    fixed = seconds - (ends[-1] - CLOCK.first_forward)  # setup before step 1 + teardown
-    return sum(step_tokens[1:]) / steps_seconds, sum(step_tokens) / seconds, fixed
+    fixed = seconds - (ends[-1][0] - CLOCK.first_forward)  # setup before step 1 + teardown
+    tokens = sum(step_tokens[1:])
+    wall, cpu = (tokens / (ends[-1][i] - ends[0][i]) for i in range(2))
+    return wall, cpu, sum(step_tokens) / seconds, fixed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per call")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per call")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved calls per contender")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=160)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.precision = resolve_precision(args.precision)
 
     model, tokenizer = load_model("smollm2")
@@ -211,25 +230,38 @@ def main() -> None:
     print(
         f"SmolLM2-135M, {args.precision}, batch {args.batch_size}, max_length {args.max_length}, "
         f"1 + {args.steps} steps, {sum(step_tokens) / len(step_tokens):.0f} tokens/step, "
-        f"torch threads {torch.get_num_threads()}, {args.repeats} interleaved repeats"
+        f"torch threads {torch.get_num_threads()}, {args.repeats} rotated repeats"
     )
-    warm = argparse.Namespace(**{**vars(args), "steps": 1})
-    for name in CONTENDERS:  # warm-up: imports, kernels, allocator
-        CONTENDERS[name](model, examples[: 2 * args.batch_size], pad, warm)
-    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in CONTENDERS}
-    for _ in range(args.repeats):
-        for name in CONTENDERS:
-            results[name].append(measure(name, model, examples, pad, args, step_tokens))
+    # warm-up: one untimed pass over every batch shape (oneDNN builds kernels per shape), and
+    # one step of the others (imports, Trainer/accelerate set-up)
+    run_flora(model, examples, pad, args)
+    one_step = argparse.Namespace(**{**vars(args), "steps": 0})
+    run_bare(model, examples[: args.batch_size], pad, one_step)
+    run_trainer(model, examples[: args.batch_size], pad, one_step)
 
-    med = {n: [statistics.median(r[i] for r in rs) for i in range(3)] for n, rs in results.items()}
-    print(f"\n{'contender':<10} {'steps tok/s':>12} {'call tok/s':>11} {'fixed s/call':>13}")
-    for name, (steps, call, fixed) in med.items():
-        print(f"{name:<10} {steps:>12.1f} {call:>11.1f} {fixed:>13.2f}")
-    print(f"\n{'ratio':<16} {'steps':>7} {'call':>7} {'goal':>6}")
+    names = list(CONTENDERS)
+    rows: list[dict[str, tuple[float, float, float, float]]] = []
+    for r in range(args.repeats):
+        rotated = names[r % len(names) :] + names[: r % len(names)]  # A,B,C then B,C,A ...
+        rows.append({n: measure(n, model, examples, pad, args, step_tokens) for n in rotated})
+
+    head = ("contender", "steps tok/s", "steps tok/CPU-s", "call tok/s", "fixed s/call")
+    print("\n{:<10} {:>12} {:>16} {:>11} {:>13}".format(*head))
+    for name in names:
+        wall, cpu, call, fixed = (statistics.median(row[name][i] for row in rows) for i in range(4))
+        print(f"{name:<10} {wall:>12.1f} {cpu:>16.1f} {call:>11.1f} {fixed:>13.2f}")
+    ratio_head = ("median ratio", "steps", "CPU", "call", "goal", "per repeat: steps | CPU")
+    print("\n{:<16} {:>6} {:>6} {:>6} {:>5}       {}".format(*ratio_head))
     for other, goal in (("bare", 0.95), ("trainer", 1.0)):
-        steps, call = (med["flora"][i] / med[other][i] for i in range(2))
-        verdict = "ok" if steps >= goal else "MISS"
-        print(f"flora/{other:<10} {steps:>7.3f} {call:>7.3f} {goal:>6.2f}  {verdict}")
+        each = [[row["flora"][i] / row[other][i] for row in rows] for i in range(3)]
+        wall, cpu, call = (statistics.median(values) for values in each)
+        verdict = "ok" if cpu >= goal else "MISS"
+        print(
+            f"flora/{other:<10} {wall:>6.3f} {cpu:>6.3f} {call:>6.3f} {goal:>5.2f} {verdict:<5} "
+            + " ".join(f"{x:.2f}" for x in each[0])
+            + " | "
+            + " ".join(f"{x:.2f}" for x in each[1])
+        )
 
 
 if __name__ == "__main__":

@@ -163,3 +163,18 @@ def test_centralized_baseline_trains_one_client_on_all_the_data(tiny_run, tmp_pa
     assert [r["client"] for r in clients] == [0, 0]
     federated = sum(r["examples"] for r in _rows(tiny_run, "client") if r["round"] == 1)
     assert clients[0]["rank"] == 8 and clients[0]["examples"] == federated
+
+
+@pytest.mark.parametrize("method", ["zero-padding", "flexlora"])
+def test_a_larger_client_joining_later_gets_its_full_rank(tmp_path, method):
+    """Regression: the global LoRA was as wide as the largest rank among a round's participants,
+    so a larger client sampled later got a too-narrow init and training failed."""
+    overrides = [f"federation.method='{method}'", "federation.fraction=0.34", "federation.rounds=3",
+                 "lora.ranks=[2, 4, 8]", "train.max_steps=1", "eval.samples=0"]  # fmt: skip
+    simulation.run(load_config(TINY, overrides), tmp_path / "run", quiet=True)
+    clients = _rows(tmp_path / "run", "client")
+    ranks = [2, 4, 8]
+    assert len(clients) == 6 and all(r["rank"] == ranks[r["client"]] for r in clients)
+    # each client downloads its own rank of the global LoRA: r (out + in) per module
+    per_rank = {r["rank"]: r["bytes_down"] / r["rank"] for r in clients}
+    assert len(set(per_rank.values())) == 1

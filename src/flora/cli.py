@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from flora import __version__
-from flora.commands import aggregate, run
+from flora.commands import aggregate, compare, run
+from flora.commands import eval as eval_command
 from flora.errors import FloraError
 
 __all__ = ["build_parser", "main"]
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     aggregate.add_parser(subparsers)
     run.add_parser(subparsers)
+    eval_command.add_parser(subparsers)
+    compare.add_parser(subparsers)
     return parser
 
 

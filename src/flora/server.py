@@ -106,7 +106,10 @@ class Server:
         result = aggregate(self.method.name, list(updates), weights, **options)
         report = measure(list(updates), weights, result)
         if self.global_lora is not None:
-            self.global_lora = result.global_factors
+            # Keep the global LoRA at the largest rank of ALL clients: a round's participants may
+            # all be small, and a larger client joining later must get its full rank (zero-padded).
+            width = max(self.ranks)
+            self.global_lora = {m: truncate(f, width) for m, f in result.global_factors.items()}
             return None, report
         update = RoundUpdate(round, result.global_factors, result.residual)
         self.history.append(update)

@@ -52,7 +52,7 @@ METHODS: dict[str, Method] = {
         Method("flora", flora.aggregate, True, True, False, "Wang et al., NeurIPS 2024"),
         Method("fedit", fedit.aggregate, False, False, True, "Zhang et al., ICASSP 2024"),
         Method("zero-padding", zero_padding.aggregate, False, True, True, "Cho et al., EMNLP 2024"),
-        Method("flexlora", flexlora.aggregate, False, True, False, "Bai et al., NeurIPS 2024"),
+        Method("flexlora", flexlora.aggregate, False, True, True, "Bai et al., NeurIPS 2024"),
         Method("ffa-lora", ffa_lora.aggregate, True, False, True, "Sun et al., ICLR 2024"),
         Method("fedex-lora", fedex_lora.aggregate, True, False, False, "Singhal et al., 2025"),
         Method("florist", florist.aggregate, False, True, False, "Ramesh and Dass, 2025"),

@@ -40,8 +40,17 @@ def pad_average_module(factors: Sequence[LoraFactors], weights: Sequence[float])
 
 
 def truncate(factors: LoraFactors, rank: int) -> LoraFactors:
-    """The first ``rank`` components: A[:rank] (rank, in), B[:, :rank] (out, rank)."""
-    return LoraFactors(factors.A[:rank].clone(), factors.B[:, :rank].clone(), factors.scaling)
+    """The first ``rank`` components: A[:rank] (rank, in), B[:, :rank] (out, rank).
+
+    A ``rank`` above the factors' own pads with zero components (the same update).
+    """
+    if rank <= factors.rank:
+        return LoraFactors(factors.A[:rank].clone(), factors.B[:, :rank].clone(), factors.scaling)
+    A = torch.zeros(rank, factors.in_features, dtype=factors.A.dtype)  # (rank, in)
+    B = torch.zeros(factors.out_features, rank, dtype=factors.B.dtype)  # (out, rank)
+    A[: factors.rank] = factors.A
+    B[:, : factors.rank] = factors.B
+    return LoraFactors(A, B, factors.scaling)
 
 
 def norm_weights(factors: Sequence[LoraFactors]) -> list[float]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flora.config import load_config
 from flora.errors import FloraError
+
+if TYPE_CHECKING:
+    from flora.simulation import RunResult
 
 __all__ = ["add_parser", "run"]
 
@@ -34,6 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    parser.add_argument(
+        "--runtime",
+        choices=("embedded", "flower-sim"),
+        default="embedded",
+        help="embedded: all clients in this process (default); flower-sim: the Flower apps on "
+        "Flower's simulation runtime (needs `pip install -e '.[flower]'`; no --resume)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -41,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from flora.simulation import load_run_config
     from flora.simulation import run as simulate
 
+    if args.runtime == "flower-sim":
+        if args.resume:
+            raise FloraError("--resume needs the embedded runtime; drop --runtime flower-sim")
+        simulate = _flower_sim()
     if args.resume:
         if args.config or args.overrides:
             raise FloraError("--resume takes the run's own config.json; drop CONFIG and --set")
@@ -64,3 +80,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"before: {sample['before']}")
         print(f"after:  {sample['after']}")
     return 0
+
+
+def _flower_sim() -> Callable[..., RunResult]:
+    try:
+        from flora.flower.sim import simulate
+    except ImportError as error:
+        raise FloraError(
+            f"--runtime flower-sim needs Flower ({error}); run `pip install -e '.[flower]'`"
+        ) from None
+    return simulate

@@ -4,7 +4,10 @@ For each test question the prompt (:func:`flora.evaluation.mmlu_data.format_prom
 from dev) is tokenised plainly (no chat template, no special tokens) and the four continuations
 " A", " B", " C", " D" (one token each) are scored by their log-probability after the prompt; the
 prediction is the argmax. Reading all four from the logits at the last prompt position costs ONE
-forward pass per batch of right-padded prompts.
+forward pass per batch of right-padded prompts. The body runs under the chosen precision; the LM
+head runs outside autocast on those positions only (bf16 logits would often tie the letters). A
+model that post-processes its logits (e.g. Gemma-2's soft-capping) keeps its ranking of the
+letters, not its exact log-probs.
 
 Within a subject every prompt starts with the same header and shots, so their common token prefix
 runs once and its key/value cache is reused by every batch (mathematically the same logits,
@@ -98,7 +101,7 @@ def build_prompt_ids(
     shots: Sequence[Question],
     max_length: int,
 ) -> list[int]:
-    """The prompt's token ids; too long -> drop shots from the left, then cut tokens from the left."""
+    """The prompt's token ids; too long: drop shots from the left, then tokens from the left."""
     ids: list[int] = []
     for first in range(len(shots) + 1):
         text = format_prompt(question, shots[first:])
@@ -120,9 +123,14 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _cache_kwarg(model: PreTrainedModel) -> str:
-    """transformers 5 names the cache argument ``cache``; earlier versions ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _split(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module, str]:
+    """The transformer body, the LM head, and the body's cache argument name."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if not isinstance(decoder, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        raise FloraError(f"{type(model).__name__}: the MMLU scorer needs a decoder and an LM head")
+    # transformers 5 names the cache argument ``cache``; earlier versions ``past_key_values``
+    names = inspect.signature(decoder.forward).parameters
+    return decoder, head, "cache" if "cache" in names else "past_key_values"
 
 
 def score_prompts(
@@ -135,20 +143,26 @@ def score_prompts(
     precision: str = "fp32",
     prefix_cache: bool = True,
 ) -> torch.Tensor:
-    """Log-probabilities (N, C) of each choice token right after each prompt; model in eval mode."""
+    """Log-probabilities (N, C) of each choice token right after each prompt.
+
+    The body runs under ``precision``; the head runs outside autocast (fp32 weights: fp32 logits)
+    on the B read positions only, since bf16 logits are too coarse: the four letters often tie.
+    The caller sets eval mode.
+    """
     if batch_size < 1:
         raise FloraError(f"MMLU batch size must be >= 1, got {batch_size}")
+    decoder, head, kwarg = _split(model)
     device = next(model.parameters()).device
     choices = torch.tensor(list(choice_ids), device=device)
     out = torch.empty(len(prompts), len(choice_ids))
     shared = common_prefix(prompts) if prefix_cache else 0
-    kwarg = _cache_kwarg(model)
-    with torch.no_grad(), autocast_context(precision):
+    with torch.no_grad():
         prefix = None
         if shared:
             prefix = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device),
-                  **{kwarg: prefix, "use_cache": True, "logits_to_keep": 1})
+            ids = torch.tensor([list(prompts[0][:shared])], device=device)  # (1, P)
+            with autocast_context(precision):
+                decoder(input_ids=ids, **{kwarg: prefix, "use_cache": True})
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -159,21 +173,20 @@ def score_prompts(
             for row, suffix in enumerate(suffixes):
                 ids[row, : len(suffix)] = torch.tensor(list(suffix), dtype=torch.long)
                 mask[row, : shared + len(suffix)] = 1
-            last = torch.tensor([len(s) - 1 for s in suffixes])  # (B,) last real position
-            keep = torch.unique(last)  # sorted positions whose logits are computed
             extra: dict[str, Any] = {"use_cache": prefix is not None}
             if prefix is not None:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(rows))
                 extra[kwarg] = cache
-            logits = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                logits_to_keep=keep.to(device),
-                **extra,
-            ).logits  # (B, U, V)
-            picked = logits[torch.arange(len(rows)), torch.searchsorted(keep, last)]  # (B, V)
-            logprobs = torch.log_softmax(picked.float(), dim=-1)[:, choices]  # (B, C)
+            with autocast_context(precision):
+                hidden = decoder(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), **extra
+                ).last_hidden_state  # (B, S, H)
+            last = torch.tensor([len(s) - 1 for s in suffixes], device=device)  # (B,)
+            picked = hidden[torch.arange(len(rows), device=device), last]  # (B, H)
+            # (B, V) outside autocast: fp32 for the fp32 weights flora keeps
+            logits = head(picked.to(next(head.parameters()).dtype)).float()
+            logprobs = torch.log_softmax(logits, dim=-1)[:, choices]  # (B, C)
             out[torch.tensor(rows)] = logprobs.cpu()
     return out
 

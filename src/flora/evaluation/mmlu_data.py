@@ -47,7 +47,9 @@ class Question:
 def format_question(question: Question, answer: bool) -> str:
     """One question block; with ``answer`` it ends in " X\\n\\n" (a solved shot)."""
     lines = [question.question.strip()]
-    lines += [f"{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices, strict=True)]
+    lines += [
+        f"{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices, strict=True)
+    ]
     text = "\n".join(lines) + "\nAnswer:"
     return f"{text} {LETTERS[question.answer]}\n\n" if answer else text
 
@@ -56,8 +58,10 @@ def format_prompt(question: Question, shots: Sequence[Question]) -> str:
     """The harness's prompt: description, solved ``shots``, then ``question`` ending 'Answer:'."""
     subject = " ".join(question.subject.split("_"))
     header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    return header + "".join(format_question(s, answer=True) for s in shots) + format_question(
-        question, answer=False
+    return (
+        header
+        + "".join(format_question(s, answer=True) for s in shots)
+        + format_question(question, answer=False)
     )
 
 
@@ -100,9 +104,11 @@ def _load_hub(split: str) -> dict[str, list[Question]]:
         ) from exc
     out: dict[str, list[Question]] = {}
     for row in rows:
-        choices = tuple(str(c) for c in row["choices"])
-        if len(choices) != 4:
-            raise FloraError(f"{MMLU_HUB_ID}: a {row['subject']} question has {len(choices)} choices")
-        question = Question(row["subject"], row["question"], choices, int(row["answer"]))  # type: ignore[arg-type]
+        listed = [str(c) for c in row["choices"]]
+        if len(listed) != 4:
+            subject = row["subject"]
+            raise FloraError(f"{MMLU_HUB_ID}: a {subject} question has {len(listed)} choices")
+        choices = (listed[0], listed[1], listed[2], listed[3])
+        question = Question(row["subject"], row["question"], choices, int(row["answer"]))
         out.setdefault(row["subject"], []).append(question)
     return dict(sorted(out.items()))

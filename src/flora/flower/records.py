@@ -1,14 +1,17 @@
-"""flora's objects as Flower records, and back: what travels in the ServerApp/ClientApp messages.
+"""What travels between the ServerApp and the ClientApps, as Flower records, and back.
 
-A train message holds three records: ``task`` (a ConfigRecord: the ClientTask's scalars, the
-run's resolved config as JSON, and ``since``/``through``, the history counts before and after
-the catch-up), ``catch-up`` (an ArrayRecord: the merged updates the client missed) and ``init``
-(an ArrayRecord: the starting global LoRA, for methods that keep one). The reply holds
-``factors`` (ArrayRecord) and ``metrics`` (MetricRecord). Tensors travel bitwise (fp32 bytes);
+Server to client (train and evaluate messages):
+  ``task``      ConfigRecord: the ClientTask's scalars, the run config as JSON, and ``since`` /
+                ``through``, the merged updates the client's base holds before / after catch-up
+  ``catch-up``  ArrayRecord: the merged updates it missed, ``<i>/<module>/A|B|R``
+  ``init``      ArrayRecord: its starting LoRA, for methods with a global LoRA (train)
+  ``lora``      ArrayRecord: the global LoRA to evaluate (evaluate, methods that keep one)
+Client to server:
+  ``factors``   ArrayRecord ``<module>/A`` (r, in) and ``<module>/B`` (out, r), fp32, bitwise
+  ``metrics``   MetricRecord: partition, num-examples, tokens, steps, train-loss, seconds,
+                scaling, process-age, prepare-seconds (train); partition, heldout-loss (evaluate)
+  ``samples``   ConfigRecord: instructions and answers (evaluate, when eval.samples > 0)
 Flower splits large arrays into 5 MiB chunks by itself.
-
-Array keys: ``<module>/A`` (r, in), ``<module>/B`` (out, r); catch-up entries are prefixed with
-their position ``<i>/`` and may carry ``<i>/<module>/R`` (out, in), fedex-lora's residual.
 """
 
 from __future__ import annotations
@@ -18,24 +21,53 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues, RecordDict
 
 from flora.adapters import Adapter, LoraFactors
 from flora.config import RunConfig, config_from_dict, config_to_dict
 from flora.errors import FloraError
 from flora.protocol import RoundUpdate
 from flora.server import ClientTask
+from flora.training import LocalResult
 
 __all__ = [
+    "Evaluation",
     "TaskInfo",
-    "config_json",
+    "Upload",
     "adapter_from_record",
     "adapter_to_record",
+    "config_json",
+    "evaluation_from_content",
+    "evaluation_to_content",
+    "node_from_content",
+    "partition_of",
     "task_from_record",
     "task_to_record",
     "updates_from_record",
     "updates_to_record",
+    "upload_from_content",
+    "upload_to_content",
 ]
+
+
+def _number(record: ConfigRecord | MetricRecord, key: str) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FloraError(
+            f"record field '{key}' is {value!r}, expected a number; run the same flora version "
+            "on the server and every node"
+        )
+    return float(value)
+
+
+def _strings(record: ConfigRecord, key: str) -> list[str]:
+    value = record.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FloraError(f"record field '{key}' is {value!r}, expected a list of strings")
+    return [str(v) for v in value]
+
+
+# --- tensors ----------------------------------------------------------------------------------
 
 
 def adapter_to_record(adapter: Adapter, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -62,6 +94,10 @@ def adapter_from_record(
     }
 
 
+def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict()) if len(record) else {}
+
+
 def updates_to_record(updates: Sequence[RoundUpdate]) -> ArrayRecord:
     """Merged round updates (factors at scaling 1, optional residuals), in order."""
     tensors: dict[str, torch.Tensor] = {}
@@ -74,7 +110,7 @@ def updates_to_record(updates: Sequence[RoundUpdate]) -> ArrayRecord:
 
 def updates_from_record(record: ArrayRecord, rounds: Sequence[int]) -> list[RoundUpdate]:
     """The updates :func:`updates_to_record` packed; ``rounds`` gives each one's round."""
-    tensors = dict(record.to_torch_state_dict()) if len(record) else {}
+    tensors = _tensors(record)
     updates = []
     for i, round in enumerate(rounds):
         prefix = f"{i}/"
@@ -86,6 +122,14 @@ def updates_from_record(record: ArrayRecord, rounds: Sequence[int]) -> list[Roun
         factors = adapter_from_record(tensors, prefix)
         updates.append(RoundUpdate(int(round), factors, residual or None))
     return updates
+
+
+# --- the task -------------------------------------------------------------------------------
+
+
+def config_json(config: RunConfig) -> str:
+    """The run config as the JSON string that travels in every task."""
+    return json.dumps(config_to_dict(config), sort_keys=True)
 
 
 @dataclass
@@ -120,26 +164,117 @@ def task_to_record(task: ClientTask, config_json: str, since: int, through: int)
 
 def task_from_record(record: ConfigRecord) -> TaskInfo:
     """Read back :func:`task_to_record`; the catch-up and init come from the ArrayRecords."""
-    try:
-        config = config_from_dict(json.loads(str(record["config"])))
-        rounds = [int(r) for r in str(record["catch-up-rounds"]).split(",") if r]
-        task = ClientTask(
-            client=int(record["partition"]),  # type: ignore[arg-type]
-            round=int(record["round"]),  # type: ignore[arg-type]
-            rank=int(record["rank"]),  # type: ignore[arg-type]
-            alpha=float(record["alpha"]),  # type: ignore[arg-type]
-            seed=int(record["seed"]),  # type: ignore[arg-type]
-            freeze_A=bool(record["freeze-a"]),
-            bytes_down=int(record["bytes-down"]),  # type: ignore[arg-type]
-        )
-        since, through = int(record["since"]), int(record["through"])  # type: ignore[arg-type]
-    except KeyError as error:
-        raise FloraError(
-            f"task record lacks {error}; run the same flora version on server and clients"
-        ) from None
+    config = config_from_dict(json.loads(str(record.get("config", "{}"))))
+    task = ClientTask(
+        client=int(_number(record, "partition")),
+        round=int(_number(record, "round")),
+        rank=int(_number(record, "rank")),
+        alpha=_number(record, "alpha"),
+        seed=int(_number(record, "seed")),
+        freeze_A=bool(record.get("freeze-a", False)),
+        bytes_down=int(_number(record, "bytes-down")),
+    )
+    rounds = [int(r) for r in str(record.get("catch-up-rounds", "")).split(",") if r]
+    since, through = int(_number(record, "since")), int(_number(record, "through"))
     return TaskInfo(task, config, since, through, rounds)
 
 
-def config_json(config: RunConfig) -> str:
-    """The run config as the JSON string that travels in every task."""
-    return json.dumps(config_to_dict(config), sort_keys=True)
+# --- the replies ----------------------------------------------------------------------------
+
+
+_TIMING = ("process-age", "prepare-seconds")
+
+
+@dataclass
+class Upload:
+    """One client's reply to a train message."""
+
+    partition: int
+    factors: Adapter  # at the client's scaling
+    examples: int
+    tokens: int
+    steps: int
+    train_loss: float
+    seconds: float  # in train_client
+    timing: dict[str, float]  # process-age (at the message), prepare-seconds (until training)
+
+
+def upload_to_content(
+    partition: int, result: LocalResult, timing: dict[str, float] | None = None
+) -> RecordDict:
+    scalings = {f.scaling for f in result.factors.values()}
+    if len(scalings) != 1:
+        raise FloraError(f"client {partition}: modules trained at scalings {sorted(scalings)}")
+    metrics: dict[str, MetricRecordValues] = {
+        "partition": partition,
+        "num-examples": result.examples,
+        "tokens": result.tokens,
+        "steps": result.steps,
+        "train-loss": result.train_loss,
+        "seconds": result.seconds,
+        "scaling": scalings.pop(),
+        **(timing or {}),
+    }
+    factors = ArrayRecord(adapter_to_record(result.factors))
+    return RecordDict({"factors": factors, "metrics": MetricRecord(metrics)})
+
+
+def upload_from_content(content: RecordDict) -> Upload:
+    metrics = content.metric_records["metrics"]
+    tensors = _tensors(content.array_records["factors"])
+    return Upload(
+        partition=int(_number(metrics, "partition")),
+        factors=adapter_from_record(tensors, scaling=_number(metrics, "scaling")),
+        examples=int(_number(metrics, "num-examples")),
+        tokens=int(_number(metrics, "tokens")),
+        steps=int(_number(metrics, "steps")),
+        train_loss=_number(metrics, "train-loss"),
+        seconds=_number(metrics, "seconds"),
+        timing={k: _number(metrics, k) for k in _TIMING if k in metrics},
+    )
+
+
+@dataclass
+class Evaluation:
+    """One client's reply to an evaluate message."""
+
+    partition: int
+    loss: float
+    samples: list[dict[str, str]]  # instruction, answer
+
+
+def evaluation_to_content(evaluation: Evaluation) -> RecordDict:
+    metrics: dict[str, MetricRecordValues] = {
+        "partition": evaluation.partition,
+        "heldout-loss": evaluation.loss,
+    }
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if evaluation.samples:
+        content["samples"] = ConfigRecord(
+            {
+                "instructions": [s["instruction"] for s in evaluation.samples],
+                "answers": [s["answer"] for s in evaluation.samples],
+            }
+        )
+    return content
+
+
+def evaluation_from_content(content: RecordDict) -> Evaluation:
+    metrics = content.metric_records["metrics"]
+    samples = []
+    if "samples" in content.config_records:
+        record = content.config_records["samples"]
+        pairs = zip(_strings(record, "instructions"), _strings(record, "answers"), strict=True)
+        samples = [{"instruction": i, "answer": a} for i, a in pairs]
+    return Evaluation(int(_number(metrics, "partition")), _number(metrics, "heldout-loss"), samples)
+
+
+def partition_of(content: RecordDict) -> int:
+    """The partition a train or evaluate reply comes from."""
+    return int(_number(content.metric_records["metrics"], "partition"))
+
+
+def node_from_content(content: RecordDict) -> tuple[int, int]:
+    """(partition-id, num-partitions) from a node's reply to the ServerApp's query."""
+    record = content.config_records["node"]
+    return int(_number(record, "partition-id")), int(_number(record, "num-partitions"))

@@ -30,16 +30,27 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.config import RunConfig
-from flora.data.federated import prepare_data
+from flora.data.federated import FederatedData, prepare_data
 from flora.data.prompts import Example
 from flora.errors import FloraError
 from flora.io import atomic_write, atomic_write_json
 from flora.models import cache_root, load_model, resolve_precision
 from flora.simulation import target_shapes
 
-__all__ = ["STATE_ENV", "ClientBase", "ClientData", "default_state_dir", "load_base", "load_data"]
+__all__ = [
+    "RESYNC",
+    "STATE_ENV",
+    "ClientBase",
+    "ClientData",
+    "clear_caches",
+    "default_state_dir",
+    "load_base",
+    "load_data",
+    "run_data",
+]
 
 STATE_ENV = "FLORA_FLOWER_STATE"
+RESYNC = "flora-resync"  # in an error reply: this node's base is gone, start it from W0
 _SNAPSHOT = re.compile(r"^base-(\d+)\.safetensors$")
 
 
@@ -59,7 +70,7 @@ class ClientBase:
     pristine: dict[str, torch.Tensor]  # their weights as loaded: snapshot 0
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {m: self.model.get_submodule(m).weight.detach() for m in self.targets}
+        return {m: _weight(self.model, m) for m in self.targets}
 
     def restore(self, directory: Path, synced: int) -> None:
         """Set the target weights to the snapshot after ``synced`` merged updates."""
@@ -69,8 +80,8 @@ class ClientBase:
             path = directory / f"base-{synced}.safetensors"
             if not path.is_file():
                 raise FloraError(
-                    f"{directory} holds no base after {synced} merged updates (the server "
-                    "expects it); the node lost its state dir: restart the run"
+                    f"{directory} holds no base after {synced} merged updates; the node lost "
+                    f"its state ({RESYNC}: the server resends every update next time)"
                 )
             saved = load_file(str(path))
         with torch.no_grad():
@@ -89,7 +100,19 @@ class ClientBase:
                 path.unlink(missing_ok=True)
 
 
+def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    weight = model.get_submodule(name).weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.detach()
+
+
 _MODELS: dict[tuple[str, int], ClientBase] = {}
+
+
+def clear_caches() -> None:
+    """Forget the in-process model and data (a simulation worker keeps them between messages)."""
+    _MODELS.clear()
+    _DATA.clear()
 
 
 def load_base(config: RunConfig) -> ClientBase:
@@ -100,7 +123,7 @@ def load_base(config: RunConfig) -> ClientBase:
         precision = resolve_precision(config.train.precision)
         model, tokenizer = load_model(config.model.name, precision=precision, seed=config.seed)
         targets = sorted(target_shapes(model, config.model.target_modules))
-        pristine = {m: model.get_submodule(m).weight.detach().clone() for m in targets}
+        pristine = {m: _weight(model, m).clone() for m in targets}
         _MODELS[key] = ClientBase(model, tokenizer, targets, pristine)
     return _MODELS[key]
 
@@ -126,6 +149,25 @@ def _data_key(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
+    """The run's data, split as the embedded runtime splits it (seeded end to end)."""
+    fed = config.federation
+    return prepare_data(
+        source=config.data.source,
+        tokenizer=tokenizer,
+        template=config.data.template,
+        max_length=config.data.max_length,
+        limit=config.data.limit,
+        heldout=config.data.heldout,
+        scheme=config.data.partition,
+        num_clients=1 if fed.centralized else fed.num_clients,
+        seed=config.seed,
+        label_column=config.data.label_column,
+        dirichlet_alpha=config.data.dirichlet_alpha,
+        shards_per_client=config.data.shards_per_client,
+    )
+
+
 def load_data(
     config: RunConfig, partition: int, tokenizer: PreTrainedTokenizerBase, state_dir: Path
 ) -> ClientData:
@@ -137,21 +179,7 @@ def load_data(
     if path.is_file():
         data = ClientData(**json.loads(path.read_text(encoding="utf-8")))
     else:
-        fed = config.federation
-        full = prepare_data(
-            source=config.data.source,
-            tokenizer=tokenizer,
-            template=config.data.template,
-            max_length=config.data.max_length,
-            limit=config.data.limit,
-            heldout=config.data.heldout,
-            scheme=config.data.partition,
-            num_clients=1 if fed.centralized else fed.num_clients,
-            seed=config.seed,
-            label_column=config.data.label_column,
-            dirichlet_alpha=config.data.dirichlet_alpha,
-            shards_per_client=config.data.shards_per_client,
-        )
+        full = run_data(config, tokenizer)
         if not 0 <= partition < len(full.clients):
             raise FloraError(
                 f"partition-id {partition} is outside the run's {len(full.clients)} clients; "

@@ -1,0 +1,86 @@
+"""`flora eval`: held-out loss per category, k-shot MMLU and MT-Bench samples of a model or run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flora.errors import FloraError
+
+__all__ = ["add_parser", "run"]
+
+_HELP = """\
+Evaluate a finished run (RUN_DIR/final/model) or a model (a checkpoint directory, a hub id, or
+smollm2 / tiny-llama). Results go to OUT/eval.json (merged with an earlier eval of the same model)
+and a short table is printed.
+
+tasks:
+  heldout  loss and perplexity overall and per category on the run's own held-out split
+           (re-derived from config.json; default data config for a plain model)
+  mmlu     k-shot MMLU, log-likelihood of the answer letter as lm-evaluation-harness scores it;
+           macro (mean over subjects) and micro (over questions) accuracy, per subject
+  samples  greedy answers to the first MT-Bench questions; for a run, beside the base model's
+           (OUT/samples.json)
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a run or model: held-out loss, MMLU, MT-Bench samples",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", metavar="MODEL_OR_RUN_DIR", help="run directory or model spec")
+    parser.add_argument(
+        "--tasks", default="heldout,mmlu,samples", help="comma-separated (default: %(default)s)"
+    )
+    parser.add_argument("--out", help="output directory (default: RUN_DIR/eval or ./eval-NAME)")
+    parser.add_argument(
+        "--limit-per-subject", type=int, default=0, help="MMLU questions per subject (0: all)"
+    )
+    parser.add_argument("--shots", type=int, default=5, help="MMLU dev examples in the prompt")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    parser.add_argument(
+        "--precision", help="fp32, bf16 or auto (default: the run's train.precision, else fp32)"
+    )
+    parser.add_argument("--num-samples", type=int, default=10, help="MT-Bench questions answered")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="per sample answer")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's; 1 can win on busy CPUs)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the table")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flora.evaluation import EvalOptions, evaluate, format_results, parse_tasks, resolve_target
+
+    tasks = parse_tasks(args.tasks)
+    for name in ("limit_per_subject", "shots", "num_samples"):
+        if getattr(args, name) < 0:
+            raise FloraError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise FloraError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FloraError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    target = resolve_target(args.target)
+    out = Path(args.out) if args.out else target.default_out()
+    options = EvalOptions(
+        tasks=tasks,
+        limit_per_subject=args.limit_per_subject,
+        shots=args.shots,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+    )
+    result = evaluate(target, options, out, quiet=args.quiet)
+    print(f"eval of {result['model']} ({result['precision']}) -> {out / 'eval.json'}")
+    print(format_results(result, tasks))
+    return 0

@@ -1,0 +1,78 @@
+"""Held-out loss and perplexity, overall and per category, on a run's own held-out split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flora.config import RunConfig
+from flora.data.federated import FederatedData, prepare_data
+from flora.data.prompts import IGNORE_INDEX, Example
+from flora.errors import FloraError
+from flora.training import evaluate_loss
+
+__all__ = ["heldout_data", "heldout_report", "supervised_tokens"]
+
+
+def heldout_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
+    """The data a run with ``config`` sees: same arguments and seed, hence the same split."""
+    fed = config.federation
+    return prepare_data(
+        source=config.data.source,
+        tokenizer=tokenizer,
+        template=config.data.template,
+        max_length=config.data.max_length,
+        limit=config.data.limit,
+        heldout=config.data.heldout,
+        scheme=config.data.partition,
+        num_clients=1 if fed.centralized else fed.num_clients,
+        seed=config.seed,
+        label_column=config.data.label_column,
+        dirichlet_alpha=config.data.dirichlet_alpha,
+        shards_per_client=config.data.shards_per_client,
+    )
+
+
+def supervised_tokens(example: Example) -> int:
+    """Tokens the shifted causal-LM loss counts for one example (as evaluate_loss counts them)."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+def _entry(loss: float, examples: int, tokens: int) -> dict[str, Any]:
+    return {"loss": loss, "perplexity": math.exp(loss), "examples": examples, "tokens": tokens}
+
+
+def heldout_report(
+    model: PreTrainedModel,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Token-weighted loss and perplexity over all ``examples`` and per ``category``.
+
+    Each category is evaluated on its own; the overall loss is their token-weighted mean, which
+    equals evaluate_loss over all examples (the same token-weighted mean, batched differently).
+    """
+    groups: dict[str, list[Example]] = {}
+    for example in examples:
+        groups.setdefault(example["category"], []).append(example)
+    per_category: dict[str, dict[str, Any]] = {}
+    total, count = 0.0, 0
+    for category in sorted(groups):
+        members = groups[category]
+        tokens = sum(supervised_tokens(e) for e in members)
+        if tokens == 0:
+            continue
+        loss = evaluate_loss(
+            model, members, batch_size=batch_size, pad_id=pad_id, precision=precision
+        )
+        per_category[category] = _entry(loss, len(members), tokens)
+        total, count = total + loss * tokens, count + tokens
+    if count == 0:
+        raise FloraError("held-out set: no example has a response token; raise data.max_length")
+    return _entry(total / count, len(examples), count) | {"per_category": per_category}

@@ -1,0 +1,121 @@
+"""One run directory boiled down to what `flora compare` tables and plots.
+
+Reads config.json (method, ranks), metrics.jsonl (client rows: bytes; server rows: noise, round
+seconds, held-out loss when eval.every is set; eval rows: held-out loss before and after),
+summary.json (wall seconds) and, when `flora eval` has run, eval/eval.json (MMLU, per-category
+held-out loss).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flora.config import RANK_PROFILES
+from flora.errors import FloraError
+from flora.metrics import read_metrics
+
+__all__ = ["RunSummary", "format_ranks", "summarize_run"]
+
+
+@dataclass
+class RunSummary:
+    name: str
+    method: str
+    ranks: str
+    final_loss: float | None
+    mmlu: float | None  # macro accuracy from eval/eval.json
+    bytes_up: int  # sum over client rows
+    bytes_down: int
+    seconds: float | None  # summary.json, else the sum of round_seconds
+    noise: float | None  # mean aggregation noise over server rows
+    loss_by_round: list[tuple[int, float]] = field(default_factory=list)
+    loss_by_downlink: list[tuple[int, float]] = field(default_factory=list)  # cumulative bytes
+    per_category: dict[str, float] = field(default_factory=dict)  # from eval/eval.json
+
+
+def format_ranks(ranks: list[int]) -> str:
+    """[64, 32, 16, 16, 4, 4, 4] -> "64,32,2x16,3x4"."""
+    parts: list[str] = []
+    i = 0
+    while i < len(ranks):
+        j = i
+        while j < len(ranks) and ranks[j] == ranks[i]:
+            j += 1
+        parts.append(f"{j - i}x{ranks[i]}" if j - i > 1 else str(ranks[i]))
+        i = j
+    return ",".join(parts)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise FloraError(f"{path}: not valid JSON; rewrite or remove it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _ranks(config: dict[str, Any]) -> str:
+    ranks = config.get("lora", {}).get("ranks", [])
+    listed = RANK_PROFILES.get(ranks, []) if isinstance(ranks, str) else list(ranks)
+    if config.get("federation", {}).get("centralized"):
+        return f"{max(listed)} (centralized)" if listed else "centralized"
+    return format_ranks([int(r) for r in listed]) if listed else "?"
+
+
+def _curves(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    losses: dict[int, float] = {}
+    for row in rows:
+        if row.get("kind") == "server" and row.get("heldout_loss") is not None:
+            losses[int(row["round"])] = float(row["heldout_loss"])
+    for row in rows:  # eval rows win: they are the before/after figures
+        if row.get("kind") == "eval" and row.get("heldout_loss") is not None:
+            losses[int(row["round"])] = float(row["heldout_loss"])
+    down_by_round: dict[int, int] = {}
+    for row in rows:
+        if row.get("kind") == "client":
+            r = int(row["round"])
+            down_by_round[r] = down_by_round.get(r, 0) + int(row.get("bytes_down") or 0)
+    by_round = sorted(losses.items())
+    by_bytes = [(sum(b for r, b in down_by_round.items() if r <= t), loss) for t, loss in by_round]
+    return by_round, by_bytes
+
+
+def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
+    """Read one run directory; FloraError when it is not one."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise FloraError(f"{run_dir}: no metrics.jsonl; is it a flora run directory?")
+    config = _read_json(run_dir / "config.json")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    clients = [r for r in rows if r.get("kind") == "client"]
+    servers = [r for r in rows if r.get("kind") == "server"]
+    evals = [r for r in rows if r.get("kind") == "eval" and r.get("heldout_loss") is not None]
+    final = next((r for r in evals if r.get("final")), None)  # None: the run is unfinished
+    summary = _read_json(run_dir / "summary.json")
+    seconds = summary.get("seconds")
+    if seconds is None and servers:
+        seconds = sum(float(r.get("round_seconds") or 0.0) for r in servers)
+    noises = [float(r["noise"]) for r in servers if r.get("noise") is not None]
+    evaluation = _read_json(run_dir / "eval" / "eval.json")
+    mmlu = evaluation.get("mmlu", {}).get("macro_accuracy")
+    per_category = evaluation.get("heldout", {}).get("per_category", {})
+    by_round, by_bytes = _curves(rows)
+    federation = config.get("federation", {})
+    return RunSummary(
+        name=name or run_dir.resolve().name,
+        method="centralized" if federation.get("centralized") else federation.get("method", "?"),
+        ranks=_ranks(config),
+        final_loss=float(final["heldout_loss"]) if final else None,
+        mmlu=float(mmlu) if mmlu is not None else None,
+        bytes_up=sum(int(r.get("bytes_up") or 0) for r in clients),
+        bytes_down=sum(int(r.get("bytes_down") or 0) for r in clients),
+        seconds=float(seconds) if seconds is not None else None,
+        noise=sum(noises) / len(noises) if noises else None,
+        loss_by_round=by_round,
+        loss_by_downlink=by_bytes,
+        per_category={k: float(v["loss"]) for k, v in per_category.items()},
+    )

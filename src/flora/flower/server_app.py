@@ -1,0 +1,207 @@
+"""The ServerApp: find the nodes, run flora's rounds through FloraStrategy, write the results.
+
+Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
+``flwr run ... --run-config "config='/abs/tiny.toml' run-dir='/abs/runs/x'"``):
+
+- ``config``: the flora TOML (relative paths resolve against the SuperLink's working dir)
+- ``set``: dotted overrides separated by ``;``, e.g. ``"federation.rounds=3;train.lr=1e-3"``
+- ``run-dir``: where config.json, metrics.jsonl, checkpoints/ and final/ go
+- ``state-dir``: the nodes' state (read by the ClientApp; a node's own node config wins)
+- ``node-wait``: seconds to wait for every partition's node to connect (default 300)
+- ``round-timeout``: seconds a round waits for replies before going on without them (3600)
+- ``client-eval``: also measure the held-out loss on a client node (default false: the ServerApp
+  evaluates its own copy of the global model, as the embedded runtime does)
+
+The run directory has the embedded runtime's layout, so the same tools read both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+    UserConfig,
+)
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from flora.adapters import Adapter, save_peft_adapter
+from flora.config import RunConfig, config_to_dict, load_config
+from flora.errors import FloraError
+from flora.flower.records import config_json, node_from_content
+from flora.flower.state import run_data
+from flora.flower.strategy import FloraStrategy
+from flora.generation import generate_answer
+from flora.io import atomic_write_json
+from flora.models import load_model, resolve_precision
+from flora.server import Server
+from flora.simulation import RunResult, _deltas, applied, target_shapes
+from flora.training import evaluate_loss, merge_into_base
+
+__all__ = ["ServerModel", "app", "discover_partitions", "make_server_app", "run_server"]
+
+
+def discover_partitions(grid: Grid, num_partitions: int, wait: float) -> dict[int, int]:
+    """partition -> node id, asking each connected node which partition it holds."""
+    deadline = time.monotonic() + wait
+    while len(node_ids := list(grid.get_node_ids())) < num_partitions:
+        if time.monotonic() > deadline:  # in simulation round 1 may see no node yet
+            raise FloraError(
+                f"{len(node_ids)} of {num_partitions} nodes connected after {wait:.0f} s; start "
+                "one SuperNode per partition (--node-config 'partition-id=K num-partitions=N')"
+            )
+        time.sleep(1.0)
+    queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
+    nodes: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=wait):
+        if reply.has_error():
+            log(WARNING, "node %d did not answer: %s", reply.metadata.src_node_id,
+                reply.error.reason)  # fmt: skip
+            continue
+        try:
+            k, n = node_from_content(reply.content)
+        except FloraError:  # a node started without --node-config partition-id
+            log(WARNING, "node %d has no partition-id; ignored", reply.metadata.src_node_id)
+            continue
+        if n != num_partitions or k in nodes:
+            raise FloraError(
+                f"node {reply.metadata.src_node_id} holds partition {k} of {n}; the run needs "
+                f"partitions 0..{num_partitions - 1}, one node each"
+            )
+        nodes[k] = reply.metadata.src_node_id
+    missing = sorted(set(range(num_partitions)) - set(nodes))
+    if missing:
+        raise FloraError(f"no node holds partitions {missing}; set their partition-id")
+    return nodes
+
+
+def _settings(run_config: UserConfig) -> tuple[RunConfig, Path]:
+    path = str(run_config.get("config", ""))
+    if not path:
+        raise FloraError("run config 'config' is empty; pass --run-config 'config=\"PATH.toml\"'")
+    overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
+    config = load_config(path, overrides)
+    run_dir = str(run_config.get("run-dir", "")) or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}"
+    return config, Path(run_dir)
+
+
+class ServerModel:
+    """The ServerApp's copy of the base: W0 plus every merged update, as the embedded runtime
+    keeps it. It evaluates the global model on the held-out set and becomes final/model."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.precision = resolve_precision(config.train.precision)
+        self.model, self.tokenizer = load_model(
+            config.model.name, precision=self.precision, seed=config.seed
+        )
+        self.shapes = target_shapes(self.model, config.model.target_modules)
+        self.data = run_data(config, self.tokenizer)
+        self.merged = 0  # rounds of the server's history merged into the weights
+
+    def sync(self, server: Server) -> None:
+        for update in server.history[self.merged :]:  # W += B A (+ R), in order
+            merge_into_base(self.model, _deltas(update))
+        self.merged = len(server.history)
+
+    def evaluate(self, lora: Adapter | None) -> tuple[float, list[dict[str, str]]]:
+        """Held-out loss and sample answers of the base with ``lora`` merged (restored after)."""
+        eval_config, pad_id = self.config.eval, int(self.tokenizer.pad_token_id)
+        with applied(self.model, lora):
+            loss = evaluate_loss(self.model, self.data.heldout, batch_size=eval_config.batch_size,
+                                 pad_id=pad_id, precision=self.precision)  # fmt: skip
+            samples = [
+                {"instruction": r["instruction"], "answer": generate_answer(
+                    self.model, self.tokenizer, r["instruction"], r.get("context", ""),
+                    template=self.config.data.template,  # type: ignore[arg-type]
+                    max_new_tokens=eval_config.max_new_tokens, precision=self.precision)}
+                for r in self.data.heldout_records[: eval_config.samples]
+            ]  # fmt: skip
+        return loss, samples
+
+    def save(self, final: Path, lora: Adapter | None) -> None:
+        with applied(self.model, lora):
+            self.model.save_pretrained(final / "model")
+            self.tokenizer.save_pretrained(final / "model")
+        if lora is not None:
+            template = {"base_model_name_or_path": self.config.model.name,
+                        "target_modules": self.config.model.target_modules}  # fmt: skip
+            save_peft_adapter(final / "adapter", lora, template=template)
+
+
+def run_server(grid: Grid, config: RunConfig, run_dir: Path, options: UserConfig) -> RunResult:
+    """The whole run on ``grid``: nodes, evaluation before, rounds, evaluation after, outputs."""
+    start = time.perf_counter()
+    if (run_dir / "metrics.jsonl").exists():
+        raise FloraError(f"{run_dir} already holds a run; give another run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", config_to_dict(config))
+    base = ServerModel(config)
+    log(INFO, "flora: clients' data\n%s", base.data.table)
+    server = Server(config, base.shapes)
+    nodes = discover_partitions(grid, server.num_clients, float(options.get("node-wait", 300)))
+    log(INFO, "flora: partitions on nodes %s", nodes)
+    client_eval = bool(options.get("client-eval", False))
+    strategy = FloraStrategy(server, nodes, run_dir, config_json(config), client_eval)
+
+    def evaluate(round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        base.sync(server)
+        if not strategy.evaluates(round):
+            return None
+        loss, samples = base.evaluate(server.global_lora)
+        strategy.record_evaluation(round, loss, samples)
+        return MetricRecord({"heldout-loss": loss})
+
+    timeout = float(options.get("round-timeout", 3600))
+    if client_eval:  # Strategy.start asks the clients only after each round
+        zero = strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord(), grid)
+        strategy.aggregate_evaluate(0, grid.send_and_receive(zero, timeout=timeout))
+    strategy.start(grid, ArrayRecord(), config.federation.rounds, timeout, evaluate_fn=evaluate)
+    base.save(run_dir / "final", server.global_lora)
+    return _summary(strategy, run_dir, time.perf_counter() - start)
+
+
+def _summary(strategy: FloraStrategy, run_dir: Path, seconds: float) -> RunResult:
+    evals = strategy.evaluations
+    rounds = strategy.server.config.federation.rounds
+    if 0 not in evals or rounds not in evals:
+        raise FloraError(f"the held-out evaluation before or after failed; see {run_dir}")
+    before, after = evals[0], evals[rounds]
+    samples = [
+        {"instruction": b["instruction"], "before": b["answer"], "after": a["answer"]}
+        for b, a in zip(before["samples"], after["samples"], strict=False)
+    ]
+    result = RunResult(run_dir, before["heldout_loss"], after["heldout_loss"], samples, seconds)
+    summary = dataclasses.asdict(result) | {"run_dir": str(run_dir), "runtime": "flower"}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return result
+
+
+def make_server_app(
+    config: RunConfig | None = None, run_dir: Path | None = None, options: UserConfig | None = None
+) -> ServerApp:
+    """A ServerApp for ``config`` (None: read everything from the Flower run config, above)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = context.run_config | (options or {})
+        if config is not None and run_dir is not None:
+            run_server(grid, config, run_dir, settings)
+        else:
+            run_server(grid, *_settings(settings), settings)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,109 @@
+"""`flora compare` over hand-written run directories: table figures, report files, real plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from flora.cli import main
+from flora.evaluation.runs import format_ranks, summarize_run
+
+
+def _write_run(
+    root: Path, name: str, method: str, ranks: list[int] | str, losses: list[float], **extra
+) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"seed": 0, "lora": {"ranks": ranks}, "federation": {"method": method}}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [{"kind": "eval", "round": 0, "heldout_loss": losses[0]}]
+    for t, loss in enumerate(losses[1:], start=1):
+        for client in range(2):
+            rows.append(
+                {
+                    "kind": "client",
+                    "round": t,
+                    "client": client,
+                    "bytes_up": 100 * (client + 1),
+                    "bytes_down": 1000 * t,
+                }
+            )
+        server = {"kind": "server", "round": t, "noise": 0.1 * t, "round_seconds": 2.0}
+        if t < len(losses) - 1:
+            server["heldout_loss"] = loss
+        rows.append(server)
+    rows.append(
+        {"kind": "eval", "round": len(losses) - 1, "heldout_loss": losses[-1], "final": True}
+    )
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if "seconds" in extra:
+        (run / "summary.json").write_text(json.dumps({"seconds": extra["seconds"]}))
+    if "eval" in extra:
+        (run / "eval").mkdir()
+        (run / "eval" / "eval.json").write_text(json.dumps(extra["eval"]))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    evaluation = {
+        "mmlu": {"macro_accuracy": 0.31},
+        "heldout": {"per_category": {"open_qa": {"loss": 2.0}, "summarization": {"loss": 2.5}}},
+    }
+    return [
+        _write_run(
+            tmp_path, "flora-run", "flora", [4, 2], [3.0, 2.5, 2.2], seconds=42.0, eval=evaluation
+        ),
+        _write_run(tmp_path, "fedit-run", "fedit", "homo-16", [3.0, 2.8, 2.7, 2.6]),
+    ]
+
+
+def test_summary_sums_bytes_averages_noise_and_builds_the_curves(runs):
+    # Execute
+    flora, fedit = summarize_run(runs[0]), summarize_run(runs[1])
+    # Assert
+    assert (flora.method, flora.ranks, flora.final_loss, flora.mmlu) == ("flora", "4,2", 2.2, 0.31)
+    assert flora.bytes_up == 2 * 300 and flora.bytes_down == 2 * 1000 + 2 * 2000
+    assert flora.seconds == 42.0  # summary.json
+    assert fedit.seconds == 3 * 2.0  # no summary.json: the rounds' seconds
+    assert flora.noise == pytest.approx(0.15)
+    assert flora.loss_by_round == [(0, 3.0), (1, 2.5), (2, 2.2)]
+    assert flora.loss_by_downlink == [(0, 3.0), (2000, 2.5), (6000, 2.2)]
+    assert fedit.ranks == "10x16" and fedit.mmlu is None and fedit.per_category == {}
+
+
+def test_format_ranks_groups_repeats():
+    assert format_ranks([64, 32, 16, 16, 8, 8, 4, 4, 4, 4]) == "64,32,2x16,2x8,4x4"
+    assert format_ranks([8]) == "8"
+
+
+def test_compare_writes_reports_with_non_blank_plots(runs, tmp_path, capsys):
+    # Execute
+    out = tmp_path / "report"
+    assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
+    # Assert
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["loss_category.png", "loss_downlink.png", "loss_round.png"]
+    for png in out.glob("*.png"):
+        pixels = imread(png)
+        assert pixels.ndim == 3 and float(np.var(pixels)) > 0, png
+    markdown = (out / "report.md").read_text()
+    assert (
+        "| flora-run | flora | 4,2 | 2.2000 | 31.0% | 600 B | 6.0 kB | 42 s | 1.50e-01 |"
+        in markdown
+    )
+    assert "| fedit-run | fedit | 10x16 | 2.6000 | – |" in markdown
+    assert "![loss_round](loss_round.png)" in markdown
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<td>fedit-run</td>" in page
+    assert "flora-run" in capsys.readouterr().out
+
+
+def test_per_category_plot_is_left_out_without_eval_json(runs, tmp_path):
+    out = tmp_path / "report"
+    assert main(["compare", str(runs[1]), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["loss_downlink.png", "loss_round.png"]

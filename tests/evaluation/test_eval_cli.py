@@ -1,0 +1,81 @@
+"""`flora eval` end to end on a tiny run, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flora.cli import main
+from flora.data.sources import find_shared_data
+from flora.metrics import read_metrics
+
+TINY = "configs/tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    overrides = ["federation.rounds=1", "train.max_steps=2", "eval.samples=0"]
+    args = ["run", TINY, "--out", str(run_dir), "--quiet"]
+    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "{tmp}/no-such-run"], "no such run directory or model"),
+        (["eval", "{tmp}", "--tasks", "heldout,speed"], "unknown task ['speed']"),
+        (["eval", "{tmp}", "--tasks", ""], "unknown task"),
+        (["eval", "{tmp}"], "neither a flora run directory nor a model checkpoint"),
+        (["eval", "smollm2", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["compare", "{tmp}/no-such-run"], "no such run directory"),
+        (["compare", "{tmp}"], "no metrics.jsonl"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    # Execute
+    code = main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("flora: error:")
+    assert message in err
+
+
+def test_eval_of_a_run_reproduces_its_final_heldout_loss(tiny_run, capsys):
+    # Execute
+    assert main(["eval", str(tiny_run), "--tasks", "heldout", "--quiet"]) == 0
+    # Assert
+    result = json.loads((tiny_run / "eval" / "eval.json").read_text())
+    final = next(r for r in read_metrics(tiny_run / "metrics.jsonl") if r.get("final"))
+    assert result["heldout"]["loss"] == pytest.approx(final["heldout_loss"], rel=1e-5)
+    held = result["heldout"]
+    assert 0 < held["examples"] <= 16  # data.heldout=16, less those max_length cut to nothing
+    assert sum(c["examples"] for c in held["per_category"].values()) == held["examples"]
+    assert "held-out  loss" in capsys.readouterr().out
+
+
+def test_eval_mmlu_and_samples_merge_into_eval_json(tiny_run, tmp_path, torch_single_thread):
+    if find_shared_data("mmlu/dev/abstract_algebra_dev.csv") is None:
+        pytest.skip("shared MMLU copy not found (set FLORA_DATA_DIR)")
+    if find_shared_data("mt-bench/question.jsonl") is None:
+        pytest.skip("shared MT-Bench copy not found (set FLORA_DATA_DIR)")
+    out = tmp_path / "eval"
+    common = ["--out", str(out), "--quiet"]
+    # Execute: two evaluations into one folder
+    assert main(["eval", str(tiny_run), "--tasks", "heldout", *common]) == 0
+    argv = ["eval", str(tiny_run), "--tasks", "mmlu,samples", "--limit-per-subject", "1"]
+    options = ["--shots", "1", "--num-samples", "2", "--max-new-tokens", "2"]
+    assert main([*argv, *options, *common]) == 0
+    # Assert
+    result = json.loads((out / "eval.json").read_text())
+    assert {"heldout", "mmlu", "samples"} <= set(result)
+    mmlu = result["mmlu"]
+    assert mmlu["questions"] == 57 and len(mmlu["per_subject"]) == 57
+    assert 0.0 <= mmlu["macro_accuracy"] <= 1.0 and mmlu["questions_per_second"] > 0
+    samples = json.loads((out / "samples.json").read_text())
+    assert len(samples) == 2 and {"prompt", "base", "tuned"} <= set(samples[0])
+    assert result["samples"]["base"] == "tiny-llama"

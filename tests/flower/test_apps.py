@@ -1,0 +1,175 @@
+"""The ServerApp and ClientApp over an in-process Grid: every method against the embedded runtime.
+
+The Grid here hands each message straight to the ClientApp (tests/flower/inline_grid.py), so
+these tests exercise the apps' logic (sampling, catch-up, records, node state on disk,
+failures) in seconds; test_runtimes.py runs the same apps on Flower's real runtimes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="the Flower tests need `pip install -e '.[flower]'`")
+
+import torch
+from safetensors.torch import load_file
+from tests.flower.inline_grid import InlineGrid
+
+from flora import simulation
+from flora.aggregation import METHODS
+from flora.config import RunConfig, load_config
+from flora.errors import FloraError
+from flora.flower.client import FAULT_ENV
+from flora.flower.client_app import make_client_app
+from flora.flower.server_app import discover_partitions, run_server
+from flora.metrics import read_metrics
+
+TINY = "configs/tiny.toml"
+# one short step per client and round: the tests compare runtimes, not learning
+FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit=60",
+        "data.heldout=8", "data.max_length=48"]  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def run_flower(config: RunConfig, out: Path, **options: object) -> Path:
+    grid = InlineGrid(make_client_app(out / "nodes"), config.federation.num_clients)
+    run_server(grid, config, out / "flower", dict(options))  # type: ignore[arg-type]
+    return out / "flower"
+
+
+def rows(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == kind]
+
+
+def checkpoint(run_dir: Path, round: int) -> dict[str, torch.Tensor]:
+    directory = run_dir / "checkpoints" / f"round_{round:04d}"
+    tensors = {}
+    for name in ("update.safetensors", "global_lora.safetensors"):
+        if (directory / name).is_file():
+            tensors |= {f"{name}:{k}": v for k, v in load_file(directory / name).items()}
+    return tensors
+
+
+def assert_same_rounds(flower: Path, embedded: Path, rounds: int, atol: float = 0.0) -> None:
+    for t in range(1, rounds + 1):
+        ours, theirs = checkpoint(flower, t), checkpoint(embedded, t)
+        assert ours and ours.keys() == theirs.keys(), t
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_with_partial_participation_matches_the_embedded_runtime(tmp_path, method):
+    # Prepare: 2 of 3 clients a round, so some client catches up on a round it missed.
+    fraction = 0.6
+    ranks = [4, 2, 2] if METHODS[method].mixed_ranks else [2, 2, 2]
+    overrides = [*FAST, f"federation.method='{method}'", f"federation.fraction={fraction}",
+                 f"lora.ranks={ranks}", "federation.rounds=2"]  # fmt: skip
+    config = load_config(TINY, overrides)
+    # Execute
+    flower = run_flower(config, tmp_path)
+    embedded = tmp_path / "embedded"
+    simulation.run(config, embedded, quiet=True)
+    # Assert: the same updates, base model and losses, bit for bit
+    assert_same_rounds(flower, embedded, 2)
+    ours, theirs = (load_file(d / "final/model/model.safetensors") for d in (flower, embedded))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    for kind, key in (("eval", "heldout_loss"), ("client", "train_loss")):
+        assert [r[key] for r in rows(flower, kind)] == [r[key] for r in rows(embedded, kind)]
+    if not METHODS[method].keeps_global_lora and fraction < 1:
+        assert max(r["catch_up_rounds"] for r in rows(flower, "client")) == 1
+
+
+def test_svd_catch_up_gives_the_embedded_updates_to_float_precision(tmp_path):
+    overrides = [*FAST, "federation.fraction=0.34", "federation.rounds=3",
+                 "federation.catch_up='svd'"]  # fmt: skip
+    # one client a round: client 0 trains in rounds 2 and 3, missing round 1
+    config = load_config(TINY, overrides)
+    flower = run_flower(config, tmp_path)
+    simulation.run(config, tmp_path / "embedded", quiet=True)
+    assert max(r["catch_up_rounds"] for r in rows(flower, "client")) == 1  # 2 rounds in 1
+    assert_same_rounds(flower, tmp_path / "embedded", 3, atol=1e-6)
+
+
+def test_a_failed_client_is_left_out_and_catches_up_next_round(tmp_path, monkeypatch):
+    # Prepare: client 1 raises in round 1 (after loading its state, before training)
+    monkeypatch.setenv(FAULT_ENV, "1@1")
+    config = load_config(TINY, [*FAST, "federation.rounds=2"])
+    # Execute
+    flower = run_flower(config, tmp_path)
+    # Assert
+    servers = rows(flower, "server")
+    assert [(r["clients"], r["failed"]) for r in servers] == [([0, 2], [1]), ([0, 1, 2], [])]
+    caught_up = {
+        r["client"]: r["catch_up_rounds"] for r in rows(flower, "client") if r["round"] == 2
+    }
+    assert caught_up == {0: 1, 1: 1, 2: 1}
+    assert servers[0]["global_rank"] == 8 + 2  # ranks 8 and 2 stacked, without client 1's 4
+
+
+def test_a_node_that_lost_its_state_gets_every_update_again(tmp_path):
+    # Prepare: partition 0's stored base (after round 1's update) disappears before round 3
+    config = load_config(TINY, [*FAST, "federation.rounds=4"])
+    state = tmp_path / "nodes" / "run-1" / "partition-0"
+
+    def wipe(message):
+        if message.metadata.group_id == "3" and message.metadata.dst_node_id == 101:
+            shutil.rmtree(state)
+
+    grid = InlineGrid(make_client_app(tmp_path / "nodes"), 3, before=wipe)
+    # Execute
+    run_server(grid, config, tmp_path / "flower", {})
+    # Assert: left out of round 3, then sent all three merged updates, from the pristine weights
+    servers = rows(tmp_path / "flower", "server")
+    assert [r["failed"] for r in servers] == [[], [], [0], []]
+    round4 = {r["client"]: r["catch_up_rounds"] for r in rows(tmp_path / "flower", "client")
+              if r["round"] == 4}  # fmt: skip
+    assert round4 == {0: 3, 1: 1, 2: 1}
+
+
+def test_client_side_evaluation_agrees_with_the_servers(tmp_path):
+    config = load_config(TINY, [*FAST, "federation.fraction=0.34"])
+    flower = run_flower(config, tmp_path, **{"client-eval": True})
+    evals = rows(flower, "eval")
+    server = {r["round"]: r["heldout_loss"] for r in evals if "client" not in r}
+    client = {r["round"]: r["heldout_loss"] for r in evals if "client" in r}
+    assert server.keys() == client.keys() == {0, 2}
+    for t in server:
+        assert client[t] == pytest.approx(server[t], abs=1e-6)
+
+
+def test_zero_padding_partial_participation_regression(tmp_path):
+    """Regression: the global LoRA once took the largest rank among *that round's* clients, so a
+    later client of higher rank got a too-narrow init (FloraError in train_client). The server now
+    keeps it at the largest rank of all clients; both runtimes agree and no client fails."""
+    overrides = [*FAST, "federation.method='zero-padding'", "federation.fraction=0.34",
+                 "federation.rounds=3", "lora.ranks=[2, 4, 8]"]  # fmt: skip
+    config = load_config(TINY, overrides)
+    simulation.run(config, tmp_path / "embedded", quiet=True)
+    flower = run_flower(config, tmp_path)
+    assert not any(r.get("failed") for r in rows(flower, "server"))
+    assert_same_rounds(flower, tmp_path / "embedded", 3)
+
+
+@pytest.mark.parametrize(
+    ("partitions", "message"),
+    [([0, 0], "one node each"), ([0, 5], "one node each")],
+)
+def test_node_discovery_refuses_duplicate_or_foreign_partitions(partitions, message):
+    grid = InlineGrid(make_client_app(), 2)
+    grid.node_config = {
+        101 + i: {"partition-id": k, "num-partitions": 2} for i, k in enumerate(partitions)
+    }
+    grid.node_config[102]["num-partitions"] = 2 if partitions[1] != 5 else 6
+    with pytest.raises(FloraError, match=message):
+        discover_partitions(grid, 2, wait=1)
+
+
+def test_node_discovery_waits_for_the_nodes_then_gives_up():
+    grid = InlineGrid(make_client_app(), 1)
+    with pytest.raises(FloraError, match="1 of 2 nodes connected"):
+        discover_partitions(grid, 2, wait=0.5)

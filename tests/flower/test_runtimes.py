@@ -1,0 +1,111 @@
+"""The Flower apps on Flower's real runtimes: the simulation (Ray) and a loopback deployment.
+
+The deployment test runs scripts/flower-deploy.sh: a real SuperLink and two SuperNodes on free
+ports, FLWR_HOME in a temporary directory, every process stopped by the script (checked here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="the Flower tests need `pip install -e '.[flower]'`")
+
+import torch
+from safetensors.torch import load_file
+
+from flora import simulation
+from flora.cli import main
+from flora.config import load_config
+from flora.metrics import read_metrics
+
+TINY = "configs/tiny.toml"
+TWO_CLIENTS = ["federation.num_clients=2", "lora.ranks=[8, 4]"]
+
+
+def rows(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == kind]
+
+
+def update(run_dir: Path, round: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"round_{round:04d}" / "update.safetensors")
+
+
+def test_flower_sim_gives_the_embedded_global_update(tmp_path, torch_single_thread):
+    # Prepare
+    sim, embedded = tmp_path / "sim", tmp_path / "embedded"
+    overrides = [arg for o in TWO_CLIENTS for arg in ("--set", o)]
+    # Execute: the CLI on Flower's simulation runtime, then the embedded runtime
+    command = ["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim), "--quiet"]
+    assert main(command) == 0
+    simulation.run(load_config(TINY, TWO_CLIENTS), embedded, quiet=True)
+    # Assert: 2 clients, 2 rounds, the same global update each round
+    assert [r["clients"] for r in rows(sim, "server")] == [[0, 1], [0, 1]]
+    for t in (1, 2):
+        ours, theirs = update(sim, t), update(embedded, t)
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+    before, after = (r["heldout_loss"] for r in rows(sim, "eval"))
+    assert after < before
+    assert (sim / "final" / "model" / "model.safetensors").is_file()
+    assert not (sim / "nodes").exists()  # the node state is dropped after a good run
+
+
+def _alive_in_groups(groups: set[int]) -> list[str]:
+    """Processes (not zombies) still in the given process groups."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp in groups and state != "Z":
+            alive.append(stat.parent.name)
+    return alive
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """A 2-node loopback deployment, 2 rounds; partition 1's ClientApp fails in round 1."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    run_dir = tmp / "run"
+    bin_dir = str(Path(sys.executable).parent)
+    env = os.environ | {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp),
+        "FLORA_FLOWER_FAULT": "1@1",  # flora.flower.client_app's test hook
+    }
+    command = ["bash", "scripts/flower-deploy.sh", "-n", "2", "-s", ";".join(TWO_CLIENTS),
+               "-o", str(run_dir), "-t", "240"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return done, run_dir
+
+
+def test_a_loopback_deployment_runs_and_stops_everything_it_started(deployment):
+    done, run_dir = deployment
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished:completed" in done.stderr
+    for name in ("config.json", "summary.json", "final/model/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    groups = {int(p) for p in (run_dir / "logs" / "pids").read_text().split()}
+    assert len(groups) == 3  # SuperLink and two SuperNodes, each with its children
+    assert _alive_in_groups(groups) == []
+    assert not list(Path(run_dir.parent).glob("flora-flower.*"))  # its FLWR_HOME is gone
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["loss_after"] < summary["loss_before"]
+
+
+def test_a_node_that_fails_mid_round_is_left_out_and_catches_up(deployment):
+    _, run_dir = deployment
+    servers = rows(run_dir, "server")
+    assert [(r["clients"], r["failed"]) for r in servers] == [([0], [1]), ([0, 1], [])]
+    round2 = {r["client"]: r["catch_up_rounds"] for r in rows(run_dir, "client") if r["round"] == 2}
+    assert round2 == {0: 1, 1: 1}  # client 1 gets round 1's update, which it never trained in
+    assert "injected fault" in (run_dir / "logs" / "run.log").read_text()
