@@ -20,14 +20,13 @@ Ratios are the median over repeats of flora / other within each repeat, which ca
 Goals, judged on steps per CPU second: flora/bare >= 0.95 and flora/Trainer >= 1.0. The machine
 is shared: compare ratios from one run, never absolute tokens/s across runs.
 
-    .venv/bin/python bench/training.py                   # precision auto (bf16 here), ~3 min idle
-    .venv/bin/python bench/training.py --precision fp32
-    .venv/bin/python bench/training.py --threads 1       # a busy machine: see below
+    .venv/bin/python bench/training.py --threads 1       # precision auto (bf16 here), ~5 min
+    .venv/bin/python bench/training.py --threads 1 --precision fp32 --steps 3   # ~5 min
     .venv/bin/python bench/training.py --steps 3 --repeats 1   # quick look
 
-On a 2-core machine shared with other jobs, torch's 2 intra-op threads wait on each other at every
-op (a ~4 ms scheduler slice each), which makes steps 5-10x slower and very noisy; --threads 1
-gives stable ratios there.
+--threads 0 keeps torch's default (2 here). On this 2-core machine shared with other jobs, 2
+intra-op threads wait on each other at every op (a ~4 ms scheduler slice each): steps run 3-14x
+slower than with 1 thread and the ratios are noise, so use --threads 1 there.
 """
 
 from __future__ import annotations
@@ -232,7 +231,7 @@ def main() -> None:
         f"1 + {args.steps} steps, {sum(step_tokens) / len(step_tokens):.0f} tokens/step, "
         f"torch threads {torch.get_num_threads()}, {args.repeats} rotated repeats"
     )
-    # warm-up: one untimed pass over every batch shape (oneDNN builds kernels per shape), and
+    # warm-up: one untimed pass over every batch (first-use allocations and caches), and
     # one step of the others (imports, Trainer/accelerate set-up)
     run_flora(model, examples, pad, args)
     one_step = argparse.Namespace(**{**vars(args), "steps": 0})

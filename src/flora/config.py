@@ -163,9 +163,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = (
-        0  # every random choice (split, partition, sampling, init, data order) derives from it
-    )
+    seed: int = 0  # all randomness (split, partition, sampling, init, data order) derives from it
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 is faster on a busy machine
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -174,6 +173,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        _need(self.threads >= 0, "threads", self.threads, ">= 0 (0: torch's default)")
         ranks = self.lora.rank_list()
         if not self.federation.centralized:
             _need(

@@ -258,6 +258,8 @@ def run(
 ) -> RunResult:
     """Run (or resume) a federated fine-tuning in ``run_dir``; see the module docstring."""
     start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         if (run_dir / "metrics.jsonl").exists():
