@@ -6,7 +6,7 @@ across rounds lives in a directory per run and partition::
     <state dir>/run-<run id>/partition-<k>/base-<n>.safetensors
 
 ``base-<n>`` holds the target modules' weights after the first ``n`` merged updates of the run
-(methods that merge into the base: flora, florist, fedex-lora, flexlora), written only after a
+(methods that merge into the base: flora, florist, fedex-lora), written only after a
 round's training succeeded. The snapshot the server last assumed (``since``) is kept too, so a
 reply lost after the write can be retried. Everything else of the model comes from flora's
 model cache (:func:`flora.models.load_model`), and the encoded partition from
