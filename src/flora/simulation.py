@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.adapters import Adapter, save_peft_adapter
 from flora.checkpoint import load_checkpoint, save_checkpoint
@@ -36,7 +36,7 @@ from flora.protocol import RoundUpdate, apply_to_sketch, sketch_drift, sketch_pr
 from flora.server import Server
 from flora.training import evaluate_loss, merge_into_base, train_client
 
-__all__ = ["RunResult", "run", "target_shapes"]
+__all__ = ["RunResult", "run", "run_data", "target_shapes"]
 
 
 @dataclass
@@ -58,6 +58,25 @@ def target_shapes(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple
     if not shapes:
         raise FloraError(f"model.target_modules {targets} match no linear layer of the model")
     return shapes
+
+
+def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
+    """The run's data from its config: seeded end to end, so every runtime gets the same split."""
+    fed = config.federation
+    return prepare_data(
+        source=config.data.source,
+        tokenizer=tokenizer,
+        template=config.data.template,
+        max_length=config.data.max_length,
+        limit=config.data.limit,
+        heldout=config.data.heldout,
+        scheme=config.data.partition,
+        num_clients=1 if fed.centralized else fed.num_clients,
+        seed=config.seed,
+        label_column=config.data.label_column,
+        dirichlet_alpha=config.data.dirichlet_alpha,
+        shards_per_client=config.data.shards_per_client,
+    )
 
 
 def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
@@ -105,21 +124,7 @@ class _Run:
         self.model, self.tokenizer = load_model(
             config.model.name, precision=self.precision, seed=config.seed
         )
-        fed = config.federation
-        self.data: FederatedData = prepare_data(
-            source=config.data.source,
-            tokenizer=self.tokenizer,
-            template=config.data.template,
-            max_length=config.data.max_length,
-            limit=config.data.limit,
-            heldout=config.data.heldout,
-            scheme=config.data.partition,
-            num_clients=1 if fed.centralized else fed.num_clients,
-            seed=config.seed,
-            label_column=config.data.label_column,
-            dirichlet_alpha=config.data.dirichlet_alpha,
-            shards_per_client=config.data.shards_per_client,
-        )
+        self.data: FederatedData = run_data(config, self.tokenizer)
         self.shapes = target_shapes(self.model, config.model.target_modules)
         self.server = Server(config, self.shapes)
         self.probes = sketch_probes(self.shapes, config.seed)

@@ -9,9 +9,10 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.config import RunConfig
-from flora.data.federated import FederatedData, prepare_data
+from flora.data.federated import FederatedData
 from flora.data.prompts import IGNORE_INDEX, Example
 from flora.errors import FloraError
+from flora.simulation import run_data
 from flora.training import evaluate_loss
 
 __all__ = ["heldout_data", "heldout_report", "supervised_tokens"]
@@ -19,21 +20,7 @@ __all__ = ["heldout_data", "heldout_report", "supervised_tokens"]
 
 def heldout_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
     """The data a run with ``config`` sees: same arguments and seed, hence the same split."""
-    fed = config.federation
-    return prepare_data(
-        source=config.data.source,
-        tokenizer=tokenizer,
-        template=config.data.template,
-        max_length=config.data.max_length,
-        limit=config.data.limit,
-        heldout=config.data.heldout,
-        scheme=config.data.partition,
-        num_clients=1 if fed.centralized else fed.num_clients,
-        seed=config.seed,
-        label_column=config.data.label_column,
-        dirichlet_alpha=config.data.dirichlet_alpha,
-        shards_per_client=config.data.shards_per_client,
-    )
+    return run_data(config, tokenizer)
 
 
 def supervised_tokens(example: Example) -> int:

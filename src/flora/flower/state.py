@@ -30,12 +30,11 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.config import RunConfig
-from flora.data.federated import FederatedData, prepare_data
 from flora.data.prompts import Example
 from flora.errors import FloraError
 from flora.io import atomic_write, atomic_write_json
 from flora.models import cache_root, load_model, resolve_precision
-from flora.simulation import target_shapes
+from flora.simulation import run_data, target_shapes
 
 __all__ = [
     "RESYNC",
@@ -147,25 +146,6 @@ def _data_key(config: RunConfig) -> str:
         "clients": 1 if fed.centralized else fed.num_clients,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
-    """The run's data, split as the embedded runtime splits it (seeded end to end)."""
-    fed = config.federation
-    return prepare_data(
-        source=config.data.source,
-        tokenizer=tokenizer,
-        template=config.data.template,
-        max_length=config.data.max_length,
-        limit=config.data.limit,
-        heldout=config.data.heldout,
-        scheme=config.data.partition,
-        num_clients=1 if fed.centralized else fed.num_clients,
-        seed=config.seed,
-        label_column=config.data.label_column,
-        dirichlet_alpha=config.data.dirichlet_alpha,
-        shards_per_client=config.data.shards_per_client,
-    )
 
 
 def load_data(
