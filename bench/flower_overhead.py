@@ -9,14 +9,18 @@ rows of both runs' metrics.jsonl:
     flower    outside = 1 - max_k train_k / round      (nodes train at the same time)
 
 where train_k is client k's time inside flora.training.train_client and round is the round's
-wall time (configure, messages, training, aggregation). On Flower the rest is each ClientApp
-process's start (a SuperNode starts one per message: imports, model, base restore and
-catch-up, data; reported as `prepare`) and the message transport and polling. The goal is an
-outside share <= 15% on Flower; the fixed part per round gives the training time at which a
-round reaches it.
+wall time (configure, messages, training, aggregation). On Flower the rest is: the message
+transport and polling (`to node`: from the round's start until the node starts the message;
+`back`: from the node's reply until the round ends), the ClientApp process a SuperNode starts
+for every message, and the client's preparation (`prepare`: base restore and catch-up, data).
+By default every node has a warm `flora flower-worker`, so the ClientApp imports no torch and
+the model and data stay loaded; --no-workers measures the plain setup, where every ClientApp
+process imports torch, transformers and peft and loads the model. The goal is an outside share
+<= 15% on Flower; the fixed part per round gives the training time at which a round reaches it.
 
     .venv/bin/python bench/flower_overhead.py                  # SmolLM2, 2 clients, ~4 min
     .venv/bin/python bench/flower_overhead.py --steps 40       # longer local rounds
+    .venv/bin/python bench/flower_overhead.py --no-workers     # ClientApps without workers
     .venv/bin/python bench/flower_overhead.py --runtime sim    # Flower's simulation runtime
 """
 
@@ -49,15 +53,21 @@ def rounds(run_dir: Path, parallel: bool) -> list[dict[str, float]]:
         clients = [r for r in rows if r["kind"] == "client" and r["round"] == server["round"]]
         train = max(r["seconds"] for r in clients) if parallel else server["train_seconds"]
         prepare = [r["prepare_seconds"] for r in clients if r.get("prepare_seconds") is not None]
-        out.append(
-            {
-                "round": server["round"],
-                "round_s": server["round_seconds"],
-                "train_s": train,
-                "outside": 1.0 - train / server["round_seconds"],
-                "prepare_s": statistics.median(prepare) if prepare else float("nan"),
-            }
-        )
+        row = {
+            "round": server["round"],
+            "round_s": server["round_seconds"],
+            "train_s": train,
+            "outside": 1.0 - train / server["round_seconds"],
+            "prepare_s": statistics.median(prepare) if prepare else float("nan"),
+            "to_node_s": float("nan"),
+            "from_node_s": float("nan"),
+        }
+        if parallel and clients and clients[0].get("received_at") is not None:
+            # the last client to reply: server -> its node's work starts; its work ends -> server
+            last = max(clients, key=lambda r: r["replied_at"])
+            row["to_node_s"] = last["received_at"] - server["started_at"]
+            row["from_node_s"] = server["started_at"] + server["round_seconds"] - last["replied_at"]
+        out.append(row)
     return out
 
 
@@ -67,11 +77,15 @@ def run_embedded(config_path: str, overrides: list[str], out: Path, threads: int
     return out
 
 
-def run_flower(config_path: str, overrides: list[str], out: Path, runtime: str) -> Path:
+def run_flower(
+    config_path: str, overrides: list[str], out: Path, runtime: str, workers: bool
+) -> Path:
     command = ["bash", str(ROOT / "scripts" / "flower-deploy.sh"), "-c", config_path,
                "-s", ";".join(overrides), "-o", str(out), "-t", "3000"]  # fmt: skip
     if runtime == "sim":
         command.append("--sim")
+    if not workers:
+        command.append("--no-workers")
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     return out
@@ -82,7 +96,8 @@ def report(name: str, table: list[dict[str, float]]) -> float:
         print(
             f"{name:9} round {int(row['round'])}: {row['round_s']:7.1f} s, training "
             f"{row['train_s']:7.1f} s, outside {row['outside']:6.1%}, "
-            f"ClientApp prepare {row['prepare_s']:5.1f} s"
+            f"prepare {row['prepare_s']:5.1f} s, to node {row['to_node_s']:4.1f} s, "
+            f"back {row['from_node_s']:4.1f} s"
         )
     share = statistics.mean(row["outside"] for row in table)
     print(f"{name:9} outside share, mean over rounds: {share:.1%}")
@@ -98,6 +113,9 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runtime", choices=("deploy", "sim"), default="deploy")
     parser.add_argument(
+        "--no-workers", action="store_true", help="deployment without flora flower-worker"
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of embedded (nodes: cpus / clients)"
     )
     parser.add_argument("--out", type=Path, help="keep both runs here (default: a temp dir)")
@@ -106,13 +124,18 @@ def main() -> None:
     overrides = [f"federation.num_clients={args.clients}", f"lora.ranks={ranks}",
                  f"federation.rounds={args.rounds}", f"train.max_steps={args.steps}",
                  "eval.samples=0", *args.extra]  # fmt: skip
-    print(f"{args.config} with {overrides}, Flower runtime: {args.runtime}, {os.cpu_count()} cpus")
+    workers = "no workers" if args.no_workers else "warm workers"
+    print(
+        f"{args.config} with {overrides}, Flower {args.runtime} ({workers}), {os.cpu_count()} cpus"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         start = time.perf_counter()
         embedded = run_embedded(args.config, overrides, out / "embedded", args.threads)
         middle = time.perf_counter()
-        flower = run_flower(args.config, overrides, out / "flower", args.runtime)
+        flower = run_flower(
+            args.config, overrides, out / "flower", args.runtime, not args.no_workers
+        )
         end = time.perf_counter()
         print(f"\nwhole runs: embedded {middle - start:.0f} s, flower {end - middle:.0f} s")
         report("embedded", rounds(embedded, parallel=False))

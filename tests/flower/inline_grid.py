@@ -19,14 +19,16 @@ class InlineGrid(Grid):
         client_app: ClientApp,
         num_partitions: int,
         before: Callable[[Message], None] | None = None,  # called before each delivery
+        extra: dict[str, str] | None = None,  # more node config for every node
     ) -> None:
         self.client_app = client_app
         self.before = before
         self.node_config = {
-            101 + k: {"partition-id": k, "num-partitions": num_partitions}
+            101 + k: {"partition-id": k, "num-partitions": num_partitions, **(extra or {})}
             for k in range(num_partitions)
         }
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as a run sets
 
     def set_run(self, run):  # type: ignore[no-untyped-def]
@@ -62,4 +64,5 @@ class InlineGrid(Grid):
                 replies.append(self.client_app(message, context))
             except Exception as error:  # as the simulation runtime's worker does
                 replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
+        self.replies.extend(replies)
         return replies

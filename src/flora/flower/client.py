@@ -12,12 +12,12 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import RecordDict
 
 from flora.errors import FloraError
+from flora.flower.node import Node
 from flora.flower.records import (
     Evaluation,
     TaskInfo,
@@ -36,19 +36,6 @@ from flora.training import evaluate_loss, merge_into_base, train_client
 __all__ = ["FAULT_ENV", "Node", "evaluate", "train"]
 
 FAULT_ENV = "FLORA_FLOWER_FAULT"
-
-
-@dataclass(frozen=True)
-class Node:
-    """Where a message runs: the node's partition, its state dir, the Flower run."""
-
-    partition: int
-    state_dir: Path
-    run_id: int
-
-    @property
-    def directory(self) -> Path:
-        return self.state_dir / f"run-{self.run_id}" / f"partition-{self.partition}"
 
 
 def _sync(content: RecordDict, node: Node) -> tuple[TaskInfo, ClientBase]:
@@ -95,7 +82,7 @@ def _process_age() -> float:
 
 def train(content: RecordDict, node: Node) -> RecordDict:
     """One local round; the reply holds the trained factors and the client's metrics."""
-    started, age = time.perf_counter(), _process_age()
+    started, received, age = time.perf_counter(), time.time(), _process_age()
     info, base = _sync(content, node)
     task, config = info.task, info.config
     init = None
@@ -104,7 +91,8 @@ def train(content: RecordDict, node: Node) -> RecordDict:
     data = load_data(config, task.client, base.tokenizer, node.state_dir)
     _maybe_fail(task.client, task.round)
     precision = resolve_precision(config.train.precision)
-    timing = {"process-age": age, "prepare-seconds": time.perf_counter() - started}
+    timing = {"process-age": age, "prepare-seconds": time.perf_counter() - started,
+              "received-at": received}  # fmt: skip
     result = train_client(
         base.model,
         data.examples,
@@ -119,7 +107,7 @@ def train(content: RecordDict, node: Node) -> RecordDict:
         use_rslora=config.lora.use_rslora,
     )
     _store(info, base, node)
-    return upload_to_content(task.client, result, timing)
+    return upload_to_content(task.client, result, timing | {"replied-at": time.time()})
 
 
 def evaluate(content: RecordDict, node: Node) -> RecordDict:

@@ -6,6 +6,10 @@ messages go to flora.flower.client; query messages (the ServerApp asking which p
 holds) are answered here without importing torch, since a SuperNode starts a fresh process for
 every message.
 
+With node config ``worker`` (the socket of ``flora flower-worker``, see flora.flower.worker) train
+and evaluate messages run in that warm process instead, so this one never imports torch; when
+no worker answers, the message runs here.
+
 Where a node keeps its state: node config ``state-dir``, else run config ``state-dir``, else the
 directory given to :func:`make_client_app`, else ``$FLORA_FLOWER_STATE``, else
 ``<flora cache>/flower-state``.
@@ -13,23 +17,24 @@ directory given to :func:`make_client_app`, else ``$FLORA_FLOWER_STATE``, else
 
 from __future__ import annotations
 
+from logging import WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from flora.errors import FloraError
 
 if TYPE_CHECKING:
-    from flora.flower.client import Node
+    from flora.flower.node import Node
 
 __all__ = ["app", "make_client_app"]
 
 
 def _node(message: Message, context: Context, state_dir: Path | None) -> Node:
-    from flora.flower.client import Node
-    from flora.flower.state import default_state_dir
+    from flora.flower.node import Node, default_state_dir
 
     if "partition-id" not in context.node_config:
         raise FloraError(
@@ -42,23 +47,37 @@ def _node(message: Message, context: Context, state_dir: Path | None) -> Node:
     return Node(partition, state_dir or default_state_dir(), message.metadata.run_id)
 
 
+def _run(kind: str, message: Message, context: Context, state_dir: Path | None) -> Message:
+    """The message's work: on the node's worker when it has one, else in this process."""
+    node = _node(message, context, state_dir)
+    worker = str(context.node_config.get("worker", "") or "")
+    if worker:
+        from flora.flower.relay import WorkerUnavailable, call
+
+        try:
+            content = call(Path(worker).expanduser(), kind, message.content,
+                           partition=node.partition, state_dir=node.state_dir,
+                           run_id=node.run_id)  # fmt: skip
+            return Message(content, reply_to=message)
+        except WorkerUnavailable as error:
+            log(WARNING, "flora: %s; running the %s message in the ClientApp", error, kind)
+    from flora.flower import client
+
+    work = client.train if kind == "train" else client.evaluate
+    return Message(work(message.content, node), reply_to=message)
+
+
 def make_client_app(state_dir: Path | None = None) -> ClientApp:
     """A ClientApp whose nodes keep their state under ``state_dir`` (default: see above)."""
     app = ClientApp()
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        from flora.flower import client
-
-        content = client.train(message.content, _node(message, context, state_dir))
-        return Message(content, reply_to=message)
+        return _run("train", message, context, state_dir)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        from flora.flower import client
-
-        content = client.evaluate(message.content, _node(message, context, state_dir))
-        return Message(content, reply_to=message)
+        return _run("evaluate", message, context, state_dir)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:

@@ -9,7 +9,8 @@ Server to client (train and evaluate messages):
 Client to server:
   ``factors``   ArrayRecord ``<module>/A`` (r, in) and ``<module>/B`` (out, r), fp32, bitwise
   ``metrics``   MetricRecord: partition, num-examples, tokens, steps, train-loss, seconds,
-                scaling, process-age, prepare-seconds (train); partition, heldout-loss (evaluate)
+                scaling, process-age, prepare-seconds, received-at, replied-at (train);
+                partition, heldout-loss (evaluate)
   ``samples``   ConfigRecord: instructions and answers (evaluate, when eval.samples > 0)
 Flower splits large arrays into 5 MiB chunks by itself.
 """
@@ -182,7 +183,7 @@ def task_from_record(record: ConfigRecord) -> TaskInfo:
 # --- the replies ----------------------------------------------------------------------------
 
 
-_TIMING = ("process-age", "prepare-seconds")
+_TIMING = ("process-age", "prepare-seconds", "received-at", "replied-at")
 
 
 @dataclass
@@ -196,7 +197,9 @@ class Upload:
     steps: int
     train_loss: float
     seconds: float  # in train_client
-    timing: dict[str, float]  # process-age (at the message), prepare-seconds (until training)
+    # process-age (at the message), prepare-seconds (until training), received-at and
+    # replied-at (Unix time of the message's start and end on the node)
+    timing: dict[str, float]
 
 
 def upload_to_content(

@@ -9,6 +9,7 @@ Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
 - ``state-dir``: the nodes' state (read by the ClientApp; a node's own node config wins)
 - ``node-wait``: seconds to wait for every partition's node to connect (default 300)
 - ``round-timeout``: seconds a round waits for replies before going on without them (3600)
+- ``poll-interval``: seconds between the ServerApp's pulls for replies (0.2; Flower's own: 3)
 - ``client-eval``: also measure the held-out loss on a client node (default false: the ServerApp
   evaluates its own copy of the global model, as the embedded runtime does)
 
@@ -38,6 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from flora.adapters import Adapter, save_peft_adapter
 from flora.config import RunConfig, config_to_dict, load_config
 from flora.errors import FloraError
+from flora.flower.grid import PollingGrid
 from flora.flower.records import config_json, node_from_content
 from flora.flower.state import run_data
 from flora.flower.strategy import FloraStrategy
@@ -196,6 +198,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = context.run_config | (options or {})
+        grid = PollingGrid(grid, float(settings.get("poll-interval", 0.2)))
         if config is not None and run_dir is not None:
             run_server(grid, config, run_dir, settings)
         else:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flora.config import RunConfig
 from flora.data.prompts import Example
 from flora.errors import FloraError
+from flora.flower.node import STATE_ENV, default_state_dir
 from flora.io import atomic_write, atomic_write_json
-from flora.models import cache_root, load_model, resolve_precision
+from flora.models import load_model, resolve_precision
 from flora.simulation import run_data, target_shapes
 
 __all__ = [
@@ -48,15 +48,8 @@ __all__ = [
     "run_data",
 ]
 
-STATE_ENV = "FLORA_FLOWER_STATE"
 RESYNC = "flora-resync"  # in an error reply: this node's base is gone, start it from W0
 _SNAPSHOT = re.compile(r"^base-(\d+)\.safetensors$")
-
-
-def default_state_dir() -> Path:
-    """``$FLORA_FLOWER_STATE``, else ``<flora cache>/flower-state``."""
-    env = os.environ.get(STATE_ENV)
-    return Path(env).expanduser() if env else cache_root() / "flower-state"
 
 
 @dataclass

@@ -65,6 +65,7 @@ class FloraStrategy(Strategy):
         self._pending: dict[int, tuple[ClientTask, int]] = {}  # partition -> (task, since)
         self._trained: list[int] = []  # clients whose upload the last round aggregated
         self._started = 0.0
+        self._started_at = 0.0  # Unix time of the round's start, for the message latencies
 
     def summary(self) -> None:
         config = self.server.config
@@ -114,7 +115,7 @@ class FloraStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._started = time.perf_counter()
+        self._started, self._started_at = time.perf_counter(), time.time()
         messages = []
         for task, since in self._configure(server_round, None):
             extra = {}
@@ -156,6 +157,7 @@ class FloraStrategy(Strategy):
             result = self.server.global_lora if update is None else update.factors
             out = ArrayRecord(adapter_to_record(result)) if result else None
         row["round_seconds"] = time.perf_counter() - self._started
+        row["started_at"] = self._started_at
         self.metrics.write(row)
         save_checkpoint(
             self.run_dir, server_round, self.server.state(), update, self.server.global_lora, {}
@@ -224,8 +226,12 @@ def _client_row(round: int, task: ClientTask, upload: Upload, bytes_up: int) -> 
         "bytes_up": bytes_up,
         "bytes_down": task.bytes_down,
         "catch_up_rounds": len(task.catch_up),
-        # Flower only: the ClientApp process's age when the message arrived, and its time from
-        # then until training started (imports, model, base restore and catch-up, data)
+        # Flower only: the age of the process that ran the message (a ClientApp, or the node's
+        # worker) when it arrived, the time from then until training started (imports, model,
+        # base restore and catch-up, data), and when the node started and finished the message
+        # (Unix time, the node's clock)
         "process_age": upload.timing.get("process-age"),
         "prepare_seconds": upload.timing.get("prepare-seconds"),
+        "received_at": upload.timing.get("received-at"),
+        "replied_at": upload.timing.get("replied-at"),
     }

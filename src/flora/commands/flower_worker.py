@@ -1,0 +1,40 @@
+"""`flora flower-worker --socket PATH`: a node's warm worker for Flower (flora.flower.worker)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flora.errors import FloraError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "flower-worker",
+        help="serve a Flower node's train/evaluate messages from one warm process",
+        description="Serve this machine's SuperNode's flora messages from one long-lived "
+        "process, so the ClientApp Flower starts per message does not re-import torch or reload "
+        "the model. Start it before the SuperNode and pass --node-config \"... worker='PATH'\". "
+        "Stops on SIGTERM/SIGINT. Needs the [flower] extra.",
+    )
+    parser.add_argument("--socket", required=True, type=Path, help="Unix socket path to listen on")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from flora.flower.worker import serve
+    except ImportError as error:
+        raise FloraError(
+            f"flower-worker needs Flower ({error}); install flora with pip install 'flora[flower]'"
+        ) from None
+    if args.threads < 0:
+        raise FloraError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return serve(args.socket)
