@@ -1,19 +1,22 @@
 """MMLU scoring speed: flora's log-likelihood scorer against the generate-and-parse baseline.
 
-Baseline: the FLoRA reference code's MMLU evaluation (ATP-1010/FederatedLLM,
-fed_utils/evaluation.py) generates an answer per question and parses it. Here it runs greedy
-(the reference samples at temperature 0.2), batched with left padding, `--gen-tokens` new
-tokens, and the prediction is the first standalone A-D letter of the answer (none: wrong).
+Baselines: the FLoRA reference code's MMLU evaluation (ATP-1010/FederatedLLM,
+fed_utils/evaluation.py) generates an answer per question, one question at a time, up to 32 new
+tokens, and parses it. Two generate-and-parse baselines run here, both greedy (the reference
+samples at temperature 0.2, which costs the same), on the same k-shot prompts as the scorer:
+"reference" as the reference does it (batch 1, up to --ref-tokens new tokens, stopping at EOS),
+and a stronger one, batched with left padding and only --gen-tokens new tokens. The prediction
+is the first standalone A-D letter of the answer (none: wrong).
 
 Contender: `flora.evaluation.score_mmlu`, the same k-shot prompts and questions, one forward pass
 per batch reading the log-probs of " A".." D" at the last prompt position, with the subject's
 shared few-shot prefix run once (its KV cache reused), and also without that prefix cache.
 
-All three use the same model (SmolLM2-135M-Instruct), questions (first --limit-per-subject of
+All of them use the same model (SmolLM2-135M-Instruct), questions (first --limit-per-subject of
 every subject), shots, batch size and precision. Figures: questions/s (prompt building and
 scoring, model loading excluded) and the ratio to the baseline; plus how often the predictions
 agree. The scorers take turns subject by subject (rotating order), so a shared machine's load
-falls on all three alike; ratios within one run are what count. On a busy CPU try --threads 1.
+falls on all of them alike; ratios within one run are what count. On a busy CPU try --threads 1.
 
     .venv/bin/python bench/mmlu_speed.py                          # 2 per subject, 57 subjects
     .venv/bin/python bench/mmlu_speed.py --limit-per-subject 1 --subjects 20   # quicker
@@ -99,7 +102,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", default="fp32", help="fp32, bf16 or auto")
-    parser.add_argument("--gen-tokens", type=int, default=8, help="baseline's new tokens")
+    parser.add_argument("--gen-tokens", type=int, default=8, help="batched baseline's tokens")
+    parser.add_argument("--ref-tokens", type=int, default=32, help="reference's new tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -128,16 +132,21 @@ def main() -> None:
     def generate(subject: dict[str, list[Question]]) -> Scored:
         return generate_scorer(model, tokenizer, subject, dev, new_tokens=args.gen_tokens, **common)
 
+    def reference(subject: dict[str, list[Question]]) -> Scored:
+        return generate_scorer(model, tokenizer, subject, dev, new_tokens=args.ref_tokens,
+                               **(common | {"batch_size": 1}))  # fmt: skip
+
     scorers: dict[str, Scorer] = {
         "loglik + prefix cache": loglik(True),
         "loglik, no prefix cache": loglik(False),
-        f"generate {args.gen_tokens} tokens + parse": generate,
+        f"generate {args.gen_tokens} tok, batched": generate,
+        f"reference: 1 q, {args.ref_tokens} tok": reference,
     }
     for score in scorers.values():  # first calls pay one-off costs; keep them out
         score({names[0]: test[names[0]][:1]})
     totals: dict[str, Scored] = {name: ({}, {}, 0.0) for name in scorers}
     for k, subject in enumerate(names):  # interleaved, rotating order: same load for all
-        order = list(scorers)[k % 3 :] + list(scorers)[: k % 3]
+        order = list(scorers)[k % len(scorers) :] + list(scorers)[: k % len(scorers)]
         for name in order:
             per_subject, predictions, seconds = scorers[name]({subject: test[subject]})
             totals[name][0].update(per_subject)
@@ -148,18 +157,21 @@ def main() -> None:
 
 def _print(totals: dict[str, Scored], n: int) -> None:
     names = list(totals)
-    reference = totals[names[-1]]
-    print(f"{'scorer':<28} {'q/s':>7} {'x baseline':>10} {'macro':>6} {'micro':>6} {'agree':>6}")
+    batched, reference = totals[names[-2]], totals[names[-1]]
+    print(
+        f"{'scorer':<28} {'q/s':>7} {'x reference':>11} {'x batched':>9} {'macro':>6} "
+        f"{'micro':>6} {'agree':>6}"
+    )
     for name, (per_subject, predictions, seconds) in totals.items():
         acc = summarize(per_subject)
         print(
-            f"{name:<28} {n / seconds:>7.3f} {reference[2] / seconds:>10.2f} "
-            f"{acc['macro_accuracy']:>6.3f} {acc['micro_accuracy']:>6.3f} "
-            f"{_agreement(predictions, reference[1]):>6.2f}"
+            f"{name:<28} {n / seconds:>7.3f} {reference[2] / seconds:>11.2f} "
+            f"{batched[2] / seconds:>9.2f} {acc['macro_accuracy']:>6.3f} "
+            f"{acc['micro_accuracy']:>6.3f} {_agreement(predictions, reference[1]):>6.2f}"
         )
     cached, uncached = totals[names[0]][1], totals[names[1]][1]
     print(
-        f"(agree: predictions equal to the baseline's; cache vs no cache: "
+        f"(agree: predictions equal to the reference's; cache vs no cache: "
         f"{_agreement(cached, uncached):.2f})"
     )
 

@@ -154,11 +154,27 @@ class EvalConfig:
     batch_size: int = 8
     samples: int = 1  # answers generated before and after for the first N held-out prompts
     max_new_tokens: int = 48
+    mmlu: bool = False  # k-shot MMLU of the global model before round 1 and after the last
+    mmlu_every: int = 0  # ... and every N rounds (0: only before and after)
+    mmlu_limit_per_subject: int = 10  # questions per subject (0: all 14,042)
+    mmlu_shots: int = 5
 
     def __post_init__(self) -> None:
         _need(self.every >= 0, "eval.every", self.every, ">= 0")
         _need(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _need(self.samples >= 0, "eval.samples", self.samples, ">= 0")
+        _need(self.mmlu_every >= 0, "eval.mmlu_every", self.mmlu_every, ">= 0")
+        needs = "0 unless eval.mmlu = true (set eval.mmlu = true to score MMLU in the run)"
+        _need(self.mmlu_every == 0 or self.mmlu, "eval.mmlu_every", self.mmlu_every, needs)
+        _need(self.mmlu_limit_per_subject >= 0, "eval.mmlu_limit_per_subject",
+              self.mmlu_limit_per_subject, ">= 0 (0: every question)")  # fmt: skip
+        _need(self.mmlu_shots >= 0, "eval.mmlu_shots", self.mmlu_shots, ">= 0")
+
+    def mmlu_at(self, round: int, last: int) -> bool:
+        """Whether the run scores MMLU after ``round`` (0: before training)."""
+        if not self.mmlu:
+            return False
+        return round in (0, last) or bool(self.mmlu_every and round % self.mmlu_every == 0)
 
 
 @dataclass

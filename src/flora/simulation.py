@@ -146,6 +146,16 @@ class _Run:
                 precision=self.precision,
             )
 
+    def mmlu(self, t: int) -> None:
+        """An ``mmlu`` metrics row of the global model after round ``t``, where eval.mmlu asks."""
+        if not self.config.eval.mmlu_at(t, self.config.federation.rounds):
+            return
+        from flora.evaluation.during_run import mmlu_row  # flora.evaluation imports this module
+
+        with applied(self.model, self.server.global_lora):
+            row = mmlu_row(self.model, self.tokenizer, self.config.eval, t, self.precision)
+        self.metrics.write(row)
+
     def samples(self) -> list[dict[str, str]]:
         out = []
         with applied(self.model, self.server.global_lora):
@@ -231,6 +241,7 @@ class _Run:
         row["round_seconds"] = time.perf_counter() - start
         row["outside_training_share"] = 1.0 - train_seconds / row["round_seconds"]
         self.metrics.write(row)
+        self.mmlu(t)
         save_checkpoint(
             self.run_dir, t, self.server.state(), update, self.server.global_lora, self.sketches
         )
@@ -292,6 +303,7 @@ def run(
                 "samples": samples_before,
             }
         )
+        state.mmlu(0)
     rounds = config.federation.rounds
     per_round = len(state.server.sample(1))
     with tqdm(total=(rounds - first + 1) * per_round, disable=quiet, unit="client") as bar:

@@ -114,10 +114,10 @@ def test_a_failed_client_is_left_out_and_catches_up_next_round(tmp_path, monkeyp
 def test_a_node_that_lost_its_state_gets_every_update_again(tmp_path):
     # Prepare: partition 0's stored base (after round 1's update) disappears before round 3
     config = load_config(TINY, [*FAST, "federation.rounds=4"])
-    state = tmp_path / "nodes" / "run-1" / "partition-0"
 
     def wipe(message):
         if message.metadata.group_id == "3" and message.metadata.dst_node_id == 101:
+            (state,) = (tmp_path / "nodes").glob("run-*/partition-0")
             shutil.rmtree(state)
 
     grid = InlineGrid(make_client_app(tmp_path / "nodes"), 3, before=wipe)
@@ -173,3 +173,52 @@ def test_node_discovery_waits_for_the_nodes_then_gives_up():
     grid = InlineGrid(make_client_app(), 1)
     with pytest.raises(FloraError, match="1 of 2 nodes connected"):
         discover_partitions(grid, 2, wait=0.5)
+
+
+class ServerCrash(Exception):
+    """Stands for the ServerApp dying mid-round."""
+
+
+@pytest.mark.parametrize("method", ["flora", "fedit"])
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, method):
+    # Prepare: the reference run, then one whose ServerApp dies in round 3 after one node
+    # already trained (and stored its new base) there
+    config = load_config(TINY, [*FAST, "federation.rounds=4", f"federation.method='{method}'",
+                                "federation.fraction=0.6", "lora.ranks=[2, 2, 2]"])  # fmt: skip
+    reference = run_flower(config, tmp_path / "reference")
+    trains: list[int] = []
+
+    def crash(message):
+        if message.metadata.message_type == "train" and message.metadata.group_id == "3":
+            trains.append(message.metadata.dst_node_id)
+            if len(trains) == 2:
+                raise ServerCrash
+
+    nodes, run_dir = tmp_path / "nodes", tmp_path / "flower"
+    with pytest.raises(ServerCrash):
+        run_server(InlineGrid(make_client_app(nodes), 3, before=crash), config, run_dir, {})
+    assert not (run_dir / "checkpoints" / "round_0003").exists()
+    if method == "flora":  # merged updates: the nodes kept their bases
+        assert list(nodes.glob("run-*/partition-*/base-*.safetensors"))
+    # Execute: a new "Flower run" (new grid) resumes it
+    run_server(InlineGrid(make_client_app(nodes), 3), config, run_dir, {}, resume=True)
+    # Assert: bitwise the same rounds and model, the same metrics rows, the node state gone
+    assert_same_rounds(run_dir, reference, 4)
+    ours, theirs = (load_file(d / "final/model/model.safetensors") for d in (run_dir, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    for kind, key in (("eval", "heldout_loss"), ("client", "train_loss"), ("server", "clients")):
+        assert [r[key] for r in rows(run_dir, kind)] == [r[key] for r in rows(reference, kind)]
+    assert not list(nodes.glob("run-*"))
+
+
+def test_resume_refuses_a_run_that_has_nothing_to_resume(tmp_path):
+    config = load_config(TINY, FAST)
+    grid = InlineGrid(make_client_app(tmp_path / "nodes"), 3)
+    with pytest.raises(FloraError, match="no complete checkpoint to resume"):
+        run_server(grid, config, tmp_path / "none", {}, resume=True)
+
+
+def test_nodes_keep_their_state_when_asked(tmp_path):
+    config = load_config(TINY, [*FAST, "federation.rounds=2"])
+    run_flower(config, tmp_path, **{"keep-node-state": True})
+    assert len(list((tmp_path / "nodes").glob("run-*/partition-*"))) == 3

@@ -111,10 +111,10 @@ def test_without_a_listening_worker_the_message_runs_in_the_client_app(tmp_path,
 def test_relay_errors_are_clear(short_tmp):
     with pytest.raises(WorkerUnavailable, match="no flora worker listens"):
         call(short_tmp / "none.sock", "train", RecordDict(), partition=0, state_dir=short_tmp,
-             run_id=1)  # fmt: skip
+             run="1")  # fmt: skip
     with pytest.raises(FloraError, match="kind"):
         call(short_tmp / "none.sock", "fit", RecordDict(), partition=0, state_dir=short_tmp,
-             run_id=1)  # fmt: skip
+             run="1")  # fmt: skip
     # a peer that accepts and then hangs up mid-message (a worker that crashed)
     path = short_tmp / "crash.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -129,7 +129,7 @@ def test_relay_errors_are_clear(short_tmp):
     thread = threading.Thread(target=hang_up)
     thread.start()
     with pytest.raises(FloraError, match="stopped during the message"):
-        call(path, "train", RecordDict(), partition=0, state_dir=short_tmp, run_id=1)
+        call(path, "train", RecordDict(), partition=0, state_dir=short_tmp, run="1")
     thread.join(5)
     server.close()
 
@@ -141,6 +141,6 @@ def test_a_second_worker_on_a_live_socket_is_refused_and_bad_work_is_answered(wo
     )  # fmt: skip
     assert done.returncode == 2 and "already listens" in done.stderr
     with pytest.raises(FloraError, match="on the node's worker: .*task"):  # and it goes on
-        call(worker, "train", RecordDict(), partition=0, state_dir=worker.parent, run_id=1)
+        call(worker, "train", RecordDict(), partition=0, state_dir=worker.parent, run="1")
     with pytest.raises(FloraError, match="on the node's worker"):
-        call(worker, "evaluate", RecordDict(), partition=0, state_dir=worker.parent, run_id=1)
+        call(worker, "evaluate", RecordDict(), partition=0, state_dir=worker.parent, run="1")

@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=("embedded", "flower-sim"),
         default="embedded",
         help="embedded: all clients in this process (default); flower-sim: the Flower apps on "
-        "Flower's simulation runtime (needs `pip install -e '.[flower]'`; no --resume)",
+        "Flower's simulation runtime (needs `pip install -e '.[flower]'`)",
     )
     parser.set_defaults(handler=run)
 
@@ -54,14 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from flora.simulation import run as simulate
 
     if args.runtime == "flower-sim":
-        if args.resume:
-            raise FloraError("--resume needs the embedded runtime; drop --runtime flower-sim")
         simulate = _flower_sim()
     if args.resume:
         if args.config or args.overrides:
             raise FloraError("--resume takes the run's own config.json; drop CONFIG and --set")
         run_dir = Path(args.resume)
         config = load_run_config(run_dir)
+        if args.runtime == "embedded" and (run_dir / "flower.json").is_file():
+            raise FloraError(f"{run_dir} ran on Flower; resume it with --runtime flower-sim")
         result = simulate(config, run_dir, resume=True, quiet=args.quiet)
     else:
         if not args.config:

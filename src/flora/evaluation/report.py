@@ -1,4 +1,4 @@
-"""`flora compare`'s report: a table of runs and three plots, as report.md and report.html.
+"""`flora compare`'s report: a table of runs and its plots, as report.md and report.html.
 
 The PNGs sit beside report.md (linked) and are embedded in report.html (base64), so the HTML
 file travels alone.
@@ -71,7 +71,12 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 
 
 def _line_plot(
-    runs: Sequence[RunSummary], attr: str, xlabel: str, title: str, path: Path
+    runs: Sequence[RunSummary],
+    attr: str,
+    xlabel: str,
+    title: str,
+    path: Path,
+    ylabel: str = "held-out loss",
 ) -> Path | None:
     curves = [(run.name, getattr(run, attr)) for run in runs if getattr(run, attr)]
     if not curves:
@@ -81,7 +86,7 @@ def _line_plot(
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("held-out loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -126,6 +131,14 @@ def plot_runs(runs: Sequence[RunSummary], out: Path) -> list[Path]:
             out / "loss_downlink.png",
         ),
         _category_plot(runs, out / "loss_category.png"),
+        _line_plot(
+            runs,
+            "mmlu_by_round",
+            "round",
+            "MMLU macro accuracy by round (eval.mmlu)",
+            out / "mmlu_round.png",
+            ylabel="MMLU macro accuracy",
+        ),
     ]
     return [path for path in made if path is not None]
 

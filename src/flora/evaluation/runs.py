@@ -3,7 +3,7 @@
 Reads config.json (method, ranks), metrics.jsonl (client rows: bytes; server rows: noise, round
 seconds, held-out loss when eval.every is set; eval rows: held-out loss before and after),
 summary.json (wall seconds) and, when `flora eval` has run, eval/eval.json (MMLU, per-category
-held-out loss).
+held-out loss). Without eval/eval.json, MMLU is the run's own last ``mmlu`` row (eval.mmlu).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class RunSummary:
     method: str
     ranks: str
     final_loss: float | None
-    mmlu: float | None  # macro accuracy from eval/eval.json
+    mmlu: float | None  # macro accuracy: eval/eval.json, else the run's last mmlu row
     bytes_up: int  # sum over client rows
     bytes_down: int
     seconds: float | None  # summary.json, else the sum of round_seconds
@@ -34,6 +34,7 @@ class RunSummary:
     loss_by_round: list[tuple[int, float]] = field(default_factory=list)
     loss_by_downlink: list[tuple[int, float]] = field(default_factory=list)  # cumulative bytes
     per_category: dict[str, float] = field(default_factory=dict)  # from eval/eval.json
+    mmlu_by_round: list[tuple[int, float]] = field(default_factory=list)  # the run's mmlu rows
 
 
 def format_ranks(ranks: list[int]) -> str:
@@ -101,7 +102,11 @@ def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
         seconds = sum(float(r.get("round_seconds") or 0.0) for r in servers)
     noises = [float(r["noise"]) for r in servers if r.get("noise") is not None]
     evaluation = _read_json(run_dir / "eval" / "eval.json")
+    mmlu_rows = sorted((int(r["round"]), float(r["macro_accuracy"]))
+                       for r in rows if r.get("kind") == "mmlu")  # fmt: skip
     mmlu = evaluation.get("mmlu", {}).get("macro_accuracy")
+    if mmlu is None and mmlu_rows:
+        mmlu = mmlu_rows[-1][1]
     per_category = evaluation.get("heldout", {}).get("per_category", {})
     by_round, by_bytes = _curves(rows)
     federation = config.get("federation", {})
@@ -118,4 +123,5 @@ def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
         loss_by_round=by_round,
         loss_by_downlink=by_bytes,
         per_category={k: float(v["loss"]) for k, v in per_category.items()},
+        mmlu_by_round=mmlu_rows,
     )

@@ -17,34 +17,47 @@ directory given to :func:`make_client_app`, else ``$FLORA_FLOWER_STATE``, else
 
 from __future__ import annotations
 
+import shutil
 from logging import WARNING
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from flora.errors import FloraError
-
-if TYPE_CHECKING:
-    from flora.flower.node import Node
+from flora.flower.node import Node, default_state_dir, run_directory
 
 __all__ = ["app", "make_client_app"]
 
 
-def _node(message: Message, context: Context, state_dir: Path | None) -> Node:
-    from flora.flower.node import Node, default_state_dir
+def _state_dir(context: Context, state_dir: Path | None) -> Path:
+    for source in (context.node_config, context.run_config):
+        if source.get("state-dir"):
+            return Path(str(source["state-dir"])).expanduser()
+    return state_dir or default_state_dir()
 
+
+def _node(message: Message, context: Context, state_dir: Path | None) -> Node:
     if "partition-id" not in context.node_config:
         raise FloraError(
             "this node has no partition-id: start it with --node-config 'partition-id=K'"
         )
-    for source in (context.node_config, context.run_config):
-        if source.get("state-dir"):
-            state_dir = Path(str(source["state-dir"])).expanduser()
     partition = int(context.node_config["partition-id"])
-    return Node(partition, state_dir or default_state_dir(), message.metadata.run_id)
+    task = message.content.config_records.get("task")
+    run = str(task.get("run-key", "")) if task is not None else ""
+    return Node(partition, _state_dir(context, state_dir), run or str(message.metadata.run_id))
+
+
+def _forget(record: ConfigRecord, context: Context, state_dir: Path | None) -> RecordDict:
+    """Delete this node's state of one run (the ServerApp asks after a successful run)."""
+    key = str(record.get("run-key", ""))
+    try:
+        directory = run_directory(_state_dir(context, state_dir), key)
+    except ValueError as error:
+        raise FloraError(f"forget: {error}") from None
+    shutil.rmtree(directory, ignore_errors=True)
+    return RecordDict({"forgot": ConfigRecord({"run-key": key})})
 
 
 def _run(kind: str, message: Message, context: Context, state_dir: Path | None) -> Message:
@@ -57,7 +70,7 @@ def _run(kind: str, message: Message, context: Context, state_dir: Path | None) 
         try:
             content = call(Path(worker).expanduser(), kind, message.content,
                            partition=node.partition, state_dir=node.state_dir,
-                           run_id=node.run_id)  # fmt: skip
+                           run=node.run)  # fmt: skip
             return Message(content, reply_to=message)
         except WorkerUnavailable as error:
             log(WARNING, "flora: %s; running the %s message in the ClientApp", error, kind)
@@ -81,6 +94,9 @@ def make_client_app(state_dir: Path | None = None) -> ClientApp:
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
+        if "forget" in message.content.config_records:
+            forget = message.content.config_records["forget"]
+            return Message(_forget(forget, context, state_dir), reply_to=message)
         keys = ("partition-id", "num-partitions")
         node = ConfigRecord({k: context.node_config[k] for k in keys if k in context.node_config})
         return Message(RecordDict({"node": node}), reply_to=message)

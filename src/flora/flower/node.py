@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flora.paths import cache_root
 
-__all__ = ["STATE_ENV", "Node", "default_state_dir"]
+__all__ = ["STATE_ENV", "Node", "default_state_dir", "run_directory"]
 
 STATE_ENV = "FLORA_FLOWER_STATE"
 
@@ -21,12 +21,23 @@ def default_state_dir() -> Path:
 
 @dataclass(frozen=True)
 class Node:
-    """Where a message runs: the node's partition, its state dir, the Flower run."""
+    """Where a message runs: the node's partition, its state dir, and the run's key.
+
+    The key is the flora run's (the ServerApp's ``run-key``, kept across a resume, which
+    starts a new Flower run), else the Flower run id.
+    """
 
     partition: int
     state_dir: Path
-    run_id: int
+    run: str
 
     @property
     def directory(self) -> Path:
-        return self.state_dir / f"run-{self.run_id}" / f"partition-{self.partition}"
+        return run_directory(self.state_dir, self.run) / f"partition-{self.partition}"
+
+
+def run_directory(state_dir: Path, run: str) -> Path:
+    """Where a node keeps one run's state: ``<state dir>/run-<key>``."""
+    if not run or not all(c.isalnum() or c in "-_" for c in run):
+        raise ValueError(f"run key {run!r}: expected letters, digits, '-' or '_'")
+    return state_dir / f"run-{run}"

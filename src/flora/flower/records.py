@@ -144,10 +144,14 @@ class TaskInfo:
     catch_up_rounds: list[int]
 
 
-def task_to_record(task: ClientTask, config_json: str, since: int, through: int) -> ConfigRecord:
-    """The ConfigRecord of one task; ``config_json`` is the run's resolved config."""
+def task_to_record(
+    task: ClientTask, config_json: str, since: int, through: int, run_key: str = ""
+) -> ConfigRecord:
+    """The ConfigRecord of one task; ``config_json`` is the run's resolved config, ``run_key``
+    names the node state of the flora run (kept across a resume)."""
     return ConfigRecord(
         {
+            "run-key": run_key,
             "partition": task.client,
             "round": task.round,
             "rank": task.rank,

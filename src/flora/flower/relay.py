@@ -6,7 +6,7 @@ its socket path) the ClientApp stays light: it sends the message content to the 
 keeps the libraries, the model and the data partition in memory, and relays the reply back.
 
 Wire format, both ways: frames of an 8-byte big-endian length and the bytes. A request is a
-JSON header (``kind``: train or evaluate, ``partition``, ``state_dir``, ``run_id``) and the
+JSON header (``kind``: train or evaluate, ``partition``, ``state_dir``, ``run``) and the
 RecordDict as Flower's own protobuf; a reply is a JSON header (``ok``, ``error``) and, when ok,
 the reply's RecordDict. No pickle: a worker only ever parses JSON and protobuf.
 
@@ -80,7 +80,7 @@ def decode_content(payload: bytes) -> RecordDict:
 
 
 def call(
-    path: Path, kind: str, content: RecordDict, *, partition: int, state_dir: Path, run_id: int
+    path: Path, kind: str, content: RecordDict, *, partition: int, state_dir: Path, run: str
 ) -> RecordDict:
     """Run one train/evaluate message on the worker at ``path``; its reply content.
 
@@ -96,17 +96,18 @@ def call(
         except (FileNotFoundError, ConnectionRefusedError) as error:
             raise WorkerUnavailable(f"no flora worker listens on {path} ({error})") from None
         header = {"kind": kind, "partition": partition, "state_dir": str(state_dir),
-                  "run_id": run_id}  # fmt: skip
-        write_frame(sock, json.dumps(header).encode())
-        write_frame(sock, encode_content(content))
+                  "run": run}  # fmt: skip
         try:
+            write_frame(sock, json.dumps(header).encode())
+            write_frame(sock, encode_content(content))
             reply: dict[str, Any] = json.loads(read_frame(sock))
-            if not reply.get("ok"):
-                raise FloraError(f"on the node's worker: {reply.get('error', 'unknown error')}")
-            return decode_content(read_frame(sock))
-        except ConnectionError as error:
+            payload = read_frame(sock) if reply.get("ok") else b""
+        except ConnectionError as error:  # BrokenPipe, reset, or closed mid-frame
             raise FloraError(
                 f"the node's worker at {path} stopped during the message ({error}); see its log"
             ) from None
+        if not reply.get("ok"):
+            raise FloraError(f"on the node's worker: {reply.get('error', 'unknown error')}")
+        return decode_content(payload)
     finally:
         sock.close()

@@ -12,6 +12,12 @@ Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
 - ``poll-interval``: seconds between the ServerApp's pulls for replies (0.2; Flower's own: 3)
 - ``client-eval``: also measure the held-out loss on a client node (default false: the ServerApp
   evaluates its own copy of the global model, as the embedded runtime does)
+- ``resume``: continue the run in ``run-dir`` after its last checkpoint (default false), with
+  the run's own config.json (``config`` and ``set`` are then ignored). The nodes keep their
+  state per flora run (``run-key`` in ``run-dir/flower.json``), so they go on from where they
+  were; a node that lost it gets every merged update again.
+- ``keep-node-state``: keep the nodes' state after the run (default false: a successful run
+  asks every node to delete its ``run-<key>`` directory)
 
 The run directory has the embedded runtime's layout, so the same tools read both.
 """
@@ -19,9 +25,12 @@ The run directory has the embedded runtime's layout, so the same tools read both
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+import uuid
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.app import (
     ArrayRecord,
@@ -37,6 +46,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flora.adapters import Adapter, save_peft_adapter
+from flora.checkpoint import load_checkpoint
 from flora.config import RunConfig, config_to_dict, load_config
 from flora.errors import FloraError
 from flora.flower.grid import PollingGrid
@@ -45,9 +55,10 @@ from flora.flower.state import run_data
 from flora.flower.strategy import FloraStrategy
 from flora.generation import generate_answer
 from flora.io import atomic_write_json
+from flora.metrics import read_metrics
 from flora.models import load_model, resolve_precision
 from flora.server import Server
-from flora.simulation import RunResult, _deltas, applied, target_shapes
+from flora.simulation import RunResult, _deltas, applied, load_run_config, target_shapes
 from flora.training import evaluate_loss, merge_into_base
 
 __all__ = ["ServerModel", "app", "discover_partitions", "make_server_app", "run_server"]
@@ -88,13 +99,16 @@ def discover_partitions(grid: Grid, num_partitions: int, wait: float) -> dict[in
 
 
 def _settings(run_config: UserConfig) -> tuple[RunConfig, Path]:
+    run_dir = str(run_config.get("run-dir", "")) or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}"
+    if bool(run_config.get("resume", False)):
+        if not run_config.get("run-dir"):
+            raise FloraError("run config resume=true needs the run's run-dir='/abs/runs/x'")
+        return load_run_config(Path(run_dir)), Path(run_dir)
     path = str(run_config.get("config", ""))
     if not path:
         raise FloraError("run config 'config' is empty; pass --run-config 'config=\"PATH.toml\"'")
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    config = load_config(path, overrides)
-    run_dir = str(run_config.get("run-dir", "")) or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}"
-    return config, Path(run_dir)
+    return load_config(path, overrides), Path(run_dir)
 
 
 class ServerModel:
@@ -131,6 +145,13 @@ class ServerModel:
             ]  # fmt: skip
         return loss, samples
 
+    def mmlu(self, round: int, lora: Adapter | None) -> dict[str, Any]:
+        """The ``mmlu`` metrics row of the base with ``lora`` merged (eval.mmlu)."""
+        from flora.evaluation.during_run import mmlu_row
+
+        with applied(self.model, lora):
+            return mmlu_row(self.model, self.tokenizer, self.config.eval, round, self.precision)
+
     def save(self, final: Path, lora: Adapter | None) -> None:
         with applied(self.model, lora):
             self.model.save_pretrained(final / "model")
@@ -141,36 +162,91 @@ class ServerModel:
             save_peft_adapter(final / "adapter", lora, template=template)
 
 
-def run_server(grid: Grid, config: RunConfig, run_dir: Path, options: UserConfig) -> RunResult:
-    """The whole run on ``grid``: nodes, evaluation before, rounds, evaluation after, outputs."""
+def _run_key(run_dir: Path, resume: bool) -> str:
+    """The flora run's key for the nodes' state: new for a new run, kept across resumes."""
+    path = run_dir / "flower.json"
+    if resume:
+        if not path.is_file():
+            raise FloraError(
+                f"{run_dir} holds no Flower run (no flower.json); resume it with the runtime "
+                "that started it (flora run --resume for the embedded runtime)"
+            )
+        return str(json.loads(path.read_text(encoding="utf-8"))["run_key"])
+    key = uuid.uuid4().hex[:16]
+    atomic_write_json(path, {"run_key": key})
+    return key
+
+
+def forget_node_state(grid: Grid, nodes: dict[int, int], run_key: str, timeout: float) -> None:
+    """Ask every node to delete its state of this run (best effort: a node that is gone keeps
+    its directory, ``<state dir>/run-<key>``, and says nothing)."""
+    content = RecordDict({"forget": ConfigRecord({"run-key": run_key})})
+    messages = [Message(content, node, MessageType.QUERY) for node in nodes.values()]
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log(WARNING, "node %d kept its state: %s", reply.metadata.src_node_id,
+                reply.error.reason)  # fmt: skip
+
+
+def run_server(
+    grid: Grid, config: RunConfig, run_dir: Path, options: UserConfig, *, resume: bool = False
+) -> RunResult:
+    """The whole run on ``grid``: nodes, evaluation before, rounds, evaluation after, outputs.
+    With ``resume``, go on after ``run_dir``'s last checkpoint instead (``config`` must be the
+    run's own)."""
     start = time.perf_counter()
-    if (run_dir / "metrics.jsonl").exists():
-        raise FloraError(f"{run_dir} already holds a run; give another run-dir")
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+    elif (run_dir / "metrics.jsonl").exists():
+        raise FloraError(
+            f"{run_dir} already holds a run; give another run-dir, or resume=true to continue it"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", config_to_dict(config))
+    run_key = _run_key(run_dir, resume)
+    if not resume:
+        atomic_write_json(run_dir / "config.json", config_to_dict(config))
     base = ServerModel(config)
     log(INFO, "flora: clients' data\n%s", base.data.table)
     server = Server(config, base.shapes)
     nodes = discover_partitions(grid, server.num_clients, float(options.get("node-wait", 300)))
     log(INFO, "flora: partitions on nodes %s", nodes)
     client_eval = bool(options.get("client-eval", False))
-    strategy = FloraStrategy(server, nodes, run_dir, config_json(config), client_eval)
+    strategy = FloraStrategy(server, nodes, run_dir, config_json(config), client_eval, run_key)
 
-    def evaluate(round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate(round: int) -> MetricRecord | None:
         base.sync(server)
-        if not strategy.evaluates(round):
-            return None
-        loss, samples = base.evaluate(server.global_lora)
-        strategy.record_evaluation(round, loss, samples)
-        return MetricRecord({"heldout-loss": loss})
+        metrics = None
+        if strategy.evaluates(round):
+            loss, samples = base.evaluate(server.global_lora)
+            strategy.record_evaluation(round, loss, samples)
+            metrics = MetricRecord({"heldout-loss": loss})
+        if config.eval.mmlu_at(round, config.federation.rounds):
+            strategy.metrics.write(base.mmlu(round, server.global_lora))
+        return metrics
 
     timeout = float(options.get("round-timeout", 3600))
-    if client_eval:  # Strategy.start asks the clients only after each round
-        zero = strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord(), grid)
-        strategy.aggregate_evaluate(0, grid.send_and_receive(zero, timeout=timeout))
-    strategy.start(grid, ArrayRecord(), config.federation.rounds, timeout, evaluate_fn=evaluate)
+    first = 1
+    if resume:
+        server.restore(checkpoint.state, checkpoint.history, checkpoint.global_lora)
+        base.sync(server)
+        strategy.metrics.truncate(checkpoint.round)
+        strategy.evaluations = {
+            int(r["round"]): r for r in read_metrics(run_dir / "metrics.jsonl")
+            if r.get("kind") == "eval" and "client" not in r
+        }  # fmt: skip
+        first = checkpoint.round + 1
+        log(INFO, "flora: resuming %s after round %d", run_dir, checkpoint.round)
+    else:
+        if client_eval:
+            zero = strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord(), grid)
+            strategy.aggregate_evaluate(0, grid.send_and_receive(zero, timeout=timeout))
+        evaluate(0)
+    strategy.run_rounds(grid, first, timeout, evaluate)
     base.save(run_dir / "final", server.global_lora)
-    return _summary(strategy, run_dir, time.perf_counter() - start)
+    result = _summary(strategy, run_dir, time.perf_counter() - start)
+    if not bool(options.get("keep-node-state", False)):
+        forget_node_state(grid, nodes, run_key, timeout)
+    return result
 
 
 def _summary(strategy: FloraStrategy, run_dir: Path, seconds: float) -> RunResult:
@@ -200,9 +276,9 @@ def make_server_app(
         settings = context.run_config | (options or {})
         grid = PollingGrid(grid, float(settings.get("poll-interval", 0.2)))
         if config is not None and run_dir is not None:
-            run_server(grid, config, run_dir, settings)
+            run_server(grid, config, run_dir, settings, resume=bool(settings.get("resume")))
         else:
-            run_server(grid, *_settings(settings), settings)
+            run_server(grid, *_settings(settings), settings, resume=bool(settings.get("resume")))
 
     return app
 

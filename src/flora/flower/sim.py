@@ -3,7 +3,8 @@
 ``flwr.simulation.run_simulation`` starts one virtual SuperNode per client (node config
 ``partition-id`` = client index) and runs the ClientApp on a pool of Ray actors, each using
 ``cpus_per_client`` cores. The node state (each partition's base snapshots and data) lives in
-``RUN_DIR/nodes/`` and is removed when the run succeeds.
+``RUN_DIR/nodes/`` and is removed when the run succeeds; ``resume`` continues a run that stopped
+after a checkpoint, its nodes going on from the state they kept there.
 """
 
 from __future__ import annotations
@@ -30,15 +31,21 @@ def simulate(
     run_dir: Path,
     *,
     quiet: bool = False,
+    resume: bool = False,
     cpus_per_client: int = 1,
     round_timeout: float = 3600.0,
 ) -> RunResult:
     """Run ``config`` on the Flower simulation runtime; the results land in ``run_dir``."""
-    if (run_dir / "metrics.jsonl").exists():
-        raise FloraError(f"{run_dir} already holds a run; use another --out")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise FloraError(f"{run_dir} already holds a run; use another --out or --resume")
+    if resume and not (run_dir / "flower.json").is_file():
+        raise FloraError(
+            f"{run_dir} did not run on Flower (no flower.json); resume it without --runtime"
+        )
     nodes = run_dir / "nodes"
     fed = config.federation
-    server_app = make_server_app(config, run_dir, {"round-timeout": round_timeout})
+    options = {"round-timeout": round_timeout, "resume": resume}
+    server_app = make_server_app(config, run_dir, options)  # type: ignore[arg-type]
     cpus = os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},

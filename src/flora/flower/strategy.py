@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,10 @@ class FloraStrategy(Strategy):
         run_dir: Path,
         config_json: str,
         client_eval: bool = False,
+        run_key: str = "",
     ) -> None:
         self.server = server
+        self.run_key = run_key  # names the nodes' state of this flora run
         self.client_eval = client_eval  # also measure the held-out loss on a client node
         self.nodes = nodes
         self.partitions = {node: k for k, node in nodes.items()}
@@ -74,12 +76,36 @@ class FloraStrategy(Strategy):
         log(INFO, "\t└── fraction %.2f, catch-up %s", config.federation.fraction,
             config.federation.catch_up)  # fmt: skip
 
+    def run_rounds(
+        self,
+        grid: Grid,
+        first: int,
+        timeout: float,
+        evaluate_fn: Callable[[int], MetricRecord | None],
+    ) -> None:
+        """Rounds ``first`` .. the config's last, as ``Strategy.start`` runs rounds 1..N
+        (train, client-side evaluation, server-side evaluation), but able to start after a
+        checkpoint: a resumed run goes on with its own round numbers."""
+        for t in range(first, self.server.config.federation.rounds + 1):
+            log(INFO, "")
+            log(INFO, "[flora ROUND %s/%s]", t, self.server.config.federation.rounds)
+            replies = grid.send_and_receive(
+                self.configure_train(t, ArrayRecord(), ConfigRecord(), grid), timeout=timeout
+            )
+            _, metrics = self.aggregate_train(t, replies)
+            log(INFO, "\t└──> %s", metrics)
+            replies = grid.send_and_receive(
+                self.configure_evaluate(t, ArrayRecord(), ConfigRecord(), grid), timeout=timeout
+            )
+            self.aggregate_evaluate(t, replies)
+            evaluate_fn(t)
+
     # --- messages ------------------------------------------------------------------------
     def _message(self, kind: str, task: ClientTask, since: int, **arrays: ArrayRecord) -> Message:
         through = len(self.server.history)
         content = RecordDict(
             {
-                "task": task_to_record(task, self.config_json, since, through),
+                "task": task_to_record(task, self.config_json, since, through, self.run_key),
                 "catch-up": updates_to_record(task.catch_up),
                 **arrays,
             }

@@ -72,7 +72,7 @@ def _handle(conn: socket.socket) -> str:
         if kind not in KINDS:
             raise FloraError(f"unknown message kind {kind!r}")
         node = Node(int(header["partition"]), Path(header["state_dir"]),
-                           int(header["run_id"]))  # fmt: skip
+                           str(header["run"]))  # fmt: skip
         reply = client.train(content, node) if kind == "train" else client.evaluate(content, node)
     except Exception as error:  # the node's error reply carries it; the worker keeps serving
         write_frame(conn, json.dumps({"ok": False, "error": f"{error}"}).encode())
