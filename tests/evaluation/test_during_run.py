@@ -1,4 +1,4 @@
-"""MMLU inside `flora run` (eval.mmlu): rows before, every N rounds and after; compare reads them."""
+"""MMLU inside `flora run` (eval.mmlu): rows before, every N rounds, after; compare reads them."""
 
 from __future__ import annotations
 

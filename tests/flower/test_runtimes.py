@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from flora import simulation
 from flora.cli import main
 from flora.config import load_config
+from flora.flower.strategy import SERVER_FAULT_ENV
 from flora.metrics import read_metrics
 
 TINY = "configs/tiny.toml"
@@ -55,6 +56,32 @@ def test_flower_sim_gives_the_embedded_global_update(tmp_path, torch_single_thre
     assert after < before
     assert (sim / "final" / "model" / "model.safetensors").is_file()
     assert not (sim / "nodes").exists()  # the node state is dropped after a good run
+
+
+def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch,
+                                                               torch_single_thread):  # fmt: skip
+    # Prepare: the ServerApp dies right after round 2's checkpoint
+    sim, embedded = tmp_path / "sim", tmp_path / "embedded"
+    overrides = [arg for o in [*TWO_CLIENTS, "federation.rounds=3"] for arg in ("--set", o)]
+    monkeypatch.setenv(SERVER_FAULT_ENV, "2")
+    assert main(["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim),
+                 "--quiet"]) == 2  # fmt: skip
+    assert len(list((sim / "nodes").glob("run-*/partition-*/base-1.safetensors"))) == 2
+    monkeypatch.delenv(SERVER_FAULT_ENV)
+    # Execute
+    assert main(["run", "--resume", str(sim), "--quiet"]) == 2  # not with the embedded runtime
+    assert main(["run", "--resume", str(sim), "--runtime", "flower-sim", "--quiet"]) == 0
+    # Assert: the embedded run's updates, each server row once, the nodes went on from their
+    # stored bases (one update to catch up, not two), their state dropped at the end
+    simulation.run(load_config(TINY, [*TWO_CLIENTS, "federation.rounds=3"]), embedded,
+                   quiet=True)  # fmt: skip
+    for t in (1, 2, 3):
+        ours, theirs = update(sim, t), update(embedded, t)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+    assert [r["round"] for r in rows(sim, "server")] == [1, 2, 3]
+    assert [r["catch_up_rounds"] for r in rows(sim, "client") if r["round"] == 3] == [1, 1]
+    assert not (sim / "nodes").exists()
 
 
 def _alive_in_groups(groups: set[int]) -> list[str]:
@@ -95,7 +122,7 @@ def test_a_loopback_deployment_runs_and_stops_everything_it_started(deployment):
     for name in ("config.json", "summary.json", "final/model/model.safetensors"):
         assert (run_dir / name).is_file(), name
     groups = {int(p) for p in (run_dir / "logs" / "pids").read_text().split()}
-    assert len(groups) == 3  # SuperLink and two SuperNodes, each with its children
+    assert len(groups) == 5  # SuperLink, two workers, two SuperNodes, each with its children
     assert _alive_in_groups(groups) == []
     assert not list(Path(run_dir.parent).glob("flora-flower.*"))  # its FLWR_HOME is gone
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -109,3 +136,7 @@ def test_a_node_that_fails_mid_round_is_left_out_and_catches_up(deployment):
     round2 = {r["client"]: r["catch_up_rounds"] for r in rows(run_dir, "client") if r["round"] == 2}
     assert round2 == {0: 1, 1: 1}  # client 1 gets round 1's update, which it never trained in
     assert "injected fault" in (run_dir / "logs" / "run.log").read_text()
+    # every train message ran on the node's warm worker, not in the ClientApp process
+    served = [(run_dir / "logs" / f"worker-{k}.log").read_text() for k in (0, 1)]
+    assert [log.count("train for partition") for log in served] == [2, 1]
+    assert "train failed" in served[1] and "injected fault" in served[1]

@@ -63,6 +63,13 @@ def simulate(
             backend_config=backend,  # type: ignore[arg-type]
             verbose_logging=False,
         )
+    except FloraError:
+        raise
+    except Exception as error:  # the ServerApp's own exception, re-raised by run_simulation
+        raise FloraError(
+            f"the Flower simulation stopped ({type(error).__name__}: {error}); continue from the "
+            f"last checkpoint with: flora run --resume {run_dir} --runtime flower-sim"
+        ) from error
     finally:
         logger.setLevel(level)
     summary = run_dir / "summary.json"

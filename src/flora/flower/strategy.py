@@ -15,6 +15,7 @@ lost its stored base gets every update again, from the pristine weights.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -40,7 +41,9 @@ from flora.flower.state import RESYNC
 from flora.metrics import MetricsLog
 from flora.server import ClientTask, Server
 
-__all__ = ["FloraStrategy"]
+__all__ = ["SERVER_FAULT_ENV", "FloraStrategy"]
+
+SERVER_FAULT_ENV = "FLORA_FLOWER_SERVER_FAULT"  # "<round>": the ServerApp dies after it
 
 
 class FloraStrategy(Strategy):
@@ -188,6 +191,8 @@ class FloraStrategy(Strategy):
         save_checkpoint(
             self.run_dir, server_round, self.server.state(), update, self.server.global_lora, {}
         )
+        if os.environ.get(SERVER_FAULT_ENV) == str(server_round):  # test hook: die here
+            raise RuntimeError(f"injected ServerApp fault ({SERVER_FAULT_ENV}={server_round})")
         return out, MetricRecord({"clients": len(done), "noise": row.get("noise", math.nan)})
 
     # --- evaluation ----------------------------------------------------------------------
