@@ -29,6 +29,8 @@ from flora.flower.relay import KINDS, decode_content, encode_content, read_frame
 
 __all__ = ["serve"]
 
+_IO_TIMEOUT = 300.0  # seconds for one socket read or write (not for the work itself)
+
 
 def _log(text: str) -> None:
     print(f"[flora worker {os.getpid()}] {text}", file=sys.stderr, flush=True)
@@ -105,7 +107,7 @@ def serve(path: Path, *, max_messages: int = 0, stop: threading.Event | None = N
             except TimeoutError:
                 continue
             with conn:
-                conn.settimeout(None)
+                conn.settimeout(_IO_TIMEOUT)  # a peer that stalls mid-frame cannot hang the node
                 try:
                     _log(_handle(conn))
                 except (ConnectionError, OSError, ValueError) as error:
