@@ -74,6 +74,19 @@ def test_same_seed_gives_bitwise_identical_factors(tiny_model, token_examples, t
     assert not _equal_factors(first.factors, other.factors)
 
 
+def test_length_grouped_training_is_seeded_and_feeds_the_same_tokens(
+    tiny_model, token_examples, tokenizer
+) -> None:
+    pad = tokenizer.pad_token_id
+    options = {"max_steps": 0, "local_epochs": 1.0, "batch_size": 2}
+    grouped = _train(tiny_model, token_examples, pad, group_by_length=True, **options)
+    again = _train(tiny_model, token_examples, pad, group_by_length=True, **options)
+    plain = _train(tiny_model, token_examples, pad, **options)
+    assert _equal_factors(grouped.factors, again.factors)
+    assert grouped.tokens == plain.tokens and grouped.steps == plain.steps  # one epoch: all
+    assert not _equal_factors(grouped.factors, plain.factors)  # another batch order
+
+
 def test_base_model_is_untouched(tiny_model, token_examples, tokenizer) -> None:
     # Prepare
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}

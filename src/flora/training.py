@@ -60,6 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA factors
     lora_dropout: float = 0.05  # dropout on the LoRA branch's input
     precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "auto"
+    group_by_length: bool = False  # batch examples of similar length together: less padding
 
     def __post_init__(self) -> None:
         _check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number >= 0")
@@ -191,8 +192,9 @@ def _micro_batches(
 ) -> Iterator[list[Example]]:
     """``config``'s number of micro-batches, reshuffled each epoch by (seed, epoch)."""
     remaining, epoch = config._micro_batches(len(examples)), 0
+    lengths = [len(e["input_ids"]) for e in examples] if config.group_by_length else None
     while remaining > 0:
-        for batch in batches(examples, config.batch_size, seed, epoch):
+        for batch in batches(examples, config.batch_size, seed, epoch, lengths):
             if remaining == 0:
                 return
             remaining -= 1

@@ -62,3 +62,38 @@ def test_batches_order_depends_on_seed_and_epoch_only() -> None:
 def test_batches_checks_batch_size_on_call() -> None:
     with pytest.raises(FloraError, match="batch_size"):
         batches([1, 2], 0, seed=0, epoch=0)
+
+
+def _padding(out: list[list[int]], lengths: list[int]) -> float:
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in out)
+    return 1 - sum(lengths) / padded
+
+
+@pytest.mark.parametrize("n", [0, 7, 1000, 1234])
+def test_length_grouped_batches_cover_everything_once_with_less_padding(n: int) -> None:
+    # Prepare: lengths as spread out as Dolly's (a few long examples among many short)
+    rng = torch.Generator().manual_seed(n)
+    lengths = (torch.rand(n, generator=rng) ** 3 * 500 + 10).long().tolist()
+    items = list(range(n))
+    # Execute
+    plain = list(batches(items, 8, seed=3, epoch=0))
+    grouped = list(batches(items, 8, seed=3, epoch=0, lengths=lengths))
+    # Assert: the same examples, one batch shorter than 8 at most, far less padding
+    assert sorted(i for batch in grouped for i in batch) == items
+    assert sum(len(batch) < 8 for batch in grouped) == (n % 8 > 0)
+    if n >= 1000:
+        assert _padding(grouped, lengths) < 0.2 * _padding(plain, lengths)
+        assert grouped[:3] != sorted(grouped, key=lambda b: -lengths[b[0]])[:3]  # not one sort
+
+
+def test_length_grouped_order_depends_on_seed_and_epoch_only() -> None:
+    items, lengths = list(range(900)), [(i * 37) % 101 for i in range(900)]
+
+    def order(seed: int, epoch: int) -> list[int]:
+        return [i for b in batches(items, 8, seed, epoch, lengths=lengths) for i in b]
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1)
+    assert order(1, 0) != order(2, 0)
+    with pytest.raises(FloraError, match="lengths"):
+        batches(items, 8, 1, 0, lengths=lengths[:-1])

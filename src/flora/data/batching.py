@@ -40,14 +40,38 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def batches(examples: Sequence[T], batch_size: int, seed: int, epoch: int) -> Iterator[list[T]]:
+GROUP_SPAN = 50  # batches per length group (as transformers' LengthGroupedSampler)
+
+
+def batches(
+    examples: Sequence[T],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[int] | None = None,
+) -> Iterator[list[T]]:
     """Every example once, in batches, in an order fixed by (seed, epoch); the last may be short.
 
+    With ``lengths`` (one per example), batches hold examples of similar length, so less of
+    each batch is padding: the shuffled order is cut into groups of ``GROUP_SPAN`` batches,
+    each group sorted by length, cut into batches, and those batches shuffled within the group.
     Arguments are checked on the call, not on the first ``next``.
     """
     if batch_size < 1:
         raise FloraError(f"train.batch_size must be >= 1, got {batch_size}")
-    order = make_rng(seed, epoch).permutation(len(examples)).tolist()
+    rng = make_rng(seed, epoch)
+    order = rng.permutation(len(examples)).tolist()
+    if lengths is not None:
+        if len(lengths) != len(examples):
+            raise FloraError(f"batches: {len(lengths)} lengths for {len(examples)} examples")
+        span = batch_size * GROUP_SPAN
+        grouped: list[int] = []
+        for start in range(0, len(order), span):
+            group = sorted(order[start : start + span], key=lambda i: -lengths[i])
+            chunks = list(_chunks(group, batch_size))
+            for k in rng.permutation(len(chunks)).tolist():
+                grouped.extend(chunks[k])
+        order = grouped
     return _chunks([examples[i] for i in order], batch_size)
 
 
