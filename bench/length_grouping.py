@@ -10,6 +10,9 @@ tokens; only the batch order and padding differ.
 
     .venv/bin/python bench/length_grouping.py --threads 1                 # ~4 min
     .venv/bin/python bench/length_grouping.py --threads 1 --max-length 512
+
+Measured (96 examples, batch 8, max_length 160, bf16, 1 thread, 2 repeats): padding 33.4% ->
+3.9%, 1.47x examples per CPU second and per wall second.
 """
 
 from __future__ import annotations
