@@ -29,6 +29,7 @@ from flora.adapters import Adapter, LoraFactors, lora_scaling
 from flora.data.batching import batches, collate
 from flora.data.prompts import IGNORE_INDEX, Example
 from flora.errors import FloraError
+from flora.loss import response_loss
 from flora.models import PRECISIONS, autocast_context
 
 __all__ = [
@@ -319,7 +320,7 @@ def _run_steps(
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast_context(config.precision):
-                loss = model(**batch, use_cache=False).loss  # mean over response tokens
+                loss = response_loss(model, batch)  # mean over response tokens
             (loss * weight).backward()
             step_loss += float(loss.detach()) * weight
         if config.max_grad_norm > 0:
@@ -364,7 +365,7 @@ def evaluate_loss(
                     continue
                 with autocast_context(precision):
                     inputs = {k: v.to(device) for k, v in batch.items()}
-                    loss = model(**inputs, use_cache=False).loss
+                    loss = response_loss(model, inputs)
                 total += float(loss) * n  # mean * count = this batch's summed loss
                 count += n
     finally:

@@ -1,0 +1,41 @@
+"""The causal-LM loss on response tokens, with the LM head run only where the loss looks.
+
+``model(**batch).loss`` runs the LM head (hidden x vocabulary: 576 x 49,152 for SmolLM2, a
+fifth of the model's multiply-adds per token) on every position and materialises (B, T, V)
+logits, then ignores the prompt and padding positions. :func:`response_loss` runs the decoder,
+picks the positions whose next token is a response token, and runs the head on those alone:
+the same mean cross-entropy (labels shifted by one, -100 ignored), less compute and memory.
+Architectures whose forward does more than ``lm_head(decoder(x))`` (logit soft-capping or
+scaling) take the model's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from flora.data.prompts import IGNORE_INDEX
+
+__all__ = ["HEAD_ONLY_TYPES", "response_loss"]
+
+# model_type values whose CausalLM forward is exactly lm_head(decoder(...)) before the loss
+HEAD_ONLY_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not -100.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels``, each (B, T). Runs under
+    the caller's autocast; the logits are upcast to fp32 before the loss, as transformers does.
+    """
+    if getattr(model.config, "model_type", None) not in HEAD_ONLY_TYPES:
+        return model(**batch, use_cache=False).loss
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep]).float()  # (N, V), N = response tokens
+    return F.cross_entropy(logits, targets[keep])
