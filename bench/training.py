@@ -24,6 +24,9 @@ is shared: compare ratios from one run, never absolute tokens/s across runs.
     .venv/bin/python bench/training.py --threads 1 --precision fp32 --steps 3   # ~5 min
     .venv/bin/python bench/training.py --steps 3 --repeats 1   # quick look
 
+Measured after flora.loss (the LM head on response positions only), bf16, --threads 1, 3
+repeats: flora/bare 1.20, flora/Trainer 1.19 (before it: 1.01 and 1.02).
+
 --threads 0 keeps torch's default (2 here). On this 2-core machine shared with other jobs, 2
 intra-op threads wait on each other at every op (a ~4 ms scheduler slice each): steps run 3-14x
 slower than with 1 thread and the ratios are noise, so use --threads 1 there.
