@@ -21,6 +21,7 @@ __all__ = [
     "DOLLY_HUB_ID",
     "Record",
     "find_shared_data",
+    "load_hub_split",
     "load_records",
 ]
 
@@ -117,17 +118,25 @@ def _json_lines(text: str, path: Path) -> Iterator[Record]:
         yield _to_record(row, f"{path}: line {number}")
 
 
-def _load_hub(hub_id: str, limit: int | None) -> list[Record]:
+def load_hub_split(
+    hub_id: str, split: str, *, what: str, fix: str, config: str | None = None
+) -> Any:
+    """``split`` of the dataset hub's ``hub_id`` (``config``: its subset); a FloraError that
+    starts with ``what`` and ends with ``fix`` when it cannot be loaded."""
     import datasets  # deferred: importing datasets costs seconds
 
+    names = (hub_id,) if config is None else (hub_id, config)
     try:
-        rows = datasets.load_dataset(hub_id, split="train")
+        return datasets.load_dataset(*names, split=split)
     except Exception as exc:  # the hub raises many types; report one with the fix
         raise FloraError(
-            f"data.source {hub_id!r}: could not load it from the dataset hub ({exc}); "
-            f"give a local .json/.jsonl path, or set {DATA_DIR_ENV} to a folder holding "
-            f"{DOLLY_FILE}"
+            f"{what}: the dataset hub id {hub_id!r} could not be loaded ({exc}); {fix}"
         ) from exc
+
+
+def _load_hub(hub_id: str, limit: int | None) -> list[Record]:
+    fix = f"give a local .json/.jsonl path, or set {DATA_DIR_ENV} to a folder holding {DOLLY_FILE}"
+    rows = load_hub_split(hub_id, "train", what="data.source", fix=fix)
     return _take(
         (_to_record(row, f"{hub_id}: row {n}") for n, row in enumerate(rows, start=1)), limit
     )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flora.data.sources import find_shared_data
+from flora.data.sources import find_shared_data, load_hub_split
 from flora.errors import FloraError
 
 __all__ = [
@@ -93,15 +93,9 @@ def load_mmlu(split: str) -> dict[str, list[Question]]:
 
 
 def _load_hub(split: str) -> dict[str, list[Question]]:
-    import datasets  # deferred: importing datasets costs seconds
-
-    try:
-        rows = datasets.load_dataset(MMLU_HUB_ID, "all", split=split)
-    except Exception as exc:  # the hub raises many types; report one with the fix
-        raise FloraError(
-            f"MMLU: no shared copy (shared/data/{MMLU_DIR}/) and the hub id {MMLU_HUB_ID} could "
-            f"not be loaded ({exc}); set FLORA_DATA_DIR to a folder holding {MMLU_DIR}/"
-        ) from exc
+    rows = load_hub_split(MMLU_HUB_ID, split, config="all",
+                          what=f"MMLU (no shared copy in shared/data/{MMLU_DIR}/)",
+                          fix=f"set FLORA_DATA_DIR to a folder holding {MMLU_DIR}/")  # fmt: skip
     out: dict[str, list[Question]] = {}
     for row in rows:
         listed = [str(c) for c in row["choices"]]

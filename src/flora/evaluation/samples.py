@@ -14,7 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.data.prompts import Template
-from flora.data.sources import find_shared_data
+from flora.data.sources import find_shared_data, load_hub_split
 from flora.errors import FloraError
 from flora.generation import generate_answer
 
@@ -54,15 +54,9 @@ def _from_file(text: str) -> list[dict[str, Any]]:
 
 
 def _from_hub() -> list[dict[str, Any]]:
-    import datasets  # deferred: importing datasets costs seconds
-
-    try:
-        judgments = datasets.load_dataset(MT_BENCH_HUB_ID, split="human")
-    except Exception as exc:  # the hub raises many types; report one with the fix
-        raise FloraError(
-            f"MT-Bench: no shared copy ({MT_BENCH_FILE}) and the hub id {MT_BENCH_HUB_ID} could "
-            f"not be loaded ({exc}); set FLORA_DATA_DIR to a folder holding {MT_BENCH_FILE}"
-        ) from exc
+    what = f"MT-Bench (no shared copy of {MT_BENCH_FILE})"
+    fix = f"set FLORA_DATA_DIR to a folder holding {MT_BENCH_FILE}"
+    judgments = load_hub_split(MT_BENCH_HUB_ID, "human", what=what, fix=fix)
     questions: dict[int, dict[str, Any]] = {}
     for row in judgments:  # many judgments per question; turn 1 is the conversation's first
         qid = int(row["question_id"])
