@@ -28,6 +28,7 @@ from flora.config import load_config
 from flora.errors import FloraError
 from flora.flower.client import FAULT_ENV
 from flora.flower.client_app import make_client_app
+from flora.flower.node import Node
 from flora.flower.relay import WorkerUnavailable, call, decode_content, encode_content
 from flora.flower.server_app import run_server
 from flora.flower.worker import serve
@@ -79,8 +80,10 @@ def test_rounds_through_the_worker_equal_the_embedded_runtime(tmp_path, worker, 
     simulation.run(config, tmp_path / "embedded", quiet=True)
     # Assert: bitwise the embedded run, and every message went through the worker
     assert_same_rounds(tmp_path / "flower", tmp_path / "embedded", 2)
-    final = [load_file(d / "final/model/model.safetensors") for d in (tmp_path / "flower",
-             tmp_path / "embedded")]  # fmt: skip
+    final = [
+        load_file(d / "final/model/model.safetensors")
+        for d in (tmp_path / "flower", tmp_path / "embedded")
+    ]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])
     log = capfd.readouterr().err
     kinds = [m.metadata.message_type for m in grid.sent if m.metadata.message_type != "query"]
@@ -100,21 +103,21 @@ def test_a_failure_on_the_worker_fails_only_that_client(tmp_path, worker, monkey
 
 
 def test_without_a_listening_worker_the_message_runs_in_the_client_app(tmp_path, short_tmp):
-    config = load_config(TINY, [*FAST, "federation.rounds=1", "federation.num_clients=2",
-                                "lora.ranks=[4, 2]"])  # fmt: skip
-    grid = InlineGrid(make_client_app(tmp_path / "nodes"), 2,
-                      extra={"worker": str(short_tmp / "gone.sock")})  # fmt: skip
+    config = load_config(
+        TINY, [*FAST, "federation.rounds=1", "federation.num_clients=2", "lora.ranks=[4, 2]"]
+    )
+    grid = InlineGrid(
+        make_client_app(tmp_path / "nodes"), 2, extra={"worker": str(short_tmp / "gone.sock")}
+    )
     run_server(grid, config, tmp_path / "flower", {})
     assert [r["failed"] for r in rows(tmp_path / "flower", "server")] == [[]]
 
 
 def test_relay_errors_are_clear(short_tmp):
     with pytest.raises(WorkerUnavailable, match="no flora worker listens"):
-        call(short_tmp / "none.sock", "train", RecordDict(), partition=0, state_dir=short_tmp,
-             run="1")  # fmt: skip
+        call(short_tmp / "none.sock", "train", RecordDict(), Node(0, short_tmp, "1"))
     with pytest.raises(FloraError, match="kind"):
-        call(short_tmp / "none.sock", "fit", RecordDict(), partition=0, state_dir=short_tmp,
-             run="1")  # fmt: skip
+        call(short_tmp / "none.sock", "fit", RecordDict(), Node(0, short_tmp, "1"))
     # a peer that accepts and then hangs up mid-message (a worker that crashed)
     path = short_tmp / "crash.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -129,7 +132,7 @@ def test_relay_errors_are_clear(short_tmp):
     thread = threading.Thread(target=hang_up)
     thread.start()
     with pytest.raises(FloraError, match="stopped during the message"):
-        call(path, "train", RecordDict(), partition=0, state_dir=short_tmp, run="1")
+        call(path, "train", RecordDict(), Node(0, short_tmp, "1"))
     thread.join(5)
     server.close()
 
@@ -137,10 +140,12 @@ def test_relay_errors_are_clear(short_tmp):
 def test_a_second_worker_on_a_live_socket_is_refused_and_bad_work_is_answered(worker):
     done = subprocess.run(
         [sys.executable, "-m", "flora.cli", "flower-worker", "--socket", str(worker)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "already listens" in done.stderr
     with pytest.raises(FloraError, match="on the node's worker: .*task"):  # and it goes on
-        call(worker, "train", RecordDict(), partition=0, state_dir=worker.parent, run="1")
+        call(worker, "train", RecordDict(), Node(0, worker.parent, "1"))
     with pytest.raises(FloraError, match="on the node's worker"):
-        call(worker, "evaluate", RecordDict(), partition=0, state_dir=worker.parent, run="1")
+        call(worker, "evaluate", RecordDict(), Node(0, worker.parent, "1"))

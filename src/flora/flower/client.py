@@ -33,7 +33,7 @@ from flora.models import resolve_precision
 from flora.simulation import _deltas, applied
 from flora.training import evaluate_loss, merge_into_base, train_client
 
-__all__ = ["FAULT_ENV", "Node", "evaluate", "train"]
+__all__ = ["FAULT_ENV", "WORK", "Node", "evaluate", "train"]
 
 FAULT_ENV = "FLORA_FLOWER_FAULT"
 
@@ -132,3 +132,6 @@ def evaluate(content: RecordDict, node: Node) -> RecordDict:
         ]  # fmt: skip
     _store(info, base, node)
     return evaluation_to_content(Evaluation(info.task.client, loss, samples))
+
+
+WORK = {"train": train, "evaluate": evaluate}  # a message kind's work on a node

@@ -68,16 +68,13 @@ def _run(kind: str, message: Message, context: Context, state_dir: Path | None) 
         from flora.flower.relay import WorkerUnavailable, call
 
         try:
-            content = call(Path(worker).expanduser(), kind, message.content,
-                           partition=node.partition, state_dir=node.state_dir,
-                           run=node.run)  # fmt: skip
+            content = call(Path(worker).expanduser(), kind, message.content, node)
             return Message(content, reply_to=message)
         except WorkerUnavailable as error:
             log(WARNING, "flora: %s; running the %s message in the ClientApp", error, kind)
     from flora.flower import client
 
-    work = client.train if kind == "train" else client.evaluate
-    return Message(work(message.content, node), reply_to=message)
+    return Message(client.WORK[kind](message.content, node), reply_to=message)
 
 
 def make_client_app(state_dir: Path | None = None) -> ClientApp:

@@ -35,6 +35,13 @@ class Node:
     def directory(self) -> Path:
         return run_directory(self.state_dir, self.run) / f"partition-{self.partition}"
 
+    def to_json(self) -> dict[str, str | int]:
+        return {"partition": self.partition, "state_dir": str(self.state_dir), "run": self.run}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Node:
+        return cls(int(str(data["partition"])), Path(str(data["state_dir"])), str(data["run"]))
+
 
 def run_directory(state_dir: Path, run: str) -> Path:
     """Where a node keeps one run's state: ``<state dir>/run-<key>``."""

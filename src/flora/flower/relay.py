@@ -6,8 +6,8 @@ its socket path) the ClientApp stays light: it sends the message content to the 
 keeps the libraries, the model and the data partition in memory, and relays the reply back.
 
 Wire format, both ways: frames of an 8-byte big-endian length and the bytes. A request is a
-JSON header (``kind``: train or evaluate, ``partition``, ``state_dir``, ``run``) and the
-RecordDict as Flower's own protobuf; a reply is a JSON header (``ok``, ``error``) and, when ok,
+JSON header (``kind``: train or evaluate; the Node's ``partition``, ``state_dir``, ``run``) and
+the RecordDict as Flower's own protobuf; a reply is a JSON header (``ok``, ``error``) and, when ok,
 the reply's RecordDict. No pickle: a worker only ever parses JSON and protobuf.
 
 This module imports no torch.
@@ -26,6 +26,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from flora.errors import FloraError
+from flora.flower.node import Node
 
 __all__ = [
     "KINDS",
@@ -79,9 +80,7 @@ def decode_content(payload: bytes) -> RecordDict:
     return recorddict_from_proto(proto)
 
 
-def call(
-    path: Path, kind: str, content: RecordDict, *, partition: int, state_dir: Path, run: str
-) -> RecordDict:
+def call(path: Path, kind: str, content: RecordDict, node: Node) -> RecordDict:
     """Run one train/evaluate message on the worker at ``path``; its reply content.
 
     Raises WorkerUnavailable when nothing accepts the connection (the caller may then run the
@@ -95,8 +94,7 @@ def call(
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as error:
             raise WorkerUnavailable(f"no flora worker listens on {path} ({error})") from None
-        header = {"kind": kind, "partition": partition, "state_dir": str(state_dir),
-                  "run": run}  # fmt: skip
+        header = {"kind": kind, **node.to_json()}
         try:
             write_frame(sock, json.dumps(header).encode())
             write_frame(sock, encode_content(content))

@@ -3,7 +3,7 @@
 A SuperNode starts a fresh ClientApp process for every message, so what a client must remember
 across rounds lives in a directory per run and partition::
 
-    <state dir>/run-<run id>/partition-<k>/base-<n>.safetensors
+    <state dir>/run-<run key>/partition-<k>/base-<n>.safetensors
 
 ``base-<n>`` holds the target modules' weights after the first ``n`` merged updates of the run
 (methods that merge into the base: flora, florist, fedex-lora), written only after a
@@ -11,7 +11,7 @@ round's training succeeded. The snapshot the server last assumed (``since``) is 
 reply lost after the write can be retried. Everything else of the model comes from flora's
 model cache (:func:`flora.models.load_model`), and the encoded partition from
 ``<state dir>/data/<key>/``, written once by the first message that needs it. Within one
-process (a simulation worker) the model and data are also kept in memory.
+process (a Ray simulation worker, a `flora flower-worker`) the model and data stay in memory.
 """
 
 from __future__ import annotations

@@ -73,9 +73,7 @@ def _handle(conn: socket.socket) -> str:
     try:
         if kind not in KINDS:
             raise FloraError(f"unknown message kind {kind!r}")
-        node = Node(int(header["partition"]), Path(header["state_dir"]),
-                           str(header["run"]))  # fmt: skip
-        reply = client.train(content, node) if kind == "train" else client.evaluate(content, node)
+        reply = client.WORK[kind](content, Node.from_json(header))
     except Exception as error:  # the node's error reply carries it; the worker keeps serving
         write_frame(conn, json.dumps({"ok": False, "error": f"{error}"}).encode())
         return f"{kind} failed after {time.perf_counter() - start:.1f} s: {error}"
