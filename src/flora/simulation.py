@@ -36,7 +36,7 @@ from flora.protocol import RoundUpdate, apply_to_sketch, sketch_drift, sketch_pr
 from flora.server import Server
 from flora.training import evaluate_loss, merge_into_base, train_client
 
-__all__ = ["RunResult", "run", "run_data", "target_shapes"]
+__all__ = ["RunResult", "run", "run_data", "save_final", "target_shapes"]
 
 
 @dataclass
@@ -257,16 +257,28 @@ class _Run:
 
     def finish(self) -> Path:
         final = self.run_dir / "final"
-        with applied(self.model, self.server.global_lora):
-            self.model.save_pretrained(final / "model")
-            self.tokenizer.save_pretrained(final / "model")
-        if self.server.global_lora is not None:
-            template = {
-                "base_model_name_or_path": self.config.model.name,
-                "target_modules": self.config.model.target_modules,
-            }
-            save_peft_adapter(final / "adapter", self.server.global_lora, template=template)
+        save_final(final, self.model, self.tokenizer, self.config, self.server.global_lora)
         return final
+
+
+def save_final(
+    final: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: RunConfig,
+    lora: Adapter | None,
+) -> None:
+    """``final/model`` (the base with ``lora`` merged) and, with a global LoRA, ``final/adapter``
+    (a PEFT adapter over the run's base model); both runtimes end a run with it."""
+    with applied(model, lora):
+        model.save_pretrained(final / "model")
+        tokenizer.save_pretrained(final / "model")
+    if lora is not None:
+        template = {
+            "base_model_name_or_path": config.model.name,
+            "target_modules": config.model.target_modules,
+        }
+        save_peft_adapter(final / "adapter", lora, template=template)
 
 
 def run(

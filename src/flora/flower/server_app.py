@@ -45,7 +45,7 @@ from flwr.app import (
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from flora.adapters import Adapter, save_peft_adapter
+from flora.adapters import Adapter
 from flora.checkpoint import load_checkpoint
 from flora.config import RunConfig, config_to_dict, load_config
 from flora.errors import FloraError
@@ -58,7 +58,14 @@ from flora.io import atomic_write_json
 from flora.metrics import read_metrics
 from flora.models import load_model, resolve_precision
 from flora.server import Server
-from flora.simulation import RunResult, _deltas, applied, load_run_config, target_shapes
+from flora.simulation import (
+    RunResult,
+    _deltas,
+    applied,
+    load_run_config,
+    save_final,
+    target_shapes,
+)
 from flora.training import evaluate_loss, merge_into_base
 
 __all__ = ["ServerModel", "app", "discover_partitions", "make_server_app", "run_server"]
@@ -153,13 +160,7 @@ class ServerModel:
             return mmlu_row(self.model, self.tokenizer, self.config.eval, round, self.precision)
 
     def save(self, final: Path, lora: Adapter | None) -> None:
-        with applied(self.model, lora):
-            self.model.save_pretrained(final / "model")
-            self.tokenizer.save_pretrained(final / "model")
-        if lora is not None:
-            template = {"base_model_name_or_path": self.config.model.name,
-                        "target_modules": self.config.model.target_modules}  # fmt: skip
-            save_peft_adapter(final / "adapter", lora, template=template)
+        save_final(final, self.model, self.tokenizer, self.config, lora)
 
 
 def _run_key(run_dir: Path, resume: bool) -> str:
