@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,7 @@ class AggregationResult:
         None when every client downloads ``global_factors``.
     residual: dense (out, in) updates to fold into the base weights (fedex-lora), else None.
     bytes_up / bytes_down: per client, what crosses the network for this aggregation.
+    weights: the normalised p_k the aggregation used (set by flora.aggregation.aggregate).
     """
 
     method: str
@@ -29,6 +30,7 @@ class AggregationResult:
     bytes_down: list[int]
     client_factors: list[Adapter] | None = None
     residual: dict[str, torch.Tensor] | None = None
+    weights: list[float] = field(default_factory=list)
 
     def download(self, client: int) -> Adapter:
         """The factors client ``client`` receives."""

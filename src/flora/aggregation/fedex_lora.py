@@ -18,7 +18,7 @@ import torch
 from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, tensor_bytes, uploads
 from flora.aggregation.fedit import average_module
-from flora.aggregation.lowrank import stack
+from flora.aggregation.lowrank import stacked
 from flora.aggregation.validate import check_equal_ranks
 
 __all__ = ["aggregate", "residual_module"]
@@ -28,9 +28,7 @@ def residual_module(
     factors: Sequence[LoraFactors], weights: Sequence[float], averaged: LoraFactors
 ) -> torch.Tensor:
     """sum_k p_k s_k B_k A_k - B_avg A_avg, (out, in)."""
-    coeffs = [p * f.scaling for f, p in zip(factors, weights, strict=True)]
-    A, B = stack([f.A for f in factors], [f.B for f in factors], coeffs)
-    exact = B @ A  # (out, sum r) @ (sum r, in) -> (out, in)
+    exact = stacked(factors, weights).delta()  # (out, sum r) @ (sum r, in) -> (out, in)
     return exact.sub_(averaged.B @ averaged.A)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.lowrank import weighted_sum
+from flora.aggregation.lowrank import fold, weighted_sum
 from flora.aggregation.validate import check_equal_ranks
 
 __all__ = ["aggregate", "average_module"]
@@ -25,9 +25,7 @@ __all__ = ["aggregate", "average_module"]
 def average_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """Entrywise weighted means of A and of s_k B_k."""
     A = weighted_sum([f.A for f in factors], weights)
-    B = weighted_sum(
-        [f.B for f in factors], [p * f.scaling for f, p in zip(factors, weights, strict=True)]
-    )
+    B = weighted_sum([f.B for f in factors], fold(factors, weights))
     return LoraFactors(A, B, 1.0)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.lowrank import weighted_sum
+from flora.aggregation.lowrank import fold, weighted_sum
 from flora.aggregation.validate import check_equal_ranks, check_shared_A
 
 __all__ = ["aggregate", "average_B_module"]
@@ -23,9 +23,7 @@ __all__ = ["aggregate", "average_B_module"]
 
 def average_B_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """The shared A with B = sum_k p_k s_k B_k."""
-    B = weighted_sum(
-        [f.B for f in factors], [p * f.scaling for f, p in zip(factors, weights, strict=True)]
-    )
+    B = weighted_sum([f.B for f in factors], fold(factors, weights))
     return LoraFactors(factors[0].A.clone(), B, 1.0)
 
 

@@ -20,30 +20,17 @@ import torch
 
 from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.lowrank import lowrank_svd, stack
+from flora.aggregation.lowrank import lowrank_svd, stacked, svd_truncate
 
-__all__ = ["aggregate", "svd_module", "svd_truncate"]
-
-
-def svd_truncate(
-    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, dtype: torch.dtype
-) -> LoraFactors:
-    """B = U[:, :r] diag(S[:r]) (out, r), A = Vh[:r] (r, in); zero-padded where r > len(S)."""
-    keep = min(rank, S.shape[0])
-    A = torch.zeros(rank, Vh.shape[1], dtype=dtype)
-    B = torch.zeros(U.shape[0], rank, dtype=dtype)
-    A[:keep] = Vh[:keep]
-    B[:, :keep] = U[:, :keep] * S[:keep]
-    return LoraFactors(A, B, 1.0)
+__all__ = ["aggregate", "svd_module"]
 
 
 def svd_module(
     factors: Sequence[LoraFactors], weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD (U, S, Vh) of the exact weighted sum of one module's client updates."""
-    coeffs = [p * f.scaling for f, p in zip(factors, weights, strict=True)]
-    A, B = stack([f.A for f in factors], [f.B for f in factors], coeffs)
-    return lowrank_svd(B, A)
+    exact = stacked(factors, weights)
+    return lowrank_svd(exact.B, exact.A)
 
 
 def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:

@@ -17,23 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flora.adapters import Adapter, LoraFactors
+from flora.adapters import Adapter
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.lowrank import stack
+from flora.aggregation.lowrank import stacked
 
-__all__ = ["aggregate", "stack_module"]
-
-
-def stack_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
-    """One module's stacked factors: B @ A = sum_k p_k s_k B_k A_k, scaling 1."""
-    coeffs = [p * f.scaling for f, p in zip(factors, weights, strict=True)]
-    A, B = stack([f.A for f in factors], [f.B for f in factors], coeffs)
-    return LoraFactors(A, B, 1.0)
+__all__ = ["aggregate"]
 
 
 def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
     """Stack every module; every client downloads the same global factors."""
-    global_factors = {m: stack_module([c[m] for c in clients], weights) for m in clients[0]}
+    global_factors = {m: stacked([c[m] for c in clients], weights) for m in clients[0]}
     down = adapter_bytes(global_factors)
     return AggregationResult(
         method="flora",

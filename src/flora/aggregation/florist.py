@@ -21,7 +21,8 @@ import torch
 
 from flora.adapters import Adapter
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.flexlora import svd_module, svd_truncate
+from flora.aggregation.flexlora import svd_module
+from flora.aggregation.lowrank import svd_truncate
 from flora.errors import FloraError
 
 __all__ = ["ENERGIES", "aggregate", "threshold_rank"]

@@ -1,4 +1,5 @@
-"""Low-rank linear algebra shared by the aggregators: stacking, and SVDs in the small space.
+"""Low-rank linear algebra shared by the aggregators, the server and the protocol: the scaling
+fold, stacking, truncation, and SVDs in the small space.
 
 A product B @ A with B (out, R) and A (R, in) is never formed densely here: its SVD comes from thin
 QRs of B and A^T and an (R x R) core, its norm from two (R x R) Gram matrices, in O((out + in) R^2)
@@ -11,7 +12,55 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["frobenius", "lowrank_svd", "stack", "weighted_sum"]
+from flora.adapters import LoraFactors
+
+__all__ = [
+    "fold",
+    "frobenius",
+    "lowrank_svd",
+    "stack",
+    "stacked",
+    "svd_truncate",
+    "truncate",
+    "weighted_sum",
+]
+
+
+def fold(factors: Sequence[LoraFactors], weights: Sequence[float]) -> list[float]:
+    """The coefficients c_k = p_k s_k that fold each client's weight and scaling together."""
+    return [p * f.scaling for f, p in zip(factors, weights, strict=True)]
+
+
+def stacked(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """FLoRA's stacking of one module: B @ A = sum_k p_k s_k B_k A_k exactly, scaling 1."""
+    A, B = stack([f.A for f in factors], [f.B for f in factors], fold(factors, weights))
+    return LoraFactors(A, B, 1.0)
+
+
+def truncate(factors: LoraFactors, rank: int) -> LoraFactors:
+    """The first ``rank`` components: A[:rank] (rank, in), B[:, :rank] (out, rank).
+
+    A ``rank`` above the factors' own pads with zero components (the same update).
+    """
+    if rank <= factors.rank:
+        return LoraFactors(factors.A[:rank].clone(), factors.B[:, :rank].clone(), factors.scaling)
+    A = torch.zeros(rank, factors.in_features, dtype=factors.A.dtype)  # (rank, in)
+    B = torch.zeros(factors.out_features, rank, dtype=factors.B.dtype)  # (out, rank)
+    A[: factors.rank] = factors.A
+    B[:, : factors.rank] = factors.B
+    return LoraFactors(A, B, factors.scaling)
+
+
+def svd_truncate(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, dtype: torch.dtype
+) -> LoraFactors:
+    """B = U[:, :r] diag(S[:r]) (out, r), A = Vh[:r] (r, in); zero-padded where r > len(S)."""
+    keep = min(rank, S.shape[0])
+    A = torch.zeros(rank, Vh.shape[1], dtype=dtype)
+    B = torch.zeros(U.shape[0], rank, dtype=dtype)
+    A[:keep] = Vh[:keep]
+    B[:, :keep] = U[:, :keep] * S[:keep]
+    return LoraFactors(A, B, 1.0)
 
 
 def stack(

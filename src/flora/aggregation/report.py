@@ -17,7 +17,7 @@ import torch
 
 from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult
-from flora.aggregation.lowrank import frobenius, stack
+from flora.aggregation.lowrank import frobenius, stacked
 
 __all__ = ["AggregationReport", "measure"]
 
@@ -52,15 +52,6 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _exact(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
-    A, B = stack(
-        [f.A for f in factors],
-        [f.B for f in factors],
-        [p * f.scaling for f, p in zip(factors, weights, strict=True)],
-    )
-    return LoraFactors(A, B, 1.0)
-
-
 def _error(exact: LoraFactors, realised: LoraFactors, residual: torch.Tensor | None) -> float:
     """||realised (+ residual) - exact||_F."""
     if residual is not None:
@@ -89,7 +80,7 @@ def measure(
     norms: list[float] = []
     client_errors: list[list[float]] = [[] for _ in clients]
     for module in clients[0]:
-        exact = _exact([c[module] for c in clients], weights)
+        exact = stacked([c[module] for c in clients], weights)
         norm = frobenius(exact.B, exact.A)
         residual = None if result.residual is None else result.residual[module]
         error = _error(exact, result.global_factors[module], residual)

@@ -19,10 +19,10 @@ import torch
 
 from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.lowrank import frobenius
+from flora.aggregation.lowrank import fold, frobenius, truncate
 from flora.errors import FloraError
 
-__all__ = ["WEIGHTINGS", "aggregate", "norm_weights", "pad_average_module", "truncate"]
+__all__ = ["WEIGHTINGS", "aggregate", "norm_weights", "pad_average_module"]
 
 WEIGHTINGS = ("examples", "norm")
 
@@ -33,24 +33,10 @@ def pad_average_module(factors: Sequence[LoraFactors], weights: Sequence[float])
     dtype = torch.promote_types(factors[0].A.dtype, torch.float32)
     A = torch.zeros(r_max, factors[0].in_features, dtype=dtype)  # (r_max, in)
     B = torch.zeros(factors[0].out_features, r_max, dtype=dtype)  # (out, r_max)
-    for f, p in zip(factors, weights, strict=True):
+    for f, p, c in zip(factors, weights, fold(factors, weights), strict=True):
         A[: f.rank].add_(f.A, alpha=p)
-        B[:, : f.rank].add_(f.B, alpha=p * f.scaling)
+        B[:, : f.rank].add_(f.B, alpha=c)
     return LoraFactors(A, B, 1.0)
-
-
-def truncate(factors: LoraFactors, rank: int) -> LoraFactors:
-    """The first ``rank`` components: A[:rank] (rank, in), B[:, :rank] (out, rank).
-
-    A ``rank`` above the factors' own pads with zero components (the same update).
-    """
-    if rank <= factors.rank:
-        return LoraFactors(factors.A[:rank].clone(), factors.B[:, :rank].clone(), factors.scaling)
-    A = torch.zeros(rank, factors.in_features, dtype=factors.A.dtype)  # (rank, in)
-    B = torch.zeros(factors.out_features, rank, dtype=factors.B.dtype)  # (out, rank)
-    A[: factors.rank] = factors.A
-    B[:, : factors.rank] = factors.B
-    return LoraFactors(A, B, factors.scaling)
 
 
 def norm_weights(factors: Sequence[LoraFactors]) -> list[float]:

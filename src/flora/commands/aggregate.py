@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from safetensors.torch import save_file
-
-from flora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
-from flora.aggregation import METHODS, AggregationReport, aggregate, get_method, measure
-from flora.aggregation.validate import normalize_weights
+from flora.aggregation.registry import METHODS, get_method
 from flora.errors import FloraError
-from flora.io import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:
+    from flora.aggregation.report import AggregationReport
 
 __all__ = ["CLIENT_INFO", "add_parser", "run"]
 
 CLIENT_INFO = "flora_client.json"  # written beside a client's adapter by flora's engine
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # flora.adapters' names, without importing torch
+ADAPTER_CONFIG = "adapter_config.json"
 
 _HELP = """\
 Aggregate LoRA adapters (PEFT directories: adapter_model.safetensors + adapter_config.json) with
@@ -24,21 +25,28 @@ one of flora's methods and write the global adapter as a PEFT directory, loadabl
 PeftModel.from_pretrained on the same base model, plus report.json (aggregation noise, bytes).
 
 methods (exact = realised update equals sum_k p_k s_k B_k A_k):
-  flora         stacking, exact, mixed ranks; global rank = sum of client ranks
-  fedit         FedAvg of A and B separately; equal ranks; not exact
-  zero-padding  HetLoRA: pad to max rank, average, truncate per client (writes clients/)
-  flexlora      SVD of the exact sum, truncated per client (writes clients/)
-  ffa-lora      shared frozen A, averaged B; equal ranks; exact given the shared A
-  fedex-lora    FedIT plus a dense residual for the base weights (writes residual.safetensors)
-  florist       stacking + singular value thresholding at --tau; exact at tau=1
 """
+
+
+def _methods_help() -> str:
+    width = max(len(name) for name in METHODS) + 2
+    return _HELP + "".join(f"  {m.name:<{width}}{m.summary}\n" for m in METHODS.values())
+
+
+def _option_flags() -> dict[str, list[str]]:
+    """Option name -> the methods that take it, from the registry."""
+    owners: dict[str, list[str]] = {}
+    for method in METHODS.values():
+        for option in method.options:
+            owners.setdefault(option.name, []).append(method.name)
+    return owners
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "aggregate",
         help="aggregate PEFT LoRA adapter directories into a global adapter",
-        description=_HELP,
+        description=_methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="client adapters")
@@ -54,11 +62,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out", default="aggregated", help="output directory (default: %(default)s)"
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output adapter")
-    parser.add_argument("--tau", type=float, help="florist: energy threshold in (0, 1] (0.9)")
-    parser.add_argument("--energy", choices=["sum", "squared"], help="florist: energy of sigma_i")
-    parser.add_argument(
-        "--weighting", choices=["examples", "norm"], help="zero-padding: HetLoRA norm weights"
-    )
+    for name, owners in _option_flags().items():
+        option = METHODS[owners[0]].option(name)
+        parser.add_argument(
+            f"--{name}",
+            type=option.type,
+            choices=option.choices or None,
+            help=f"{option.help} (default: {option.default})",
+        )
     parser.set_defaults(handler=run)
 
 
@@ -83,9 +94,9 @@ def _parse_weights(text: str | None, directories: list[Path]) -> list[float] | N
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    chosen = {"tau": args.tau, "energy": args.energy, "weighting": args.weighting}
+    chosen = {name: getattr(args, name) for name in _option_flags()}
     options = {name: value for name, value in chosen.items() if value is not None}
-    valid = METHODS[args.method].options
+    valid = {option.name for option in METHODS[args.method].options}
     for name in options:
         if name not in valid:
             raise FloraError(f"--{name} applies to another method, not {args.method}; drop it")
@@ -93,6 +104,12 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from flora.adapters import load_peft_adapter, save_peft_adapter
+    from flora.aggregation import aggregate, measure
+    from flora.io import atomic_write, atomic_write_json
+
     directories = [Path(d) for d in args.adapters]
     out = Path(args.out)
     if (out / ADAPTER_WEIGHTS).exists() and not args.force:
@@ -101,9 +118,8 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)
     loaded = [load_peft_adapter(d) for d in directories]
     clients = [adapter.modules for adapter in loaded]
-    weights = normalize_weights(_parse_weights(args.weights, directories), len(clients))
-    result = aggregate(args.method, clients, weights, **options)
-    report = measure(clients, weights, result)
+    result = aggregate(args.method, clients, _parse_weights(args.weights, directories), **options)
+    report = measure(clients, result.weights, result)
 
     template = {
         k: v for k, v in loaded[0].config.items() if k not in ("rank_pattern", "alpha_pattern")

@@ -1,0 +1,138 @@
+"""The method registry: what each aggregation method is, what it needs, and its options.
+
+Torch-free on purpose: the config, the CLI's ``--help`` and ``flora aggregate``'s flags read it
+without importing torch. ``Method.run`` imports the method's own module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flora.errors import FloraError
+
+__all__ = ["METHODS", "Method", "Option", "get_method"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a method: how the config, the CLI and the maths see it."""
+
+    name: str
+    type: type  # float, int, str or bool
+    default: Any
+    help: str  # one line, for `flora aggregate --help` and config errors
+    choices: tuple[Any, ...] = ()  # the allowed values, where they are few
+    check: Callable[[Any], bool] | None = None  # a further test of the value
+    expected: str = ""  # what ``check`` wants, for the error message
+
+    def validate(self, value: Any, where: str) -> Any:
+        """``value`` as this option's type, or FloraError naming ``where`` and the fix."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
+            raise FloraError(f"{where}={value!r}: expected a {self.type.__name__} ({self.help})")
+        if self.choices and value not in self.choices:
+            raise FloraError(f"{where}={value!r} is unknown; use one of {self.choices}")
+        if self.check is not None and not self.check(value):
+            raise FloraError(f"{where}={value!r} is out of range; pick {self.expected}")
+        return value
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered aggregation method and the facts the engine, the config and the CLI need."""
+
+    name: str
+    module: str  # flora.aggregation.<module> holds its ``aggregate``
+    exact: bool  # realised update == sum_k p_k s_k B_k A_k
+    mixed_ranks: bool  # accepts clients of different ranks
+    keeps_global_lora: bool  # clients continue from the global LoRA (else merged into W)
+    paper: str
+    summary: str  # one line for `flora aggregate --help`
+    freezes_A: bool = False  # clients train B only, over the shared A of the global LoRA
+    options: tuple[Option, ...] = ()
+
+    @property
+    def merges_into_base(self) -> bool:
+        """Each round's update goes into the base weights; clients start fresh LoRAs."""
+        return not self.keeps_global_lora
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        """The method's pure ``aggregate(clients, weights, **options)``."""
+        return importlib.import_module(f"flora.aggregation.{self.module}").aggregate  # type: ignore[no-any-return]
+
+    def option(self, name: str) -> Option:
+        for option in self.options:
+            if option.name == name:
+                return option
+        valid = ", ".join(o.name for o in self.options) or "none"
+        raise FloraError(f"{self.name}: unknown option '{name}' (valid options: {valid})")
+
+    def resolve(self, given: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+        """Every option's value: ``given`` checked against the method, defaults for the rest.
+
+        ``where`` prefixes the option name in errors (e.g. "federation.options.").
+        """
+        for name in given:
+            if where and name not in {o.name for o in self.options}:
+                valid = ", ".join(o.name for o in self.options) or "none"
+                raise FloraError(
+                    f"{where}{name} is not an option of {self.name} (its options: {valid}); "
+                    "drop it or choose the method it belongs to"
+                )
+            self.option(name)
+        return {
+            o.name: o.validate(given[o.name], f"{where}{o.name}") if o.name in given else o.default
+            for o in self.options
+        }
+
+
+_TAU = Option(
+    "tau", float, 0.9, "florist: energy share of the singular values to keep, in (0, 1]; 1 is "
+    "exact", check=lambda v: 0.0 < v <= 1.0, expected="0 < tau <= 1 (1 is exact)",
+)  # fmt: skip
+_ENERGY = Option(
+    "energy", str, "sum", "florist: energy of sigma_i: 'sum' (sigma) or 'squared' (sigma^2)",
+    choices=("sum", "squared"),
+)  # fmt: skip
+_WEIGHTING = Option(
+    "weighting", str, "examples", "zero-padding: client weights, 'examples' (p_k) or HetLoRA's "
+    "'norm' (||s_k B_k A_k||_F)", choices=("examples", "norm"),
+)  # fmt: skip
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("flora", "flora", True, True, False, "Wang et al., NeurIPS 2024",
+               "stacking, exact, mixed ranks; global rank = sum of client ranks"),
+        Method("fedit", "fedit", False, False, True, "Zhang et al., ICASSP 2024",
+               "FedAvg of A and B separately; equal ranks; not exact"),
+        Method("zero-padding", "zero_padding", False, True, True, "Cho et al., EMNLP 2024",
+               "HetLoRA: pad to max rank, average, truncate per client (writes clients/)",
+               options=(_WEIGHTING,)),
+        Method("flexlora", "flexlora", False, True, True, "Bai et al., NeurIPS 2024",
+               "SVD of the exact sum, truncated per client (writes clients/)"),
+        Method("ffa-lora", "ffa_lora", True, False, True, "Sun et al., ICLR 2024",
+               "shared frozen A, averaged B; equal ranks; exact given the shared A",
+               freezes_A=True),
+        Method("fedex-lora", "fedex_lora", True, False, False, "Singhal et al., 2025",
+               "FedIT plus a dense residual for the base weights (writes residual.safetensors)"),
+        Method("florist", "florist", False, True, False, "Ramesh and Dass, 2025",
+               "stacking + singular value thresholding at tau; exact at tau=1",
+               options=(_TAU, _ENERGY)),
+    )
+}  # fmt: skip
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``, or a FloraError listing the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise FloraError(
+            f"method '{name}' is unknown; choose one of: {', '.join(METHODS)}"
+        ) from None
