@@ -5,11 +5,12 @@
 # process-group id. See docs/flower.md.
 #
 #   scripts/flower-deploy.sh [-c CONFIG.toml] [-s 'a.b=1;c.d=2'] [-o RUN_DIR] [-n NODES]
-#                            [-t TIMEOUT_S] [--tls] [--sim] [--no-workers] [--keep]
+#                            [-t TIMEOUT_S] [-w WORKER_CMD] [--tls] [--sim] [--no-workers] [--keep]
 #
 #   -c  flora config (default configs/tiny.toml)     -s  overrides, ';'-separated (no quote ')
 #   -o  run directory (default runs/flower-<time>)   -n  nodes (default federation.num_clients)
 #   -t  give up after this many seconds (default 1800; exit code 124)
+#   -w  the worker command, given --socket PATH (default 'flora flower-worker'; tests wrap it)
 #   --tls   make a throwaway CA and server certificate (openssl) and use TLS everywhere
 #   --sim   SuperLink in simulation mode (Ray runs the ClientApps; no SuperNodes started)
 #   --no-workers  no flower-worker: every ClientApp process imports torch and loads the model
@@ -19,6 +20,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 APP="$ROOT/flower-app"
+WORKER_CMD=(flora flower-worker)
 CONFIG="$ROOT/configs/tiny.toml" SET="" RUN_DIR="" NODES="" TIMEOUT=1800 TLS=0 SIM=0 KEEP=0 WORKERS=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -27,11 +29,12 @@ while [[ $# -gt 0 ]]; do
     -o) RUN_DIR="$2"; shift 2 ;;
     -n) NODES="$2"; shift 2 ;;
     -t) TIMEOUT="$2"; shift 2 ;;
+    -w) read -ra WORKER_CMD <<< "$2"; shift 2 ;;
     --tls) TLS=1; shift ;;
     --sim) SIM=1; shift ;;
     --keep) KEEP=1; shift ;;
     --no-workers) WORKERS=0; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "flower-deploy: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -114,7 +117,7 @@ STATE="$WORK/node-state"
 if [[ $SIM == 0 ]]; then
   if [[ $WORKERS == 1 ]]; then  # one warm worker per node; wait until each listens
     for ((k = 0; k < NODES; k++)); do
-      start "$LOGS/worker-$k.log" flora flower-worker --socket "$WORK/workers/node-$k.sock"
+      start "$LOGS/worker-$k.log" "${WORKER_CMD[@]}" --socket "$WORK/workers/node-$k.sock"
     done
     for ((k = 0; k < NODES; k++)); do
       for _ in $(seq 600); do

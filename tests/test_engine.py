@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import flora.client
 import flora.simulation as simulation
 from flora.cli import main
 from flora.config import load_config
@@ -125,7 +126,7 @@ def test_methods_with_a_global_lora_save_a_peft_adapter(tmp_path, method, ranks)
 def test_one_base_model_whatever_the_number_of_clients(tmp_path, monkeypatch):
     """Peak memory flat in K: count the storages of embedding-sized tensors during training."""
     counts: list[int] = []
-    real = simulation.train_client
+    real = flora.client.train_client
 
     def counting(model, *args, **kwargs):
         big = model.get_input_embeddings().weight.numel() // 2
@@ -137,7 +138,7 @@ def test_one_base_model_whatever_the_number_of_clients(tmp_path, monkeypatch):
         counts.append(len(storages))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(simulation, "train_client", counting)
+    monkeypatch.setattr(flora.client, "train_client", counting)
     for k in (2, 5):
         overrides = [
             f"federation.num_clients={k}",

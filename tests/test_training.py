@@ -10,7 +10,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from flora.adapters import LoraFactors
 from flora.errors import FloraError
-from flora.training import TrainConfig, evaluate_loss, merge_into_base, train_client
+from flora.training import TrainConfig, evaluate_loss, train_client
+from flora.weights import merge_into_base
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -35,7 +35,9 @@ __all__ = [
     "LoraFactors",
     "PeftAdapter",
     "adapter_from_state_dict",
+    "adapter_from_tensors",
     "adapter_to_state_dict",
+    "adapter_to_tensors",
     "load_peft_adapter",
     "lora_scaling",
     "peft_config_for",
@@ -115,27 +117,13 @@ def adapter_from_state_dict(
     state: dict[str, torch.Tensor], config: dict[str, Any], *, source: str = "adapter"
 ) -> Adapter:
     """Pair lora_A/lora_B tensors by key and attach each module's scaling from ``config``."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        match = _KEY.match(key)
-        if match is None:
-            what = "DoRA magnitude" if "lora_magnitude_vector" in key else "non-LoRA"
-            raise FloraError(
-                f"{source}: tensor '{key}' is a {what} weight; flora aggregates plain LoRA factors "
-                "of linear layers only (no DoRA, embedding LoRA, lora_bias or modules_to_save)"
-            )
-        module = match["module"].removeprefix(_PREFIX)
-        parts.setdefault(module, {})[match["part"]] = tensor
+    parts = {m.removeprefix(_PREFIX): pair for m, pair in _pairs(state, "", source).items()}
     if not parts:
         raise FloraError(f"{source}: holds no lora_A/lora_B weights; is it a LoRA adapter?")
     use_rslora = bool(config.get("use_rslora", False))
     modules: Adapter = {}
     for module in sorted(parts):
-        pair = parts[module]
-        if "A" not in pair or "B" not in pair:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise FloraError(f"{source}: module '{module}' has no {missing} weight; re-save it")
-        a, b = pair["A"], pair["B"]
+        a, b = parts[module]["A"], parts[module]["B"]
         rank, alpha = _declared(config, module)
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise FloraError(
@@ -147,13 +135,61 @@ def adapter_from_state_dict(
     return modules
 
 
+# --- the one codec: module -> factors as flat named tensors, and back --------------------------
+# ``<prefix><module>.lora_A.weight`` (r, in) and ``<prefix><module>.lora_B.weight`` (out, r):
+# PEFT's own layout. PEFT files use the prefix "base_model.model.", checkpoints and Flower records
+# their own; scalings travel beside the tensors (PEFT: adapter_config.json).
+
+
+def adapter_to_tensors(adapter: Adapter, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every module's A and B under ``prefix``, detached and contiguous."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module, factors in adapter.items():
+        tensors[f"{prefix}{module}.lora_A.weight"] = factors.A.detach().contiguous()
+        tensors[f"{prefix}{module}.lora_B.weight"] = factors.B.detach().contiguous()
+    return tensors
+
+
+def _pairs(
+    tensors: dict[str, torch.Tensor], prefix: str, source: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {"A": ..., "B": ...} of the LoRA tensors under ``prefix`` (others refused)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        match = _KEY.match(key[len(prefix) :])
+        if match is None:
+            what = "DoRA magnitude" if "lora_magnitude_vector" in key else "non-LoRA"
+            raise FloraError(
+                f"{source}: tensor '{key}' is a {what} weight; flora aggregates plain LoRA factors "
+                "of linear layers only (no DoRA, embedding LoRA, lora_bias or modules_to_save)"
+            )
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    for module, pair in parts.items():
+        if "A" not in pair or "B" not in pair:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise FloraError(f"{source}: module '{module}' has no {missing} weight; re-save it")
+    return parts
+
+
+def adapter_from_tensors(
+    tensors: dict[str, torch.Tensor],
+    prefix: str = "",
+    scaling: float = 1.0,
+    *,
+    source: str = "adapter",
+) -> Adapter:
+    """What :func:`adapter_to_tensors` wrote under ``prefix``, every module at ``scaling``."""
+    parts = _pairs(tensors, prefix, source)
+    if not parts:
+        raise FloraError(f"{source} holds no LoRA factors under '{prefix}'; check the sender")
+    return {m: LoraFactors(parts[m]["A"], parts[m]["B"], scaling) for m in sorted(parts)}
+
+
 def adapter_to_state_dict(modules: Adapter) -> dict[str, torch.Tensor]:
     """PEFT's saved key layout: ``base_model.model.<module>.lora_{A,B}.weight``."""
-    state: dict[str, torch.Tensor] = {}
-    for module, factors in modules.items():
-        state[f"{_PREFIX}{module}.lora_A.weight"] = factors.A.contiguous()
-        state[f"{_PREFIX}{module}.lora_B.weight"] = factors.B.contiguous()
-    return state
+    return adapter_to_tensors(modules, _PREFIX)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

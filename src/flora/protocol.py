@@ -1,4 +1,5 @@
-"""The round protocol's pure parts: client sampling, the initial global LoRA, and catch-up.
+"""The round protocol's pure parts: what a client is sent (ClientTask), one round's merged update
+(RoundUpdate) and its tensor codec, client sampling, the initial global LoRA, and catch-up.
 
 Methods that merge each round's update into the base weights (flora, florist, fedex-lora) need
 every client's base to equal the server's before it trains: a client that missed rounds first
@@ -10,20 +11,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from flora.adapters import Adapter, LoraFactors
+from flora.adapters import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
 from flora.aggregation.base import adapter_bytes, tensor_bytes
-from flora.aggregation.flexlora import svd_truncate
-from flora.aggregation.lowrank import lowrank_svd, stack
+from flora.aggregation.lowrank import lowrank_svd, stack, svd_truncate
 
 __all__ = [
+    "ClientTask",
     "RoundUpdate",
     "apply_to_sketch",
     "catch_up",
+    "client_seed",
     "initial_lora",
     "sample_clients",
     "sketch_drift",
@@ -42,6 +44,50 @@ class RoundUpdate:
     def nbytes(self) -> int:
         residual = sum(tensor_bytes(t) for t in (self.residual or {}).values())
         return adapter_bytes(self.factors) + residual
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """The dense update of every module: B @ A (+ residual), (out, in)."""
+        out = {m: f.delta() for m, f in self.factors.items()}
+        for module, residual in (self.residual or {}).items():
+            out[module] = out[module] + residual
+        return out
+
+    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flat named tensors: the factors (flora.adapters' codec) and ``residual.<module>``."""
+        tensors = adapter_to_tensors(self.factors, prefix)
+        for module, residual in (self.residual or {}).items():
+            tensors[f"{prefix}residual.{module}"] = residual.contiguous()
+        return tensors
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], round: int, prefix: str = "") -> RoundUpdate:
+        """The update :meth:`to_tensors` wrote under ``prefix``."""
+        tag = f"{prefix}residual."
+        residual = {k[len(tag) :]: v for k, v in tensors.items() if k.startswith(tag)}
+        factors = {k: v for k, v in tensors.items() if not k.startswith(tag)}
+        return RoundUpdate(round, adapter_from_tensors(factors, prefix), residual or None)
+
+
+@dataclass
+class ClientTask:
+    """What the server sends one sampled client for one round (Server.configure)."""
+
+    client: int
+    round: int
+    rank: int
+    alpha: float
+    seed: int
+    init: Adapter | None = None  # starting factors (scaling 1), for methods with a global LoRA
+    freeze_A: bool = False  # the method trains B only (ffa-lora)
+    catch_up: list[RoundUpdate] = field(default_factory=list)  # merged updates it missed
+    since: int = 0  # merged updates the client's base holds before the catch-up ...
+    through: int = 0  # ... and after it (the server's history length at configure time)
+    bytes_down: int = 0
+
+
+def client_seed(seed: int, round: int, client: int) -> int:
+    """The seed of one client's local round: distinct per (run, round, client), stable on resume."""
+    return (seed * 1_000_003 + round * 10_007 + client) % (2**31 - 1)
 
 
 def sample_clients(

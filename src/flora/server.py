@@ -1,51 +1,64 @@
-"""The server's side of the round loop: sample, configure, aggregate, and keep the global state.
+"""The server's side of the round loop: sample, configure, aggregate, record who completed.
 
 Knows nothing of models or data: it holds adapters, the history of merged updates and which
 round each client's base has reached, and runs the aggregator registry. The embedded simulator
-and the Flower ServerApp both drive it.
+and the Flower ServerApp both drive it, through the same three steps a round:
 
-How a result is applied follows each method's paper:
-- flora, florist, fedex-lora merge the realised update into the base weights; clients start fresh
-  LoRAs of their own rank every round (FLoRA's protocol), after catching up on missed updates.
-- fedit, zero-padding, flexlora, ffa-lora keep a global LoRA that clients continue from (its
-  truncation to r_k for zero-padding and flexlora; A frozen and shared for ffa-lora).
+1. ``configure(round)`` computes each sampled client's task (what it downloads); it changes
+   nothing, so a task that is never delivered costs nothing to forget;
+2. ``aggregate(round, tasks, results)`` combines the successful uploads into the global state;
+3. ``complete(tasks, done, lost)`` advances the catch-up position of the clients that actually
+   finished (their base now holds what their task sent), and resets the ones that lost theirs.
+
+How a result is applied follows each method's registry entry (flora.aggregation.registry):
+methods that merge into the base (flora, florist, fedex-lora) append the realised update to the
+history, and clients start fresh LoRAs of their own rank after catching up on what they missed;
+methods that keep a global LoRA (fedit, zero-padding, flexlora, ffa-lora) send each client its
+truncation to r_k (with A frozen where the method freezes it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from flora.adapters import Adapter
 from flora.aggregation import AggregationReport, aggregate, get_method, measure
 from flora.aggregation.base import adapter_bytes
-from flora.aggregation.validate import normalize_weights
-from flora.aggregation.zero_padding import truncate
+from flora.aggregation.lowrank import truncate
 from flora.config import RunConfig
-from flora.protocol import RoundUpdate, catch_up, initial_lora, sample_clients
+from flora.protocol import (
+    ClientTask,
+    RoundUpdate,
+    catch_up,
+    client_seed,
+    initial_lora,
+    sample_clients,
+)
 
-__all__ = ["ClientTask", "Server", "client_seed"]
+if TYPE_CHECKING:
+    from flora.client import ClientResult
 
-
-def client_seed(seed: int, round: int, client: int) -> int:
-    """The seed of one client's local round: distinct per (run, round, client), stable on resume."""
-    return (seed * 1_000_003 + round * 10_007 + client) % (2**31 - 1)
+__all__ = ["RoundOutcome", "Server"]
 
 
 @dataclass
-class ClientTask:
-    """What the server sends one sampled client for one round."""
+class RoundOutcome:
+    """One round's aggregation: the merged update (methods that merge) and its report."""
 
-    client: int
     round: int
-    rank: int
-    alpha: float
-    seed: int
-    init: Adapter | None = None  # starting factors (scaling 1), for methods with a global LoRA
-    freeze_A: bool = False  # ffa-lora
-    catch_up: list[RoundUpdate] = field(default_factory=list)  # merged updates it missed
-    bytes_down: int = 0
+    update: RoundUpdate | None
+    report: AggregationReport
+    seconds: float
+
+    def travels(self, server: Server) -> Adapter:
+        """What goes down to the clients: the round's merged factors, or the global LoRA."""
+        if self.update is not None:
+            return self.update.factors
+        assert server.global_lora is not None
+        return server.global_lora
 
 
 class Server:
@@ -75,45 +88,63 @@ class Server:
         )
 
     def configure(self, round: int, clients: Sequence[int] | None = None) -> list[ClientTask]:
-        """Tasks for ``clients`` (default: this round's sample), with what each downloads."""
+        """Tasks for ``clients`` (default: this round's sample), with what each downloads.
+
+        Pure: the server's state is unchanged until :meth:`complete` records who finished.
+        """
         tasks = []
         for k in self.sample(round) if clients is None else clients:
             task = ClientTask(
                 k, round, self.ranks[k], self.alphas[k], client_seed(self.config.seed, round, k)
             )
+            task.since = task.through = self.synced[k]
             if self.global_lora is not None:
                 task.init = {m: truncate(f, task.rank) for m, f in self.global_lora.items()}
-                task.freeze_A = self.method.name == "ffa-lora"
+                task.freeze_A = self.method.freezes_A
                 task.bytes_down = adapter_bytes(task.init, parts="B" if task.freeze_A else "AB")
             else:
                 task.catch_up, task.bytes_down = catch_up(
                     self.history[self.synced[k] :], self.config.federation.catch_up
                 )
-                self.synced[k] = len(self.history)
+                task.through = len(self.history)
             tasks.append(task)
         return tasks
 
+    def complete(
+        self, tasks: Iterable[ClientTask], done: Iterable[int], lost: Iterable[int] = ()
+    ) -> None:
+        """Record the end of ``tasks``: clients in ``done`` now hold their task's base; clients
+        in ``lost`` lost their stored base and get every merged update next time."""
+        finished, gone = set(done), set(lost)
+        for task in tasks:
+            if task.client in finished:
+                self.synced[task.client] = task.through
+            elif task.client in gone:
+                self.synced[task.client] = 0
+
     def aggregate(
-        self,
-        round: int,
-        tasks: Sequence[ClientTask],
-        updates: Sequence[Adapter],
-        examples: Sequence[int],
-    ) -> tuple[RoundUpdate | None, AggregationReport]:
-        """Aggregate the uploads; returns the update to merge into the base (None if none)."""
-        weights = normalize_weights([float(n) for n in examples], len(updates))
-        options = self.config.federation.method_options()
-        result = aggregate(self.method.name, list(updates), weights, **options)
-        report = measure(list(updates), weights, result)
+        self, round: int, tasks: Sequence[ClientTask], results: Sequence[ClientResult]
+    ) -> RoundOutcome | None:
+        """Aggregate the uploads of the clients that trained (None if none did)."""
+        uploads = [r for r in results if r.ok]
+        if not uploads:
+            return None
+        start = time.perf_counter()
+        factors = [r.factors for r in uploads if r.factors is not None]
+        options = self.config.federation.options
+        examples = [float(r.examples) for r in uploads]
+        result = aggregate(self.method.name, factors, examples, **options)
+        report = measure(factors, result.weights, result)
+        update = None
         if self.global_lora is not None:
             # Keep the global LoRA at the largest rank of ALL clients: a round's participants may
             # all be small, and a larger client joining later must get its full rank (zero-padded).
             width = max(self.ranks)
             self.global_lora = {m: truncate(f, width) for m, f in result.global_factors.items()}
-            return None, report
-        update = RoundUpdate(round, result.global_factors, result.residual)
-        self.history.append(update)
-        return update, report
+        else:
+            update = RoundUpdate(round, result.global_factors, result.residual)
+            self.history.append(update)
+        return RoundOutcome(round, update, report, time.perf_counter() - start)
 
     def state(self) -> dict[str, Any]:
         """JSON-ready scalar state (tensors are checkpointed separately)."""

@@ -1,4 +1,4 @@
-"""One client's local LoRA training on the one shared base model, and held-out loss.
+"""One client's local LoRA training on a base model it leaves as found, and held-out loss.
 
 The simulator keeps a single base model for all K clients. :func:`train_client` injects the
 client's LoRA into it in place (peft's ``LoraModel`` tuner, no copy), trains only the LoRA
@@ -26,82 +26,23 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from flora.adapters import Adapter, LoraFactors, lora_scaling
+from flora.config import TrainConfig
 from flora.data.batching import batches, collate
 from flora.data.prompts import IGNORE_INDEX, Example
 from flora.errors import FloraError
 from flora.loss import response_loss
-from flora.models import PRECISIONS, autocast_context
+from flora.models import autocast_context
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LocalResult",
     "TrainConfig",
     "evaluate_loss",
-    "merge_into_base",
     "train_client",
 ]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
-SCHEDULES = ("linear", "cosine")
 _ADAPTER_NAME = "flora"
-
-
-@dataclass
-class TrainConfig:
-    """How one client trains locally in one round."""
-
-    lr: float = 2e-4  # AdamW peak learning rate for the LoRA factors
-    batch_size: int = 8  # examples per micro-batch (one forward/backward)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    local_epochs: float = 1.0  # passes over the client's data; fractions allowed
-    max_steps: int = 0  # optimizer steps per round; when > 0 it overrides local_epochs
-    warmup_ratio: float = 0.0  # fraction of the steps spent ramping the lr up linearly
-    schedule: str = "linear"  # decay after warmup: "linear" or "cosine"
-    max_grad_norm: float = 1.0  # global grad-norm clip over the LoRA params; 0 disables it
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA factors
-    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
-    precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "auto"
-    group_by_length: bool = False  # batch examples of similar length together: less padding
-
-    def __post_init__(self) -> None:
-        _check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number >= 0")
-        for name in ("batch_size", "grad_accum"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        _check(
-            self.local_epochs >= 0 and math.isfinite(self.local_epochs),
-            "local_epochs",
-            self.local_epochs,
-            "a finite number >= 0",
-        )
-        _check(
-            isinstance(self.max_steps, int) and self.max_steps >= 0,
-            "max_steps",
-            self.max_steps,
-            "an integer >= 0 (0 means: use local_epochs)",
-        )
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
-        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0: no clip)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
-        _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
-
-    def total_steps(self, num_examples: int) -> int:
-        """Optimizer steps for a client holding ``num_examples`` examples."""
-        if self.max_steps > 0:
-            return self.max_steps
-        return math.ceil(self._micro_batches(num_examples) / self.grad_accum)
-
-    def _micro_batches(self, num_examples: int) -> int:
-        if self.max_steps > 0:
-            return self.max_steps * self.grad_accum
-        return math.ceil(self.local_epochs * math.ceil(num_examples / self.batch_size))
-
-
-def _check(ok: bool, name: str, value: object, expected: str) -> None:
-    if not ok:
-        raise FloraError(f"train.{name} must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -336,7 +277,7 @@ def _run_steps(
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation and merging
+# held-out loss
 
 
 def evaluate_loss(
@@ -373,34 +314,3 @@ def evaluate_loss(
     if count == 0:
         raise FloraError("evaluate_loss: no example has a response token; check the labels")
     return total / count
-
-
-def merge_into_base(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
-    """Add dense updates (out, in) into the named modules' ``.weight`` in place, in fp32.
-
-    Every name and shape is checked before any weight changes. A module whose weight is tied
-    (e.g. lm_head with tied embeddings) changes its twin too.
-    """
-    targets: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for name, update in delta.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise FloraError(
-                f"merge: the model has no module '{name}'; check the adapter keys"
-            ) from None
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise FloraError(f"merge: module '{name}' has no weight tensor to update")
-        if tuple(update.shape) != tuple(weight.shape):
-            raise FloraError(
-                f"merge: delta for '{name}' is {tuple(update.shape)} but the weight is "
-                f"{tuple(weight.shape)}; give (out, in) = B @ A"
-            )
-        if not torch.isfinite(update).all():
-            raise FloraError(f"merge: delta for '{name}' holds NaN or inf; check the aggregation")
-        targets.append((weight, update))
-    with torch.no_grad():
-        for weight, update in targets:
-            merged = weight.float() + update.to(device=weight.device, dtype=torch.float32)
-            weight.copy_(merged.to(weight.dtype))

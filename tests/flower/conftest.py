@@ -5,7 +5,7 @@ one-model memory test) see no extra tensors."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -24,6 +24,21 @@ def _flwr_home(tmp_path_factory) -> Iterator[None]:
         os.environ.pop("FLWR_HOME", None)
     else:
         os.environ["FLWR_HOME"] = saved
+
+
+@pytest.fixture
+def fail_client() -> Iterator[Callable[[int, int], None]]:
+    """``fail_client(partition, round)``: that client's round fails (tests/flower/faults.py)."""
+    undo: list[Callable[[], None]] = []
+
+    def arm(partition: int, round: int) -> None:
+        from tests.flower.faults import fail_client_round
+
+        undo.append(fail_client_round(partition, round))
+
+    yield arm
+    for step in reversed(undo):
+        step()
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,6 @@ from flora import simulation
 from flora.aggregation import METHODS
 from flora.config import RunConfig, load_config
 from flora.errors import FloraError
-from flora.flower.client import FAULT_ENV
 from flora.flower.client_app import make_client_app
 from flora.flower.server_app import discover_partitions, run_server
 from flora.metrics import read_metrics
@@ -95,9 +94,9 @@ def test_svd_catch_up_gives_the_embedded_updates_to_float_precision(tmp_path):
     assert_same_rounds(flower, tmp_path / "embedded", 3, atol=1e-6)
 
 
-def test_a_failed_client_is_left_out_and_catches_up_next_round(tmp_path, monkeypatch):
-    # Prepare: client 1 raises in round 1 (after loading its state, before training)
-    monkeypatch.setenv(FAULT_ENV, "1@1")
+def test_a_failed_client_is_left_out_and_catches_up_next_round(tmp_path, fail_client):
+    # Prepare: client 1 fails in round 1 (after loading its state, before training)
+    fail_client(1, 1)
     config = load_config(TINY, [*FAST, "federation.rounds=2"])
     # Execute
     flower = run_flower(config, tmp_path)

@@ -21,7 +21,7 @@ from flora.flower.records import (
     updates_to_record,
 )
 from flora.protocol import RoundUpdate
-from flora.server import ClientTask
+from flora.protocol import ClientTask
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (6, 5), "model.layers.0.self_attn.v_proj": (3, 5)}
 
@@ -67,7 +67,8 @@ def test_a_task_carries_its_config_and_catch_up_range():
     config = load_config("configs/tiny.toml")
     task = ClientTask(2, 3, 4, 8.0, 12345, freeze_A=True, bytes_down=99)
     task.catch_up = [RoundUpdate(1, _adapter(2)), RoundUpdate(2, _adapter(2))]
-    info = task_from_record(task_to_record(task, config_json(config), since=0, through=2))
+    task.since, task.through = 0, 2
+    info = task_from_record(task_to_record(task, config_json(config)))
     assert (info.task.client, info.task.round, info.task.rank, info.task.seed) == (2, 3, 4, 12345)
     assert info.task.alpha == 8.0 and info.task.freeze_A and info.task.bytes_down == 99
     assert (info.since, info.through, info.catch_up_rounds) == (0, 2, [1, 2])

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from flora import simulation
 from flora.cli import main
 from flora.config import load_config
-from flora.flower.strategy import SERVER_FAULT_ENV
+from flora.outputs import RunOutputs
 from flora.metrics import read_metrics
 
 TINY = "configs/tiny.toml"
@@ -63,11 +63,19 @@ def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, monkey
     # Prepare: the ServerApp dies right after round 2's checkpoint
     sim, embedded = tmp_path / "sim", tmp_path / "embedded"
     overrides = [arg for o in [*TWO_CLIENTS, "federation.rounds=3"] for arg in ("--set", o)]
-    monkeypatch.setenv(SERVER_FAULT_ENV, "2")
+    real = RunOutputs.checkpoint
+
+    def checkpoint_then_die(self, round, *args, **kwargs):  # type: ignore[no-untyped-def]
+        path = real(self, round, *args, **kwargs)
+        if round == 2:
+            raise RuntimeError("injected ServerApp fault after round 2")
+        return path
+
+    monkeypatch.setattr(RunOutputs, "checkpoint", checkpoint_then_die)
     assert main(["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim),
                  "--quiet"]) == 2  # fmt: skip
     assert len(list((sim / "nodes").glob("run-*/partition-*/base-1.safetensors"))) == 2
-    monkeypatch.delenv(SERVER_FAULT_ENV)
+    monkeypatch.setattr(RunOutputs, "checkpoint", real)
     # Execute
     assert main(["run", "--resume", str(sim), "--quiet"]) == 2  # not with the embedded runtime
     assert main(["run", "--resume", str(sim), "--runtime", "flower-sim", "--quiet"]) == 0
@@ -107,10 +115,10 @@ def deployment(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path
     env = os.environ | {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "TMPDIR": str(tmp),
-        "FLORA_FLOWER_FAULT": "1@1",  # flora.flower.client_app's test hook
     }
+    faulty_worker = f"{sys.executable} {Path(__file__).parent / 'faults.py'} 1@1"  # 1 fails in 1
     command = ["bash", "scripts/flower-deploy.sh", "-n", "2", "-s", ";".join(TWO_CLIENTS),
-               "-o", str(run_dir), "-t", "240"]  # fmt: skip
+               "-o", str(run_dir), "-t", "240", "-w", faulty_worker]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     return done, run_dir
 

@@ -26,7 +26,6 @@ from tests.flower.test_apps import FAST, TINY, assert_same_rounds, rows
 from flora import simulation
 from flora.config import load_config
 from flora.errors import FloraError
-from flora.flower.client import FAULT_ENV
 from flora.flower.client_app import make_client_app
 from flora.flower.node import Node
 from flora.flower.relay import WorkerUnavailable, call, decode_content, encode_content
@@ -91,8 +90,8 @@ def test_rounds_through_the_worker_equal_the_embedded_runtime(tmp_path, worker, 
     assert log.count("evaluate for partition") == kinds.count("evaluate") > 0
 
 
-def test_a_failure_on_the_worker_fails_only_that_client(tmp_path, worker, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "1@1")
+def test_a_failure_on_the_worker_fails_only_that_client(tmp_path, worker, fail_client):
+    fail_client(1, 1)
     config = load_config(TINY, [*FAST, "federation.rounds=2"])
     grid = InlineGrid(make_client_app(tmp_path / "nodes"), 3, extra={"worker": str(worker)})
     run_server(grid, config, tmp_path / "flower", {})

@@ -63,7 +63,7 @@ class Method:
     @property
     def run(self) -> Callable[..., Any]:
         """The method's pure ``aggregate(clients, weights, **options)``."""
-        return importlib.import_module(f"flora.aggregation.{self.module}").aggregate  # type: ignore[no-any-return]
+        return importlib.import_module(f"flora.aggregation.{self.module}").aggregate
 
     def option(self, name: str) -> Option:
         for option in self.options:

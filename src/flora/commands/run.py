@@ -12,7 +12,7 @@ from flora.config import load_config
 from flora.errors import FloraError
 
 if TYPE_CHECKING:
-    from flora.simulation import RunResult
+    from flora.outputs import RunResult
 
 __all__ = ["add_parser", "run"]
 
@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flora.simulation import load_run_config
+    from flora.config import load_run_config
     from flora.simulation import run as simulate
 
     if args.runtime == "flower-sim":

@@ -1,7 +1,9 @@
 """The data layer: load instruction records, encode them with masked prompts, split them
-across clients, and batch them."""
+across clients, and batch them. Batching (torch) loads on first use, so the config stays
+torch-free."""
 
-from flora.data.batching import batches, collate
+from typing import TYPE_CHECKING, Any
+
 from flora.data.partition import (
     SCHEMES,
     client_table,
@@ -31,6 +33,9 @@ from flora.data.sources import (
     load_records,
 )
 
+if TYPE_CHECKING:
+    from flora.data.batching import batches, collate
+
 __all__ = [
     "DATA_DIR_ENV",
     "DOLLY_FILE",
@@ -57,3 +62,11 @@ __all__ = [
     "partition_shards",
     "split_heldout",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("batches", "collate"):
+        from flora.data import batching
+
+        return getattr(batching, name)
+    raise AttributeError(f"module 'flora.data' has no attribute {name!r}")

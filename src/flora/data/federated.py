@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
@@ -12,7 +13,10 @@ from flora.data.prompts import Example, encode_records
 from flora.data.sources import Record, load_records
 from flora.errors import FloraError
 
-__all__ = ["FederatedData", "prepare_data"]
+if TYPE_CHECKING:
+    from flora.config import RunConfig
+
+__all__ = ["FederatedData", "prepare_data", "run_data"]
 
 
 @dataclass
@@ -80,4 +84,23 @@ def prepare_data(
         heldout_records=[records[i] for i in held_idx],
         table=client_table(parts, labels),
         dropped=train.dropped + held.dropped,
+    )
+
+
+def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
+    """The run's data from its config: seeded end to end, so every runtime gets the same split."""
+    fed = config.federation
+    return prepare_data(
+        source=config.data.source,
+        tokenizer=tokenizer,
+        template=config.data.template,
+        max_length=config.data.max_length,
+        limit=config.data.limit,
+        heldout=config.data.heldout,
+        scheme=config.data.partition,
+        num_clients=1 if fed.centralized else fed.num_clients,
+        seed=config.seed,
+        label_column=config.data.label_column,
+        dirichlet_alpha=config.data.dirichlet_alpha,
+        shards_per_client=config.data.shards_per_client,
     )

@@ -17,7 +17,7 @@ from typing import Any, cast
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flora.config import ModelConfig, RunConfig
+from flora.config import ModelConfig, RunConfig, load_run_config
 from flora.data.prompts import Template
 from flora.errors import FloraError
 from flora.evaluation.heldout import heldout_data, heldout_report
@@ -26,7 +26,6 @@ from flora.evaluation.mmlu_data import load_mmlu
 from flora.evaluation.samples import answer_all, load_mt_bench
 from flora.io import atomic_write_json
 from flora.models import load_model, resolve_precision
-from flora.simulation import load_run_config
 
 __all__ = [
     "TASKS",

@@ -9,10 +9,9 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.config import RunConfig
-from flora.data.federated import FederatedData
+from flora.data.federated import FederatedData, run_data
 from flora.data.prompts import IGNORE_INDEX, Example
 from flora.errors import FloraError
-from flora.simulation import run_data
 from flora.training import evaluate_loss
 
 __all__ = ["heldout_data", "heldout_report", "supervised_tokens"]

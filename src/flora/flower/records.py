@@ -1,17 +1,17 @@
 """What travels between the ServerApp and the ClientApps, as Flower records, and back.
 
 Server to client (train and evaluate messages):
-  ``task``      ConfigRecord: the ClientTask's scalars, the run config as JSON, and ``since`` /
-                ``through``, the merged updates the client's base holds before / after catch-up
-  ``catch-up``  ArrayRecord: the merged updates it missed, ``<i>/<module>/A|B|R``
+  ``task``      ConfigRecord: the ClientTask's scalars (``since`` / ``through``: the merged
+                updates the client's base holds before / after catch-up) and the run config
+  ``catch-up``  ArrayRecord: the merged updates it missed, ``<i>/`` + RoundUpdate.to_tensors
   ``init``      ArrayRecord: its starting LoRA, for methods with a global LoRA (train)
   ``lora``      ArrayRecord: the global LoRA to evaluate (evaluate, methods that keep one)
-Client to server:
-  ``factors``   ArrayRecord ``<module>/A`` (r, in) and ``<module>/B`` (out, r), fp32, bitwise
-  ``metrics``   MetricRecord: partition, num-examples, tokens, steps, train-loss, seconds,
-                scaling, process-age, prepare-seconds, received-at, replied-at (train);
-                partition, heldout-loss (evaluate)
+Client to server (one ClientResult):
+  ``factors``   ArrayRecord: the trained factors, flora.adapters' codec, fp32, bitwise (train)
+  ``metrics``   MetricRecord: partition, round, num-examples, tokens, steps, train-loss, seconds,
+                sync-seconds, scaling, heldout-loss (evaluate), and the node's timings
   ``samples``   ConfigRecord: instructions and answers (evaluate, when eval.samples > 0)
+Tensors use flora.adapters' one codec (``<module>.lora_A.weight``) under a record prefix.
 Flower splits large arrays into 5 MiB chunks by itself.
 """
 
@@ -24,30 +24,25 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues, RecordDict
 
-from flora.adapters import Adapter, LoraFactors
+from flora.adapters import Adapter, adapter_from_tensors, adapter_to_tensors
+from flora.client import ClientResult
 from flora.config import RunConfig, config_from_dict, config_to_dict
 from flora.errors import FloraError
-from flora.protocol import RoundUpdate
-from flora.server import ClientTask
-from flora.training import LocalResult
+from flora.protocol import ClientTask, RoundUpdate
 
 __all__ = [
-    "Evaluation",
     "TaskInfo",
-    "Upload",
     "adapter_from_record",
     "adapter_to_record",
     "config_json",
-    "evaluation_from_content",
-    "evaluation_to_content",
     "node_from_content",
     "partition_of",
+    "result_from_content",
+    "result_to_content",
     "task_from_record",
     "task_to_record",
     "updates_from_record",
     "updates_to_record",
-    "upload_from_content",
-    "upload_to_content",
 ]
 
 
@@ -72,27 +67,15 @@ def _strings(record: ConfigRecord, key: str) -> list[str]:
 
 
 def adapter_to_record(adapter: Adapter, prefix: str = "") -> dict[str, torch.Tensor]:
-    """``{prefix}<module>/A`` and ``/B`` tensors of ``adapter`` (scalings travel separately)."""
-    out: dict[str, torch.Tensor] = {}
-    for module, factors in adapter.items():
-        out[f"{prefix}{module}/A"] = factors.A.detach().contiguous()
-        out[f"{prefix}{module}/B"] = factors.B.detach().contiguous()
-    return out
+    """``adapter``'s tensors under ``prefix`` (scalings travel separately)."""
+    return adapter_to_tensors(adapter, prefix)
 
 
 def adapter_from_record(
     tensors: dict[str, torch.Tensor], prefix: str = "", scaling: float = 1.0
 ) -> Adapter:
     """The adapter stored under ``prefix`` in ``tensors``, every module at ``scaling``."""
-    modules = sorted(
-        {k[len(prefix) : -2] for k in tensors if k.startswith(prefix) and k[-2:] in ("/A", "/B")}
-    )
-    if not modules:
-        raise FloraError(f"message holds no LoRA factors under '{prefix}'; check the sender")
-    return {
-        m: LoraFactors(tensors[f"{prefix}{m}/A"], tensors[f"{prefix}{m}/B"], scaling)
-        for m in modules
-    }
+    return adapter_from_tensors(tensors, prefix, scaling, source="message")
 
 
 def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -103,9 +86,7 @@ def updates_to_record(updates: Sequence[RoundUpdate]) -> ArrayRecord:
     """Merged round updates (factors at scaling 1, optional residuals), in order."""
     tensors: dict[str, torch.Tensor] = {}
     for i, update in enumerate(updates):
-        tensors |= adapter_to_record(update.factors, f"{i}/")
-        for module, residual in (update.residual or {}).items():
-            tensors[f"{i}/{module}/R"] = residual.contiguous()
+        tensors |= update.to_tensors(f"{i}/")
     return ArrayRecord(tensors) if tensors else ArrayRecord()
 
 
@@ -115,13 +96,8 @@ def updates_from_record(record: ArrayRecord, rounds: Sequence[int]) -> list[Roun
     updates = []
     for i, round in enumerate(rounds):
         prefix = f"{i}/"
-        residual = {
-            k[len(prefix) : -2]: v
-            for k, v in tensors.items()
-            if k.startswith(prefix) and k.endswith("/R")
-        }
-        factors = adapter_from_record(tensors, prefix)
-        updates.append(RoundUpdate(int(round), factors, residual or None))
+        mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        updates.append(RoundUpdate.from_tensors(mine, int(round), prefix))
     return updates
 
 
@@ -135,18 +111,22 @@ def config_json(config: RunConfig) -> str:
 
 @dataclass
 class TaskInfo:
-    """A task as the ClientApp reads it: the ClientTask, the run config, the catch-up range."""
+    """A task as the ClientApp reads it: the ClientTask and the run config."""
 
     task: ClientTask  # catch_up and init still empty: they come from the ArrayRecords
     config: RunConfig
-    since: int  # merged updates the client's base held before this catch-up
-    through: int  # ... and holds after it
     catch_up_rounds: list[int]
 
+    @property
+    def since(self) -> int:
+        return self.task.since
 
-def task_to_record(
-    task: ClientTask, config_json: str, since: int, through: int, run_key: str = ""
-) -> ConfigRecord:
+    @property
+    def through(self) -> int:
+        return self.task.through
+
+
+def task_to_record(task: ClientTask, config_json: str, run_key: str = "") -> ConfigRecord:
     """The ConfigRecord of one task; ``config_json`` is the run's resolved config, ``run_key``
     names the node state of the flora run (kept across a resume)."""
     return ConfigRecord(
@@ -158,8 +138,8 @@ def task_to_record(
             "alpha": float(task.alpha),
             "seed": task.seed,
             "freeze-a": task.freeze_A,
-            "since": since,
-            "through": through,
+            "since": task.since,
+            "through": task.through,
             "catch-up-rounds": ",".join(str(u.round) for u in task.catch_up),
             "bytes-down": task.bytes_down,
             "config": config_json,
@@ -177,103 +157,80 @@ def task_from_record(record: ConfigRecord) -> TaskInfo:
         alpha=_number(record, "alpha"),
         seed=int(_number(record, "seed")),
         freeze_A=bool(record.get("freeze-a", False)),
+        since=int(_number(record, "since")),
+        through=int(_number(record, "through")),
         bytes_down=int(_number(record, "bytes-down")),
     )
     rounds = [int(r) for r in str(record.get("catch-up-rounds", "")).split(",") if r]
-    since, through = int(_number(record, "since")), int(_number(record, "through"))
-    return TaskInfo(task, config, since, through, rounds)
+    return TaskInfo(task, config, rounds)
 
 
 # --- the replies ----------------------------------------------------------------------------
 
 
-_TIMING = ("process-age", "prepare-seconds", "received-at", "replied-at")
+_SCALARS = ("tokens", "steps", "seconds", "sync-seconds")
 
 
-@dataclass
-class Upload:
-    """One client's reply to a train message."""
-
-    partition: int
-    factors: Adapter  # at the client's scaling
-    examples: int
-    tokens: int
-    steps: int
-    train_loss: float
-    seconds: float  # in train_client
-    # process-age (at the message), prepare-seconds (until training), received-at and
-    # replied-at (Unix time of the message's start and end on the node)
-    timing: dict[str, float]
-
-
-def upload_to_content(
-    partition: int, result: LocalResult, timing: dict[str, float] | None = None
-) -> RecordDict:
-    scalings = {f.scaling for f in result.factors.values()}
-    if len(scalings) != 1:
-        raise FloraError(f"client {partition}: modules trained at scalings {sorted(scalings)}")
+def result_to_content(result: ClientResult) -> RecordDict:
+    """A client's reply: its factors (train), its metrics and sample answers (evaluate)."""
+    if result.error is not None:
+        raise FloraError(result.error)  # Flower's error reply carries it to the server
     metrics: dict[str, MetricRecordValues] = {
-        "partition": partition,
+        "partition": result.client,
+        "round": result.round,
         "num-examples": result.examples,
         "tokens": result.tokens,
         "steps": result.steps,
         "train-loss": result.train_loss,
         "seconds": result.seconds,
-        "scaling": scalings.pop(),
-        **(timing or {}),
+        "sync-seconds": result.sync_seconds,
+        **result.timing,
     }
-    factors = ArrayRecord(adapter_to_record(result.factors))
-    return RecordDict({"factors": factors, "metrics": MetricRecord(metrics)})
-
-
-def upload_from_content(content: RecordDict) -> Upload:
-    metrics = content.metric_records["metrics"]
-    tensors = _tensors(content.array_records["factors"])
-    return Upload(
-        partition=int(_number(metrics, "partition")),
-        factors=adapter_from_record(tensors, scaling=_number(metrics, "scaling")),
-        examples=int(_number(metrics, "num-examples")),
-        tokens=int(_number(metrics, "tokens")),
-        steps=int(_number(metrics, "steps")),
-        train_loss=_number(metrics, "train-loss"),
-        seconds=_number(metrics, "seconds"),
-        timing={k: _number(metrics, k) for k in _TIMING if k in metrics},
-    )
-
-
-@dataclass
-class Evaluation:
-    """One client's reply to an evaluate message."""
-
-    partition: int
-    loss: float
-    samples: list[dict[str, str]]  # instruction, answer
-
-
-def evaluation_to_content(evaluation: Evaluation) -> RecordDict:
-    metrics: dict[str, MetricRecordValues] = {
-        "partition": evaluation.partition,
-        "heldout-loss": evaluation.loss,
-    }
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if evaluation.samples:
+    content = RecordDict({})
+    if result.factors is not None:
+        scalings = {f.scaling for f in result.factors.values()}
+        if len(scalings) != 1:
+            raise FloraError(
+                f"client {result.client}: modules trained at scalings {sorted(scalings)}"
+            )
+        metrics["scaling"] = scalings.pop()
+        content["factors"] = ArrayRecord(adapter_to_record(result.factors))
+    if result.heldout_loss is not None:
+        metrics["heldout-loss"] = result.heldout_loss
+    content["metrics"] = MetricRecord(metrics)
+    if result.samples:
         content["samples"] = ConfigRecord(
             {
-                "instructions": [s["instruction"] for s in evaluation.samples],
-                "answers": [s["answer"] for s in evaluation.samples],
+                "instructions": [s["instruction"] for s in result.samples],
+                "answers": [s["answer"] for s in result.samples],
             }
         )
     return content
 
 
-def evaluation_from_content(content: RecordDict) -> Evaluation:
+def result_from_content(content: RecordDict) -> ClientResult:
+    """Read back :func:`result_to_content`; a malformed reply raises FloraError."""
     metrics = content.metric_records["metrics"]
-    samples = []
+    result = ClientResult(int(_number(metrics, "partition")), int(_number(metrics, "round")))
+    result.examples = int(_number(metrics, "num-examples"))
+    result.train_loss = _number(metrics, "train-loss")
+    result.tokens, result.steps, result.seconds, result.sync_seconds = (
+        int(_number(metrics, "tokens")), int(_number(metrics, "steps")),
+        _number(metrics, "seconds"), _number(metrics, "sync-seconds"),
+    )  # fmt: skip
+    known = {"partition", "round", "num-examples", "train-loss", "scaling", "heldout-loss",
+             *_SCALARS}  # fmt: skip
+    result.timing = {k: _number(metrics, k) for k in metrics if k not in known}
+    if "factors" in content.array_records:
+        tensors = _tensors(content.array_records["factors"])
+        result.factors = adapter_from_record(tensors, scaling=_number(metrics, "scaling"))
+    if "heldout-loss" in metrics:
+        result.heldout_loss = _number(metrics, "heldout-loss")
     if "samples" in content.config_records:
         record = content.config_records["samples"]
         pairs = zip(_strings(record, "instructions"), _strings(record, "answers"), strict=True)
-        samples = [{"instruction": i, "answer": a} for i, a in pairs]
-    return Evaluation(int(_number(metrics, "partition")), _number(metrics, "heldout-loss"), samples)
+        result.samples = [{"instruction": i, "answer": a} for i, a in pairs]
+    return result
 
 
 def partition_of(content: RecordDict) -> int:

@@ -19,12 +19,12 @@ Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
 - ``keep-node-state``: keep the nodes' state after the run (default false: a successful run
   asks every node to delete its ``run-<key>`` directory)
 
-The run directory has the embedded runtime's layout, so the same tools read both.
+The run directory has the embedded runtime's layout (flora.outputs), so the same tools read
+both; the rows, evaluation and checkpoints come from the same core (flora.engine.RunCore).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -32,43 +32,20 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-    UserConfig,
-)
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict, UserConfig
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from flora.adapters import Adapter
-from flora.checkpoint import load_checkpoint
-from flora.config import RunConfig, config_to_dict, load_config
+from flora.config import RunConfig, load_config, load_run_config
+from flora.engine import RunCore
 from flora.errors import FloraError
 from flora.flower.grid import PollingGrid
 from flora.flower.records import config_json, node_from_content
-from flora.flower.state import run_data
 from flora.flower.strategy import FloraStrategy
-from flora.generation import generate_answer
 from flora.io import atomic_write_json
-from flora.metrics import read_metrics
-from flora.models import load_model, resolve_precision
-from flora.server import Server
-from flora.simulation import (
-    RunResult,
-    _deltas,
-    applied,
-    load_run_config,
-    save_final,
-    target_shapes,
-)
-from flora.training import evaluate_loss, merge_into_base
+from flora.outputs import RunResult
 
-__all__ = ["ServerModel", "app", "discover_partitions", "make_server_app", "run_server"]
+__all__ = ["app", "discover_partitions", "make_server_app", "run_server"]
 
 
 def discover_partitions(grid: Grid, num_partitions: int, wait: float) -> dict[int, int]:
@@ -118,51 +95,6 @@ def _settings(run_config: UserConfig) -> tuple[RunConfig, Path]:
     return load_config(path, overrides), Path(run_dir)
 
 
-class ServerModel:
-    """The ServerApp's copy of the base: W0 plus every merged update, as the embedded runtime
-    keeps it. It evaluates the global model on the held-out set and becomes final/model."""
-
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.precision = resolve_precision(config.train.precision)
-        self.model, self.tokenizer = load_model(
-            config.model.name, precision=self.precision, seed=config.seed
-        )
-        self.shapes = target_shapes(self.model, config.model.target_modules)
-        self.data = run_data(config, self.tokenizer)
-        self.merged = 0  # rounds of the server's history merged into the weights
-
-    def sync(self, server: Server) -> None:
-        for update in server.history[self.merged :]:  # W += B A (+ R), in order
-            merge_into_base(self.model, _deltas(update))
-        self.merged = len(server.history)
-
-    def evaluate(self, lora: Adapter | None) -> tuple[float, list[dict[str, str]]]:
-        """Held-out loss and sample answers of the base with ``lora`` merged (restored after)."""
-        eval_config, pad_id = self.config.eval, int(self.tokenizer.pad_token_id)
-        with applied(self.model, lora):
-            loss = evaluate_loss(self.model, self.data.heldout, batch_size=eval_config.batch_size,
-                                 pad_id=pad_id, precision=self.precision)  # fmt: skip
-            samples = [
-                {"instruction": r["instruction"], "answer": generate_answer(
-                    self.model, self.tokenizer, r["instruction"], r.get("context", ""),
-                    template=self.config.data.template,  # type: ignore[arg-type]
-                    max_new_tokens=eval_config.max_new_tokens, precision=self.precision)}
-                for r in self.data.heldout_records[: eval_config.samples]
-            ]  # fmt: skip
-        return loss, samples
-
-    def mmlu(self, round: int, lora: Adapter | None) -> dict[str, Any]:
-        """The ``mmlu`` metrics row of the base with ``lora`` merged (eval.mmlu)."""
-        from flora.evaluation.during_run import mmlu_row
-
-        with applied(self.model, lora):
-            return mmlu_row(self.model, self.tokenizer, self.config.eval, round, self.precision)
-
-    def save(self, final: Path, lora: Adapter | None) -> None:
-        save_final(final, self.model, self.tokenizer, self.config, lora)
-
-
 def _run_key(run_dir: Path, resume: bool) -> str:
     """The flora run's key for the nodes' state: new for a new run, kept across resumes."""
     path = run_dir / "flower.json"
@@ -192,77 +124,49 @@ def forget_node_state(grid: Grid, nodes: dict[int, int], run_key: str, timeout: 
 def run_server(
     grid: Grid, config: RunConfig, run_dir: Path, options: UserConfig, *, resume: bool = False
 ) -> RunResult:
-    """The whole run on ``grid``: nodes, evaluation before, rounds, evaluation after, outputs.
-    With ``resume``, go on after ``run_dir``'s last checkpoint instead (``config`` must be the
-    run's own)."""
+    """The whole run on ``grid``: nodes, evaluation before, rounds, outputs. With ``resume``,
+    go on after ``run_dir``'s last checkpoint instead (``config`` must be the run's own)."""
     start = time.perf_counter()
-    if resume:
-        checkpoint = load_checkpoint(run_dir)
-    elif (run_dir / "metrics.jsonl").exists():
-        raise FloraError(
-            f"{run_dir} already holds a run; give another run-dir, or resume=true to continue it"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hint = "give another run-dir, or resume=true to continue it"
+    if resume and (run_dir / "metrics.jsonl").exists():
+        _run_key(run_dir, resume)  # refuses a run of the embedded runtime, with the fix
+    core = RunCore(config, run_dir, resume=resume, hint=hint)
     run_key = _run_key(run_dir, resume)
-    if not resume:
-        atomic_write_json(run_dir / "config.json", config_to_dict(config))
-    base = ServerModel(config)
-    log(INFO, "flora: clients' data\n%s", base.data.table)
-    server = Server(config, base.shapes)
-    nodes = discover_partitions(grid, server.num_clients, float(options.get("node-wait", 300)))
+    log(INFO, "flora: clients' data\n%s", core.model.data.table)
+    nodes = discover_partitions(grid, core.server.num_clients, float(options.get("node-wait", 300)))
     log(INFO, "flora: partitions on nodes %s", nodes)
     client_eval = bool(options.get("client-eval", False))
-    strategy = FloraStrategy(server, nodes, run_dir, config_json(config), client_eval, run_key)
-
-    def evaluate(round: int) -> MetricRecord | None:
-        base.sync(server)
-        metrics = None
-        if strategy.evaluates(round):
-            loss, samples = base.evaluate(server.global_lora)
-            strategy.record_evaluation(round, loss, samples)
-            metrics = MetricRecord({"heldout-loss": loss})
-        if config.eval.mmlu_at(round, config.federation.rounds):
-            strategy.metrics.write(base.mmlu(round, server.global_lora))
-        return metrics
-
+    strategy = FloraStrategy(core.server, nodes, config_json(config), client_eval, run_key)
     timeout = float(options.get("round-timeout", 3600))
-    first = 1
-    if resume:
-        server.restore(checkpoint.state, checkpoint.history, checkpoint.global_lora)
-        base.sync(server)
-        strategy.metrics.truncate(checkpoint.round)
-        strategy.evaluations = {
-            int(r["round"]): r for r in read_metrics(run_dir / "metrics.jsonl")
-            if r.get("kind") == "eval" and "client" not in r
-        }  # fmt: skip
-        first = checkpoint.round + 1
-        log(INFO, "flora: resuming %s after round %d", run_dir, checkpoint.round)
+    started = {"perf": time.perf_counter(), "unix": time.time()}
+
+    def client_evaluation(round: int) -> None:
+        evaluation = strategy.evaluation
+        if evaluation is not None and evaluation.heldout_loss is not None:
+            loss, samples = evaluation.heldout_loss, evaluation.samples
+            core.outputs.eval_row(round, loss, samples, client=evaluation.client)
+
+    def end_round(t: int) -> None:
+        uploads = [r for r in strategy.results if r.ok]
+        extra: dict[str, Any] = {"round_seconds": time.perf_counter() - started["perf"],
+                                 "started_at": started["unix"]}  # fmt: skip
+        if uploads:  # the nodes train in parallel
+            extra["train_seconds_max"] = max(r.seconds for r in uploads)
+        core.end_round(t, strategy.tasks, strategy.results, strategy.outcome, extra,
+                       before_eval=lambda: client_evaluation(t))  # fmt: skip
+        started.update(perf=time.perf_counter(), unix=time.time())
+
+    if core.resumed:
+        log(INFO, "flora: resuming %s after round %d", run_dir, core.first_round - 1)
     else:
-        if client_eval:
-            zero = strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord(), grid)
-            strategy.aggregate_evaluate(0, grid.send_and_receive(zero, timeout=timeout))
-        evaluate(0)
-    strategy.run_rounds(grid, first, timeout, evaluate)
-    base.save(run_dir / "final", server.global_lora)
-    result = _summary(strategy, run_dir, time.perf_counter() - start)
+        strategy.evaluate_on_client(grid, 0, timeout)
+        client_evaluation(0)
+        core.evaluate(0)
+    started.update(perf=time.perf_counter(), unix=time.time())
+    strategy.run_rounds(grid, core.first_round, timeout, end_round)
+    result = core.finish(time.perf_counter() - start, "flower")
     if not bool(options.get("keep-node-state", False)):
         forget_node_state(grid, nodes, run_key, timeout)
-    return result
-
-
-def _summary(strategy: FloraStrategy, run_dir: Path, seconds: float) -> RunResult:
-    evals = strategy.evaluations
-    rounds = strategy.server.config.federation.rounds
-    if 0 not in evals or rounds not in evals:
-        raise FloraError(f"the held-out evaluation before or after failed; see {run_dir}")
-    before, after = evals[0], evals[rounds]
-    samples = [
-        {"instruction": b["instruction"], "before": b["answer"], "after": a["answer"]}
-        for b, a in zip(before["samples"], after["samples"], strict=False)
-    ]
-    result = RunResult(run_dir, before["heldout_loss"], after["heldout_loss"], samples, seconds)
-    summary = dataclasses.asdict(result) | {"run_dir": str(run_dir), "runtime": "flower"}
-    atomic_write_json(run_dir / "summary.json", summary)
     return result
 
 

@@ -21,7 +21,7 @@ from flora.config import RunConfig
 from flora.errors import FloraError
 from flora.flower.client_app import make_client_app
 from flora.flower.server_app import make_server_app
-from flora.simulation import RunResult
+from flora.outputs import RunResult
 
 __all__ = ["simulate"]
 

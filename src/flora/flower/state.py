@@ -22,30 +22,27 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from flora.client import ClientData
 from flora.config import RunConfig
-from flora.data.prompts import Example
+from flora.data.federated import run_data
 from flora.errors import FloraError
-from flora.flower.node import STATE_ENV, default_state_dir
 from flora.io import atomic_write, atomic_write_json
 from flora.models import load_model, resolve_precision
-from flora.simulation import run_data, target_shapes
+from flora.protocol import ClientTask
+from flora.weights import merge_update, module_weight, target_shapes
 
 __all__ = [
     "RESYNC",
-    "STATE_ENV",
     "ClientBase",
-    "ClientData",
+    "NodeBase",
     "clear_caches",
-    "default_state_dir",
     "load_base",
     "load_data",
-    "run_data",
 ]
 
 RESYNC = "flora-resync"  # in an error reply: this node's base is gone, start it from W0
@@ -62,7 +59,7 @@ class ClientBase:
     pristine: dict[str, torch.Tensor]  # their weights as loaded: snapshot 0
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {m: _weight(self.model, m) for m in self.targets}
+        return {m: module_weight(self.model, m) for m in self.targets}
 
     def restore(self, directory: Path, synced: int) -> None:
         """Set the target weights to the snapshot after ``synced`` merged updates."""
@@ -92,10 +89,31 @@ class ClientBase:
                 path.unlink(missing_ok=True)
 
 
-def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
-    weight = model.get_submodule(name).weight
-    assert isinstance(weight, torch.Tensor)
-    return weight.detach()
+@dataclass
+class NodeBase:
+    """A node's base for one message: the cached model and the node's snapshot directory."""
+
+    base: ClientBase
+    directory: Path
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.base.model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.base.tokenizer
+
+    def catch_up(self, task: ClientTask) -> None:
+        """Restore the snapshot the server assumed (``since``), then merge what it missed."""
+        self.base.restore(self.directory, task.since)
+        for update in task.catch_up:  # W += B A (+ R), in order: bitwise as the server's copy
+            merge_update(self.base.model, update)
+
+    def store(self, task: ClientTask) -> None:
+        """After a success only: a crash before this leaves the base the server falls back to."""
+        if task.through != task.since:
+            self.base.save(self.directory, task.through, keep_from=task.since)
 
 
 _MODELS: dict[tuple[str, int], ClientBase] = {}
@@ -115,16 +133,9 @@ def load_base(config: RunConfig) -> ClientBase:
         precision = resolve_precision(config.train.precision)
         model, tokenizer = load_model(config.model.name, precision=precision, seed=config.seed)
         targets = sorted(target_shapes(model, config.model.target_modules))
-        pristine = {m: _weight(model, m).clone() for m in targets}
+        pristine = {m: module_weight(model, m).clone() for m in targets}
         _MODELS[key] = ClientBase(model, tokenizer, targets, pristine)
     return _MODELS[key]
-
-
-@dataclass
-class ClientData:
-    examples: list[Example]  # this partition's training examples
-    heldout: list[Example]
-    heldout_records: list[dict[str, Any]]  # raw rows, for generation samples
 
 
 _DATA: dict[tuple[str, int], ClientData] = {}

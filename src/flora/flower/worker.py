@@ -96,7 +96,7 @@ def serve(path: Path, *, max_messages: int = 0, stop: threading.Event | None = N
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread
         handler = lambda signum, frame: stop.set()  # noqa: E731
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    _log(f"ready on {path}, {client._process_age():.1f} s after the process started")
+    _log(f"ready on {path}, {client.process_age():.1f} s after the process started")
     served = 0
     try:
         while not stop.is_set() and (max_messages <= 0 or served < max_messages):

@@ -1,0 +1,131 @@
+"""The run's core under both runtimes: the server, the server's copy of the model, the outputs,
+and what happens at the start and the end of every round.
+
+A runtime only moves tasks to clients and results back: the embedded simulator calls
+:func:`flora.client.client_round` in a loop, the Flower ServerApp sends Messages. Both then call
+``Server.complete`` and ``Server.aggregate`` and hand the round to :meth:`RunCore.end_round`,
+which merges the update into the server's model, writes the rows, evaluates where the schedule
+says and checkpoints, in that order, the same way for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flora.adapters import Adapter
+from flora.checkpoint import Checkpoint, load_checkpoint
+from flora.client import ClientData, ClientResult, evaluate_model
+from flora.config import RunConfig
+from flora.data.federated import FederatedData, run_data
+from flora.evaluation.during_run import mmlu_row
+from flora.models import load_model, resolve_precision
+from flora.outputs import RunOutputs, RunResult
+from flora.protocol import ClientTask
+from flora.server import RoundOutcome, Server
+from flora.weights import applied, merge_update, target_shapes
+
+__all__ = ["GlobalModel", "RunCore"]
+
+
+class GlobalModel:
+    """The server's copy of the base: W0 plus every merged update, in order. It evaluates the
+    global model (with the global LoRA applied, for methods that keep one) and becomes
+    final/model. The embedded runtime's clients train on this same model."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.precision = resolve_precision(config.train.precision)
+        self.model: PreTrainedModel
+        self.tokenizer: PreTrainedTokenizerBase
+        self.model, self.tokenizer = load_model(
+            config.model.name, precision=self.precision, seed=config.seed
+        )
+        self.shapes = target_shapes(self.model, config.model.target_modules)
+        self.data: FederatedData = run_data(config, self.tokenizer)
+        self.merged = 0  # rounds of the server's history merged into the weights
+
+    def sync(self, server: Server) -> None:
+        """Merge the server's updates this model does not hold yet: W += B A (+ R), in order."""
+        for update in server.history[self.merged :]:
+            merge_update(self.model, update)
+        self.merged = len(server.history)
+
+    def client_data(self, client: int) -> ClientData:
+        data = self.data
+        return ClientData(data.clients[client], data.heldout, list(data.heldout_records))
+
+    def evaluate(self, lora: Adapter | None) -> tuple[float, list[dict[str, str]]]:
+        """Held-out loss and sample answers of the global model."""
+        heldout = ClientData([], self.data.heldout, list(self.data.heldout_records))
+        return evaluate_model(self.model, self.tokenizer, heldout, self.config, lora)
+
+    def mmlu(self, round: int, lora: Adapter | None) -> dict[str, Any]:
+        """The ``mmlu`` metrics row of the global model after ``round`` (eval.mmlu)."""
+        with applied(self.model, lora):
+            return mmlu_row(self.model, self.tokenizer, self.config.eval, round, self.precision)
+
+
+class RunCore:
+    """One run's shared state and steps; a runtime drives it round by round."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, *, resume: bool, hint: str) -> None:
+        self.config = config
+        self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint)
+        self.checkpoint: Checkpoint | None = load_checkpoint(run_dir) if resume else None
+        self.model = GlobalModel(config)
+        self.server = Server(config, self.model.shapes)
+        self.first_round = 1
+        if self.checkpoint is not None:
+            cp = self.checkpoint
+            self.server.restore(cp.state, cp.history, cp.global_lora)
+            self.model.sync(self.server)  # W0 + each round's update, in order: bitwise as run
+            self.outputs.truncate(cp.round)
+            self.first_round = cp.round + 1
+
+    @property
+    def resumed(self) -> bool:
+        return self.checkpoint is not None
+
+    def evaluate(self, round: int) -> None:
+        """The server's eval and mmlu rows after ``round``, where the schedule asks for them."""
+        eval_config, last = self.config.eval, self.config.federation.rounds
+        if eval_config.heldout_at(round, last):
+            loss, samples = self.model.evaluate(self.server.global_lora)
+            self.outputs.eval_row(round, loss, samples)
+        if eval_config.mmlu_at(round, last):
+            self.outputs.write(self.model.mmlu(round, self.server.global_lora))
+
+    def end_round(
+        self,
+        round: int,
+        tasks: Sequence[ClientTask],
+        results: Sequence[ClientResult],
+        outcome: RoundOutcome | None,
+        extra: dict[str, Any],
+        *,
+        before_eval: Any = None,
+        sketches: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Merge, write the client and server rows, evaluate where due, checkpoint.
+
+        ``before_eval`` (a callable) runs after the rows and before the server's evaluation:
+        Flower's client-side evaluation goes there.
+        """
+        self.model.sync(self.server)
+        self.outputs.round_rows(round, self.server, tasks, results, outcome, extra)
+        if before_eval is not None:
+            before_eval()
+        self.evaluate(round)
+        update = outcome.update if outcome is not None else None
+        self.outputs.checkpoint(round, self.server, update, sketches)
+
+    def finish(self, seconds: float, runtime: str) -> RunResult:
+        """final/model, final/adapter and summary.json."""
+        return self.outputs.finish(
+            self.model.model, self.model.tokenizer, self.server.global_lora, seconds, runtime
+        )

@@ -1,0 +1,217 @@
+"""What a run writes, for both runtimes: config.json, metrics.jsonl rows, per-round checkpoints,
+final/model and final/adapter, and summary.json.
+
+The rows (one JSON object a line, see docs/metrics.md):
+- ``client``: one per client and round: rank, examples, tokens, steps, train loss, seconds, bytes
+  up and down, catch-up rounds, and the runtime's own timings (Flower: message timestamps);
+- ``server``: one per round: the clients aggregated and those that failed (with their errors),
+  aggregation noise, global rank, bytes, seconds;
+- ``eval``: the global model's held-out loss and sample answers, at the rounds
+  ``EvalConfig.heldout_at`` names (the last one marked ``final``; ``client`` where a node
+  measured it);
+- ``mmlu``: k-shot MMLU of the global model at the rounds ``EvalConfig.mmlu_at`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flora.adapters import Adapter, save_peft_adapter
+from flora.checkpoint import save_checkpoint
+from flora.client import ClientResult
+from flora.config import RunConfig, config_to_dict
+from flora.errors import FloraError
+from flora.io import atomic_write_json
+from flora.metrics import MetricsLog, read_metrics
+from flora.protocol import ClientTask
+from flora.server import RoundOutcome, Server
+from flora.weights import applied
+
+__all__ = ["RunOutputs", "RunResult", "save_final"]
+
+_TIMING = {  # ClientResult.timing keys -> client row fields (Flower: see flora.flower.records)
+    "process-age": "process_age",
+    "prepare-seconds": "prepare_seconds",
+    "received-at": "received_at",
+    "replied-at": "replied_at",
+}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    loss_before: float
+    loss_after: float
+    samples: list[dict[str, str]]
+    seconds: float
+
+
+class RunOutputs:
+    """The files of one run directory, written the same way by every runtime."""
+
+    def __init__(self, run_dir: Path, config: RunConfig) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    @classmethod
+    def open(cls, run_dir: Path, config: RunConfig, *, resume: bool, hint: str) -> RunOutputs:
+        """A new run's directory (config.json written; an existing run is never overwritten),
+        or, with ``resume``, the existing one. ``hint`` says how to resume or pick another."""
+        if not resume and (run_dir / "metrics.jsonl").exists():
+            raise FloraError(f"{run_dir} already holds a run; {hint}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_json(run_dir / "config.json", config_to_dict(config))
+        return cls(run_dir, config)
+
+    # --- rows -----------------------------------------------------------------------------
+    def round_rows(
+        self,
+        round: int,
+        server: Server,
+        tasks: Sequence[ClientTask],
+        results: Sequence[ClientResult],
+        outcome: RoundOutcome | None,
+        extra: dict[str, Any],
+    ) -> None:
+        """The client rows of the clients that trained, then the round's server row."""
+        done = [(t, r) for t, r in zip(tasks, results, strict=True) if r.ok]
+        bytes_up = outcome.report.bytes_up if outcome is not None else []
+        for (task, result), up in zip(done, bytes_up, strict=True):
+            self.metrics.write(_client_row(task, result, up))
+        failed = {r.client: r.error for r in results if not r.ok}
+        row: dict[str, Any] = {
+            "kind": "server",
+            "round": round,
+            "method": server.method.name,
+            "clients": [t.client for t, _ in done],
+            "failed": sorted(failed),
+            "errors": {str(k): v for k, v in sorted(failed.items())},
+        }
+        if outcome is not None:
+            row |= {
+                "noise": outcome.report.noise,
+                "global_rank": max(outcome.report.global_ranks.values()),
+                "bytes_up": sum(outcome.report.bytes_up),
+                "bytes_down": sum(t.bytes_down for t, _ in done),
+                "aggregate_seconds": outcome.seconds,
+                "train_seconds": sum(r.seconds for _, r in done),
+            }
+        self.metrics.write(row | extra)
+
+    def eval_row(
+        self, round: int, loss: float, samples: list[dict[str, str]], client: int | None = None
+    ) -> dict[str, Any]:
+        """An ``eval`` row of the global model: the server's own, or ``client``'s."""
+        row: dict[str, Any] = {"kind": "eval", "round": round, "heldout_loss": loss,
+                               "perplexity": math.exp(loss), "samples": samples}  # fmt: skip
+        if client is not None:
+            row["client"] = client
+        if round == self.config.federation.rounds:
+            row["final"] = True
+        self.metrics.write(row)
+        return row
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.metrics.write(row)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def checkpoint(
+        self,
+        round: int,
+        server: Server,
+        update: Any,
+        sketches: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> Path:
+        """Round ``round``'s checkpoint: the last step of a round, after its rows."""
+        return save_checkpoint(
+            self.run_dir, round, server.state(), update, server.global_lora, sketches or {}
+        )
+
+    def truncate(self, round: int) -> None:
+        """Drop the rows after ``round`` (a resumed run writes them again)."""
+        self.metrics.truncate(round)
+
+    # --- the end --------------------------------------------------------------------------
+    def server_evals(self) -> dict[int, dict[str, Any]]:
+        """The server's own eval rows by round (client-measured ones left out)."""
+        return {
+            int(r["round"]): r for r in read_metrics(self.metrics.path)
+            if r.get("kind") == "eval" and "client" not in r
+        }  # fmt: skip
+
+    def finish(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        lora: Adapter | None,
+        seconds: float,
+        runtime: str,
+    ) -> RunResult:
+        """final/model, final/adapter and summary.json from the run's first and last eval."""
+        save_final(self.run_dir / "final", model, tokenizer, self.config, lora)
+        evals, rounds = self.server_evals(), self.config.federation.rounds
+        if 0 not in evals or rounds not in evals:
+            raise FloraError(f"the held-out evaluation before or after failed; see {self.run_dir}")
+        before, after = evals[0], evals[rounds]
+        samples = [
+            {"instruction": b["instruction"], "before": b["answer"], "after": a["answer"]}
+            for b, a in zip(before.get("samples", []), after.get("samples", []), strict=False)
+        ]
+        result = RunResult(
+            self.run_dir, before["heldout_loss"], after["heldout_loss"], samples, seconds
+        )
+        summary = dataclasses.asdict(result) | {"run_dir": str(self.run_dir), "runtime": runtime}
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return result
+
+
+def _client_row(task: ClientTask, result: ClientResult, bytes_up: int) -> dict[str, Any]:
+    row = {
+        "kind": "client",
+        "round": task.round,
+        "client": task.client,
+        "rank": task.rank,
+        "train_loss": result.train_loss,
+        "examples": result.examples,
+        "tokens": result.tokens,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "bytes_up": bytes_up,
+        "bytes_down": task.bytes_down,
+        "catch_up_rounds": len(task.catch_up),
+    }
+    # Flower: the age of the process that ran the message (a ClientApp, or the node's worker)
+    # when it arrived, the time from then until training started (imports, model, base restore
+    # and catch-up, data), and when the node started and finished it (Unix time, its clock)
+    row |= {name: result.timing[key] for key, name in _TIMING.items() if key in result.timing}
+    return row
+
+
+def save_final(
+    final: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: RunConfig,
+    lora: Adapter | None,
+) -> None:
+    """``final/model`` (the base with ``lora`` merged) and, with a global LoRA, ``final/adapter``
+    (a PEFT adapter over the run's base model)."""
+    with applied(model, lora):
+        model.save_pretrained(final / "model")
+        tokenizer.save_pretrained(final / "model")
+    if lora is not None:
+        template = {
+            "base_model_name_or_path": config.model.name,
+            "target_modules": config.model.target_modules,
+        }
+        save_peft_adapter(final / "adapter", lora, template=template)
