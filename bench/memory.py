@@ -7,7 +7,7 @@ For K = 2, 5, 10 (--ks), each in a fresh subprocess, runs `flora.simulation.run`
   hetero-10 ranks, rounds=1, train.max_steps=1, data.limit=300, data.heldout=8, eval.samples=0.
 It reports the process's peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, MiB) at three
 points: when the first client starts training (model, data, the held-out loss before), after the
-first round (all K clients trained and aggregated: a wrapper on simulation.save_checkpoint)
+first round (all K clients trained and aggregated: a wrapper on flora.outputs.save_checkpoint)
 and at the end (held-out loss after, final model saved), and the final peak's ratio to K=2's.
 The baseline is K=2; the goal is flat memory: ratio ~1.0
 (the simulator shares one base model and removes each client's LoRA after training).
@@ -47,13 +47,15 @@ def peak_mib() -> float:
 def worker(model: str, k: int, threads: int) -> dict[str, Any]:
     import torch
 
+    import flora.client
+    import flora.outputs
     import flora.simulation
     from flora.config import load_config
 
     if threads:
         torch.set_num_threads(threads)
     stages: dict[str, float] = {}  # peak when a stage is first reached
-    train_client, save_checkpoint = flora.simulation.train_client, flora.simulation.save_checkpoint
+    train_client, save_checkpoint = flora.client.train_client, flora.outputs.save_checkpoint
 
     def before_training(*args: Any, **kwargs: Any) -> Any:
         stages.setdefault("before_train", peak_mib())  # model, data, sketches, first eval
@@ -63,8 +65,8 @@ def worker(model: str, k: int, threads: int) -> dict[str, Any]:
         stages.setdefault("after_round", peak_mib())  # all K clients trained and aggregated
         return save_checkpoint(*args, **kwargs)
 
-    flora.simulation.train_client = before_training
-    flora.simulation.save_checkpoint = after_round
+    flora.client.train_client = before_training  # type: ignore[assignment]
+    flora.outputs.save_checkpoint = after_round  # type: ignore[assignment]
     path, sets = overrides(model, k)
     with tempfile.TemporaryDirectory() as tmp:
         flora.simulation.run(load_config(path, sets), Path(tmp) / "run", quiet=True)

@@ -12,7 +12,7 @@ median outside_training_share <= 5%.
 What the "round" is: the runtime's round_seconds covers configure, per-client sketches, training,
 aggregation, merging and metrics; it excludes the held-out evaluation before and after the run
 (eval.every = 0) and the checkpoint written after the row. This script also times that checkpoint
-(by wrapping flora.simulation.save_checkpoint) and peft's LoRA injection + unload inside
+(by wrapping flora.outputs.save_checkpoint) and peft's LoRA injection + unload inside
 train_client (by wrapping flora.training.LoraModel), and prints the share with the checkpoint
 counted in.
 
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+import flora.outputs
 import flora.simulation
 import flora.training
 from flora.config import RANK_PROFILES, load_config
@@ -58,7 +59,7 @@ class _TimedLoraModel(flora.training.LoraModel):
             TIMES["peft"].append(time.perf_counter() - start)
 
 
-_save_checkpoint = flora.simulation.save_checkpoint
+_save_checkpoint = flora.outputs.save_checkpoint
 
 
 def _timed_checkpoint(*args: Any, **kwargs: Any) -> None:
@@ -90,7 +91,7 @@ def main() -> None:
     ]
     config = load_config(args.config, overrides)
     flora.training.LoraModel = _TimedLoraModel
-    flora.simulation.save_checkpoint = _timed_checkpoint
+    flora.outputs.save_checkpoint = _timed_checkpoint  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         flora.simulation.run(config, Path(tmp) / "run", quiet=True)

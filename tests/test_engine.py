@@ -179,3 +179,17 @@ def test_a_larger_client_joining_later_gets_its_full_rank(tmp_path, method):
     # each client downloads its own rank of the global LoRA: r (out + in) per module
     per_rank = {r["rank"]: r["bytes_down"] / r["rank"] for r in clients}
     assert len(set(per_rank.values())) == 1
+
+
+def test_the_loss_curve_is_pinned(tiny_run):
+    """The tiny run's logged losses equal the stored ones (rtol 1e-5), as torchtune's recipe
+    tests pin theirs: a refactor that changes the numbers fails here, loudly. The values were
+    written by the run before the round-core refactor (tests/expected_tiny_losses.json)."""
+    expected = json.loads((Path(__file__).parent / "expected_tiny_losses.json").read_text())
+    train = [[r["round"], r["client"], r["train_loss"]] for r in _rows(tiny_run, "client")]
+    heldout = [[r["round"], r["heldout_loss"]] for r in _rows(tiny_run, "eval")]
+    assert [row[:2] for row in train] == [row[:2] for row in expected["train_loss"]]
+    assert [row[0] for row in heldout] == [row[0] for row in expected["heldout_loss"]]
+    got = [row[-1] for row in train + heldout]
+    want = [row[-1] for row in expected["train_loss"] + expected["heldout_loss"]]
+    assert got == pytest.approx(want, rel=1e-5)

@@ -25,7 +25,9 @@ def fail_client_round(partition: int, round: int) -> Callable[[], None]:
 
     def failing(base: Any, data: Any, task: Any, config: Any, **kwargs: Any) -> ClientResult:
         if kwargs.get("train", True) and (task.client, task.round) == (partition, round):
-            return ClientResult(task.client, task.round, error=f"{MESSAGE} (tests/flower/faults.py)")
+            return ClientResult(
+                task.client, task.round, error=f"{MESSAGE} (tests/flower/faults.py)"
+            )
         return real(base, data, task, config, **kwargs)
 
     flora.client.client_round = failing  # type: ignore[assignment]

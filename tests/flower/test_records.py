@@ -20,8 +20,7 @@ from flora.flower.records import (
     updates_from_record,
     updates_to_record,
 )
-from flora.protocol import RoundUpdate
-from flora.protocol import ClientTask
+from flora.protocol import ClientTask, RoundUpdate
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (6, 5), "model.layers.0.self_attn.v_proj": (3, 5)}
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from flora import simulation
 from flora.cli import main
 from flora.config import load_config
-from flora.outputs import RunOutputs
 from flora.metrics import read_metrics
+from flora.outputs import RunOutputs
 
 TINY = "configs/tiny.toml"
 TWO_CLIENTS = ["federation.num_clients=2", "lora.ranks=[8, 4]"]

@@ -48,8 +48,14 @@ class WorkerUnavailable(FloraError):
 
 
 def write_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(_LENGTH.pack(len(payload)))
-    sock.sendall(payload)
+    # A peer that has the whole frame may answer and hang up at once: an empty payload sent
+    # after its length would then meet a closed socket (a broken pipe). Small frames go in one
+    # send; a large payload is still unread when the length arrives, so it needs no copy.
+    if len(payload) < 1 << 20:
+        sock.sendall(_LENGTH.pack(len(payload)) + payload)
+    else:
+        sock.sendall(_LENGTH.pack(len(payload)))
+        sock.sendall(payload)
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
