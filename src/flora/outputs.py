@@ -33,7 +33,7 @@ from flora.io import atomic_write_json
 from flora.metrics import MetricsLog, read_metrics
 from flora.protocol import ClientTask
 from flora.server import RoundOutcome, Server
-from flora.weights import applied
+from flora.weights import applied, fan_in_fan_out
 
 __all__ = ["RunOutputs", "RunResult", "save_final"]
 
@@ -213,5 +213,6 @@ def save_final(
         template = {
             "base_model_name_or_path": config.model.name,
             "target_modules": config.model.target_modules,
+            "fan_in_fan_out": fan_in_fan_out(model, config.model.target_modules),
         }
         save_peft_adapter(final / "adapter", lora, template=template)

@@ -32,6 +32,7 @@ from flora.data.prompts import IGNORE_INDEX, Example
 from flora.errors import FloraError
 from flora.loss import response_loss
 from flora.models import autocast_context
+from flora.weights import fan_in_fan_out
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -201,6 +202,7 @@ def train_client(
         lora_dropout=config.lora_dropout,
         use_rslora=use_rslora,
         bias="none",
+        fan_in_fan_out=fan_in_fan_out(model, target_modules),  # GPT-2's Conv1D: weight (in, out)
     )
     total = config.total_steps(len(examples))
     start = time.perf_counter()
