@@ -193,3 +193,7 @@ def test_the_loss_curve_is_pinned(tiny_run):
     got = [row[-1] for row in train + heldout]
     want = [row[-1] for row in expected["train_loss"] + expected["heldout_loss"]]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_client_rows_report_peak_memory(tiny_run):
+    assert all(r["peak_rss_mib"] > 10 for r in _rows(tiny_run, "client"))

@@ -351,3 +351,35 @@ def test_smollm2_round_trip_leaves_the_base_untouched(token_examples) -> None:
     v = result.factors["model.layers.0.self_attn.v_proj"]
     assert (q.A.shape, q.B.shape, v.B.shape) == ((8, 576), (576, 8), (192, 8))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_loss_and_factors(
+    tiny_model, token_examples, tokenizer, dropout
+) -> None:
+    """Recomputed activations, the same numbers: the loss curve to 1e-5 and the factors close
+    (dropout included: checkpointing replays the RNG); the shared model is left without it."""
+    pad = tokenizer.pad_token_id
+
+    def train_counting_saved(on: bool):  # (result, tensors kept for the backward)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+            result = _train(
+                tiny_model, token_examples, pad, lora_dropout=dropout, gradient_checkpointing=on
+            )
+        return result, len(saved)
+
+    plain, saved_plain = train_counting_saved(False)
+    checkpointed, saved_checkpointed = train_counting_saved(True)
+    assert saved_checkpointed < saved_plain / 2  # the layers' activations were not kept
+    assert checkpointed.loss_curve == pytest.approx(plain.loss_curve, rel=1e-5)
+    for name, factors in plain.factors.items():
+        torch.testing.assert_close(checkpointed.factors[name].B, factors.B, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(checkpointed.factors[name].A, factors.A, rtol=1e-4, atol=1e-6)
+    assert not tiny_model.model.gradient_checkpointing
+
+
+def test_training_reports_its_peak_memory(tiny_model, token_examples, tokenizer) -> None:
+    result = _train(tiny_model, token_examples, tokenizer.pad_token_id)
+    assert result.peak_rss_mib is not None and result.peak_rss_mib > 10  # python + torch + model
+    assert result.peak_cuda_mib is None  # no CUDA here

@@ -65,6 +65,8 @@ class ClientResult:
     train_loss: float = math.nan
     seconds: float = 0.0  # in training
     sync_seconds: float = 0.0  # bringing the base up to date
+    peak_rss_mib: float | None = None  # highest resident set size while training (Linux)
+    peak_cuda_mib: float | None = None  # peak allocated CUDA memory while training
     heldout_loss: float | None = None  # with evaluate: the global model's held-out loss
     samples: list[dict[str, str]] = field(default_factory=list)  # ... and its sample answers
     timing: dict[str, float] = field(default_factory=dict)  # the runtime's own timestamps
@@ -149,6 +151,7 @@ def client_round(
             result.steps, result.train_loss, result.seconds = (
                 local.steps, local.train_loss, local.seconds
             )  # fmt: skip
+            result.peak_rss_mib, result.peak_cuda_mib = local.peak_rss_mib, local.peak_cuda_mib
         if evaluate:
             result.heldout_loss, result.samples = evaluate_model(
                 base.model, base.tokenizer, data, config, lora

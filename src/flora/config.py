@@ -173,6 +173,9 @@ class TrainConfig:
     lora_dropout: float = 0.05  # dropout on the LoRA branch's input
     precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "auto"
     group_by_length: bool = False  # batch examples of similar length together: less padding
+    # recompute the activations in the backward pass instead of keeping them: less memory for
+    # more compute, the same loss and gradients (transformers' non-reentrant checkpointing)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number >= 0")

@@ -1,8 +1,9 @@
 """What a run writes, for both runtimes: config.json, metrics.jsonl rows, per-round checkpoints,
 final/model and final/adapter, and summary.json.
 
-The rows (one JSON object a line, see docs/metrics.md):
-- ``client``: one per client and round: rank, examples, tokens, steps, train loss, seconds, bytes
+The rows (one JSON object a line):
+- ``client``: one per client and round: rank, examples, tokens, steps, train loss, seconds, peak
+  memory while training (``peak_rss_mib``, ``peak_cuda_mib``), bytes
   up and down, catch-up rounds, and the runtime's own timings (Flower: message timestamps);
 - ``server``: one per round: the clients aggregated and those that failed (with their errors),
   aggregation noise, global rank, bytes, seconds;
@@ -189,6 +190,8 @@ def _client_row(task: ClientTask, result: ClientResult, bytes_up: int) -> dict[s
         "bytes_up": bytes_up,
         "bytes_down": task.bytes_down,
         "catch_up_rounds": len(task.catch_up),
+        "peak_rss_mib": result.peak_rss_mib,  # while training (Linux; the process's resident set)
+        "peak_cuda_mib": result.peak_cuda_mib,  # while training, on CUDA
     }
     # Flower: the age of the process that ran the message (a ClientApp, or the node's worker)
     # when it arrived, the time from then until training started (imports, model, base restore

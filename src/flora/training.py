@@ -31,6 +31,7 @@ from flora.data.batching import batches, collate
 from flora.data.prompts import IGNORE_INDEX, Example
 from flora.errors import FloraError
 from flora.loss import response_loss
+from flora.memory import peak_memory
 from flora.models import autocast_context
 from flora.weights import fan_in_fan_out
 
@@ -57,6 +58,8 @@ class LocalResult:
     seconds: float
     steps: int  # optimizer steps taken
     loss_curve: list[float] = field(default_factory=list)  # per step, token-weighted
+    peak_rss_mib: float | None = None  # highest resident set size while training (Linux)
+    peak_cuda_mib: float | None = None  # peak allocated CUDA memory while training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +81,20 @@ def _lora_injected(model: PreTrainedModel, config: LoraConfig) -> Iterator[dict[
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad.get(name, param.requires_grad))
         model.train(was_training)
+
+
+@contextmanager
+def _checkpointing(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing for the block (non-reentrant: works with a frozen base whose
+    inputs need no grad); the shared model is left as found."""
+    if not enabled:
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -205,8 +222,17 @@ def train_client(
         fan_in_fan_out=fan_in_fan_out(model, target_modules),  # GPT-2's Conv1D: weight (in, out)
     )
     total = config.total_steps(len(examples))
+    if config.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", 0):
+        raise FloraError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support it; set "
+            "train.gradient_checkpointing = false"
+        )
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with (
+        torch.random.fork_rng(devices=[]),
+        peak_memory() as memory,
+        _checkpointing(model, config.gradient_checkpointing),
+    ):
         torch.manual_seed(seed)
         with _lora_injected(model, lora_config) as layers:
             if init is not None:
@@ -227,6 +253,8 @@ def train_client(
         seconds=time.perf_counter() - start,
         steps=len(curve),
         loss_curve=curve,
+        peak_rss_mib=memory.rss_mib,
+        peak_cuda_mib=memory.cuda_mib,
     )
 
 

@@ -186,6 +186,10 @@ def result_to_content(result: ClientResult) -> RecordDict:
         "sync-seconds": result.sync_seconds,
         **result.timing,
     }
+    for key, value in (("peak-rss-mib", result.peak_rss_mib),
+                       ("peak-cuda-mib", result.peak_cuda_mib)):  # fmt: skip
+        if value is not None:
+            metrics[key] = value
     content = RecordDict({})
     if result.factors is not None:
         scalings = {f.scaling for f in result.factors.values()}
@@ -218,8 +222,12 @@ def result_from_content(content: RecordDict) -> ClientResult:
         int(_number(metrics, "tokens")), int(_number(metrics, "steps")),
         _number(metrics, "seconds"), _number(metrics, "sync-seconds"),
     )  # fmt: skip
+    if "peak-rss-mib" in metrics:
+        result.peak_rss_mib = _number(metrics, "peak-rss-mib")
+    if "peak-cuda-mib" in metrics:
+        result.peak_cuda_mib = _number(metrics, "peak-cuda-mib")
     known = {"partition", "round", "num-examples", "train-loss", "scaling", "heldout-loss",
-             *_SCALARS}  # fmt: skip
+             "peak-rss-mib", "peak-cuda-mib", *_SCALARS}  # fmt: skip
     result.timing = {k: _number(metrics, k) for k in metrics if k not in known}
     if "factors" in content.array_records:
         tensors = _tensors(content.array_records["factors"])
