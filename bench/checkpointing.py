@@ -23,7 +23,7 @@ def worker(checkpointing: bool, length: int, threads: int) -> dict[str, Any]:
     import torch
 
     from flora.config import TrainConfig
-    from flora.memory import rss_peak_mib
+    from flora.memory import rss_mib
     from flora.models import load_model
     from flora.training import train_client
 
@@ -36,7 +36,7 @@ def worker(checkpointing: bool, length: int, threads: int) -> dict[str, Any]:
         ids = torch.randint(100, len(tokenizer) - 1, (length,), generator=generator).tolist()
         labels = [-100] * (length // 2) + ids[length // 2 :]
         examples.append({"input_ids": ids, "labels": labels, "category": "bench"})
-    before = rss_peak_mib() or 0.0
+    before = rss_mib("VmHWM") or 0.0
     config = TrainConfig(batch_size=4, max_steps=2, lora_dropout=0.0,
                          gradient_checkpointing=checkpointing)  # fmt: skip
     result = train_client(

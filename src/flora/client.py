@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,7 +50,7 @@ class ClientData:
 
     examples: list[Example]  # its training examples
     heldout: list[Example]  # the run's held-out set (the same on every client)
-    heldout_records: list[dict[str, Any]]  # their raw rows, for generation samples
+    heldout_records: Sequence[Mapping[str, Any]]  # their raw rows, for generation samples
 
 
 @dataclass
@@ -146,11 +147,15 @@ def client_round(
                 use_rslora=config.lora.use_rslora,
             )
             result.factors, result.examples, result.tokens = (
-                local.factors, local.examples, local.tokens
-            )  # fmt: skip
+                local.factors,
+                local.examples,
+                local.tokens,
+            )
             result.steps, result.train_loss, result.seconds = (
-                local.steps, local.train_loss, local.seconds
-            )  # fmt: skip
+                local.steps,
+                local.train_loss,
+                local.seconds,
+            )
             result.peak_rss_mib, result.peak_cuda_mib = local.peak_rss_mib, local.peak_cuda_mib
         if evaluate:
             result.heldout_loss, result.samples = evaluate_model(

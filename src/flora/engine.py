@@ -10,7 +10,7 @@ says and checkpoints, in that order, the same way for both.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +57,11 @@ class GlobalModel:
 
     def client_data(self, client: int) -> ClientData:
         data = self.data
-        return ClientData(data.clients[client], data.heldout, list(data.heldout_records))
+        return ClientData(data.clients[client], data.heldout, data.heldout_records)
 
     def evaluate(self, lora: Adapter | None) -> tuple[float, list[dict[str, str]]]:
         """Held-out loss and sample answers of the global model."""
-        heldout = ClientData([], self.data.heldout, list(self.data.heldout_records))
+        heldout = ClientData([], self.data.heldout, self.data.heldout_records)
         return evaluate_model(self.model, self.tokenizer, heldout, self.config, lora)
 
     def mmlu(self, round: int, lora: Adapter | None) -> dict[str, Any]:
@@ -108,12 +108,12 @@ class RunCore:
         outcome: RoundOutcome | None,
         extra: dict[str, Any],
         *,
-        before_eval: Any = None,
+        before_eval: Callable[[], None] | None = None,
         sketches: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         """Merge, write the client and server rows, evaluate where due, checkpoint.
 
-        ``before_eval`` (a callable) runs after the rows and before the server's evaluation:
+        ``before_eval`` runs after the rows and before the server's evaluation:
         Flower's client-side evaluation goes there.
         """
         self.model.sync(self.server)

@@ -1,60 +1,74 @@
 """Peak memory of one stretch of work: the process's resident set (Linux) and, on CUDA, the
-allocator's peak.
+allocator's peak, without touching process-wide counters.
 
-``peak_memory()`` is a context manager; its value, read after the block, is the highest resident
-set size (VmHWM, reset at the start through /proc/self/clear_refs) and the peak allocated CUDA
-memory during the block, in MiB. Where the kernel refuses the reset (non-Linux, old kernels) the
-RSS figure is the process's peak so far, and says so (``rss_since_start`` False).
+``peak_memory()`` is a context manager; its record, filled when the block ends, holds the highest
+resident set size seen during the block and the peak allocated CUDA memory, in MiB. The RSS peak
+is exact when the block set a new high-water mark for the process (VmHWM rose); otherwise it is
+the highest of samples of VmRSS taken every ``interval`` seconds by a background thread. The
+process's own high-water mark (what ``getrusage`` reports) is never reset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["PeakMemory", "peak_memory", "rss_peak_mib"]
+__all__ = ["PeakMemory", "peak_memory", "rss_mib"]
 
 
 @dataclass
 class PeakMemory:
     rss_mib: float | None = None  # highest resident set size (None: not on Linux)
-    rss_since_start: bool = False  # the RSS peak is the block's own (else the process's so far)
     cuda_mib: float | None = None  # peak allocated CUDA memory (None: no CUDA)
 
 
-def rss_peak_mib() -> float | None:
-    """The process's peak resident set (VmHWM) in MiB, since start or the last reset (Linux)."""
+def rss_mib(field: str = "VmRSS") -> float | None:
+    """A /proc/self/status memory field in MiB: "VmRSS" (now) or "VmHWM" (the process's peak)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0  # kB
     except OSError:
         return None
     return None
 
 
-def _reset_vm_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current
-        return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
-def peak_memory() -> Iterator[PeakMemory]:
+def peak_memory(interval: float = 0.02) -> Iterator[PeakMemory]:
     """Measure the block's peak memory; the yielded record is filled when the block ends."""
-    record = PeakMemory(rss_since_start=_reset_vm_hwm())
+    record = PeakMemory()
+    high_before = rss_mib("VmHWM")
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            now = rss_mib()
+            if now is not None:
+                samples.append(now)
+            if stop.wait(interval):
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True, name="flora-peak-memory")
+    if high_before is not None:
+        sampler.start()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
         yield record
     finally:
-        record.rss_mib = rss_peak_mib()
+        stop.set()
+        if sampler.is_alive():
+            sampler.join()
+        high_after = rss_mib("VmHWM")
+        if high_before is not None and high_after is not None:
+            sampled = max(samples, default=0.0)
+            record.rss_mib = high_after if high_after > high_before else sampled
         if cuda:
             record.cuda_mib = torch.cuda.max_memory_allocated() / 2**20

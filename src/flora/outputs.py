@@ -32,7 +32,7 @@ from flora.config import RunConfig, config_to_dict
 from flora.errors import FloraError
 from flora.io import atomic_write_json
 from flora.metrics import MetricsLog, read_metrics
-from flora.protocol import ClientTask
+from flora.protocol import ClientTask, RoundUpdate
 from flora.server import RoundOutcome, Server
 from flora.weights import applied, fan_in_fan_out
 
@@ -130,7 +130,7 @@ class RunOutputs:
         self,
         round: int,
         server: Server,
-        update: Any,
+        update: RoundUpdate | None,
         sketches: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Round ``round``'s checkpoint: the last step of a round, after its rows."""

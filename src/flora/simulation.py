@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,7 +78,9 @@ def _round(core: RunCore, base: _SharedBase, t: int, bar: tqdm) -> None:
     core.end_round(t, tasks, results, outcome, extra, sketches=base.sketches)
 
 
-def run(config: RunConfig, run_dir: Any, *, resume: bool = False, quiet: bool = False) -> RunResult:
+def run(
+    config: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False
+) -> RunResult:
     """Run (or resume) a federated fine-tuning in ``run_dir``; see the module docstring."""
     start = time.perf_counter()
     if config.threads:

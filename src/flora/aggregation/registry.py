@@ -77,14 +77,17 @@ class Method:
 
         ``where`` prefixes the option name in errors (e.g. "federation.options.").
         """
+        names = {o.name for o in self.options}
         for name in given:
-            if where and name not in {o.name for o in self.options}:
-                valid = ", ".join(o.name for o in self.options) or "none"
-                raise FloraError(
-                    f"{where}{name} is not an option of {self.name} (its options: {valid}); "
-                    "drop it or choose the method it belongs to"
-                )
-            self.option(name)
+            if name in names:
+                continue
+            if not where:
+                self.option(name)  # raises: "<method>: unknown option ..."
+            valid = ", ".join(o.name for o in self.options) or "none"
+            raise FloraError(
+                f"{where}{name} is not an option of {self.name} (its options: {valid}); "
+                "drop it or choose the method it belongs to"
+            )
         return {
             o.name: o.validate(given[o.name], f"{where}{o.name}") if o.name in given else o.default
             for o in self.options

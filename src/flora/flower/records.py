@@ -218,10 +218,10 @@ def result_from_content(content: RecordDict) -> ClientResult:
     result = ClientResult(int(_number(metrics, "partition")), int(_number(metrics, "round")))
     result.examples = int(_number(metrics, "num-examples"))
     result.train_loss = _number(metrics, "train-loss")
-    result.tokens, result.steps, result.seconds, result.sync_seconds = (
-        int(_number(metrics, "tokens")), int(_number(metrics, "steps")),
-        _number(metrics, "seconds"), _number(metrics, "sync-seconds"),
-    )  # fmt: skip
+    result.tokens = int(_number(metrics, "tokens"))
+    result.steps = int(_number(metrics, "steps"))
+    result.seconds = _number(metrics, "seconds")
+    result.sync_seconds = _number(metrics, "sync-seconds")
     if "peak-rss-mib" in metrics:
         result.peak_rss_mib = _number(metrics, "peak-rss-mib")
     if "peak-cuda-mib" in metrics:

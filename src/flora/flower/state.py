@@ -169,7 +169,7 @@ def load_data(
                 f"partition-id {partition} is outside the run's {len(full.clients)} clients; "
                 "set the node's partition-id in 0..num_clients-1"
             )
-        data = ClientData(full.clients[partition], full.heldout, list(full.heldout_records))
+        data = ClientData(full.clients[partition], full.heldout, full.heldout_records)
         atomic_write_json(path, dataclasses.asdict(data))
     _DATA[(key, partition)] = data
     return data
