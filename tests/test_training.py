@@ -251,7 +251,8 @@ def test_progress_bar_runs(tiny_model, token_examples, tokenizer) -> None:
         ("max_grad_norm", -1.0),
         ("weight_decay", -0.1),
         ("lora_dropout", 1.0),
-        ("precision", "fp16"),
+        ("precision", "half"),
+        ("device", "gpu"),
     ],
 )
 def test_train_config_names_the_bad_field(field: str, value: object) -> None:

@@ -23,7 +23,7 @@ from flora.adapters import Adapter
 from flora.config import RunConfig
 from flora.data.prompts import Example
 from flora.generation import generate_answer
-from flora.models import resolve_precision
+from flora.models import run_precision
 from flora.protocol import ClientTask
 from flora.training import evaluate_loss, train_client
 from flora.weights import applied
@@ -87,7 +87,7 @@ def evaluate_model(
     lora: Adapter | None,
 ) -> tuple[float, list[dict[str, str]]]:
     """Held-out loss and sample answers of ``model`` with ``lora`` applied (restored after)."""
-    precision = resolve_precision(config.train.precision)
+    precision = run_precision(config, model)
     with applied(model, lora):
         loss = evaluate_loss(
             model,
@@ -132,7 +132,7 @@ def client_round(
         base.catch_up(task)
         result.sync_seconds = time.perf_counter() - start
         if train:
-            precision = resolve_precision(config.train.precision)
+            precision = run_precision(config, base.model)
             local = train_client(
                 base.model,
                 data.examples,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -24,11 +25,14 @@ from flora.data.prompts import TEMPLATES
 from flora.errors import FloraError
 
 __all__ = [
+    "BASE_DTYPES",
     "PRECISIONS",
+    "QUANTIZATIONS",
     "RANK_PROFILES",
     "DataConfig",
     "EvalConfig",
     "FederationConfig",
+    "FlowerConfig",
     "LoraSpec",
     "ModelConfig",
     "RunConfig",
@@ -47,7 +51,12 @@ RANK_PROFILES: dict[str, list[int]] = {
     "hetero-3": [16, 8, 4],
 }
 CATCH_UPS = ("replay", "svd")
-PRECISIONS = ("fp32", "bf16", "auto")  # "auto": bf16 where the CPU/GPU runs it fast, else fp32
+# "auto": bf16 where the device runs it (a GPU with bf16, a CPU with native bf16), else fp16 on a
+# GPU without bf16, else fp32; fp16 trains with a gradient scaler. See docs/devices.md.
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+BASE_DTYPES = ("fp32", "bf16", "fp16")  # what the frozen base's weights are held in
+QUANTIZATIONS = (0, 4, 8)  # bitsandbytes: 4 = NF4 (QLoRA), 8 = LLM.int8; 0 = none
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 SCHEDULES = ("linear", "cosine")
 # keys that moved, with where they went: a config using the old place is told the new one
 MOVED = {
@@ -64,13 +73,40 @@ def _need(ok: bool, key: str, value: object, expected: str) -> None:
 @dataclass
 class ModelConfig:
     # "smollm2" (packaged), "tiny-llama" / "tiny-qwen2" / "tiny-gemma" / "tiny-gpt2" (random, for
-    # tests; GPT-2 needs target_modules = ["c_attn"]), or an HF path / hub id
+    # tests), or an HF path / hub id
     name: str = "smollm2"
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # the linear layers that get a LoRA; empty: peft's default for the model's architecture
+    # (q_proj, v_proj for Llama, Qwen2, Gemma; c_attn for GPT-2), resolved when the run starts
+    target_modules: list[str] = field(default_factory=list)
+    # what the frozen base's weights are held in: "fp32", or "bf16" / "fp16" to halve their
+    # memory (the forward passes then run in that precision: train.precision must match)
+    dtype: str = "fp32"
+    # 4 (NF4, QLoRA) or 8 (LLM.int8): load the frozen base quantised through bitsandbytes
+    quantization: int = 0
+    # with a bf16/fp16/quantised base, keep the target modules' weights in fp32 (master copies),
+    # so every merged update adds exactly; false: they take the base's precision (merges round)
+    exact_merge: bool = True
 
     def __post_init__(self) -> None:
         _need(bool(self.name), "model.name", self.name, "a model spec such as 'smollm2'")
-        _need(bool(self.target_modules), "model.target_modules", self.target_modules, "non-empty")
+        _need(self.dtype in BASE_DTYPES, "model.dtype", self.dtype, f"one of {BASE_DTYPES}")
+        _need(
+            self.quantization in QUANTIZATIONS,
+            "model.quantization",
+            self.quantization,
+            "0 (none), 4 (NF4) or 8 (LLM.int8)",
+        )
+        if self.quantization and not self.exact_merge:
+            raise FloraError(
+                "model.exact_merge = false needs model.quantization = 0: quantised weights "
+                "cannot take an update, so flora keeps the target modules in fp32; set "
+                "model.exact_merge = true"
+            )
+
+    @property
+    def low_precision(self) -> bool:
+        """Whether the base is held below fp32 (bf16, fp16 or quantised)."""
+        return self.dtype != "fp32" or self.quantization > 0
 
 
 @dataclass
@@ -171,7 +207,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # global grad-norm clip over the LoRA params; 0 disables it
     weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA factors
     lora_dropout: float = 0.05  # dropout on the LoRA branch's input
-    precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "auto"
+    precision: str = "fp32"  # autocast: "fp32", "bf16", "fp16" (with a grad scaler) or "auto"
+    # where the client trains and the server evaluates: "auto" (CUDA, else MPS, else CPU),
+    # "cpu", "cuda", "cuda:N" or "mps"; a Flower node's own node config `device` wins
+    device: str = "auto"
     group_by_length: bool = False  # batch examples of similar length together: less padding
     # recompute the activations in the backward pass instead of keeping them: less memory for
     # more compute, the same loss and gradients (transformers' non-reentrant checkpointing)
@@ -200,6 +239,12 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
         _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+        _check(
+            isinstance(self.device, str) and bool(DEVICE_PATTERN.match(self.device)),
+            "device",
+            self.device,
+            "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+        )
 
     def total_steps(self, num_examples: int) -> int:
         """Optimizer steps for a client holding ``num_examples`` examples."""
@@ -255,6 +300,26 @@ def _due(round: int, last: int, every: int) -> bool:
 
 
 @dataclass
+class FlowerConfig:
+    """Resources of one client on Flower's simulation runtime (Ray); a deployment's nodes take
+    theirs from their own machine (node config ``device``)."""
+
+    client_cpus: int = 1  # CPU cores per simulated client
+    # GPUs per simulated client (0.25: four clients share one GPU at a time); unset: 1 when
+    # train.device is a GPU, else 0
+    client_gpus: float | None = None
+
+    def __post_init__(self) -> None:
+        _need(self.client_cpus >= 1, "flower.client_cpus", self.client_cpus, "an integer >= 1")
+        _need(
+            self.client_gpus is None or self.client_gpus >= 0,
+            "flower.client_gpus",
+            self.client_gpus,
+            ">= 0 (a fraction shares a GPU between clients)",
+        )
+
+
+@dataclass
 class RunConfig:
     seed: int = 0  # all randomness (split, partition, sampling, init, data order) derives from it
     threads: int = 0  # torch CPU threads (0: torch's default); 1 is faster on a busy machine
@@ -264,6 +329,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self) -> None:
         _need(self.threads >= 0, "threads", self.threads, ">= 0 (0: torch's default)")
@@ -280,6 +346,14 @@ class RunConfig:
             raise FloraError(
                 f"federation.method {method.name} needs equal ranks but lora.ranks is {ranks}; "
                 "use a homogeneous profile such as 'homo-16' or a mixed-rank method (flora)"
+            )
+
+        dtype, precision = self.model.dtype, self.train.precision
+        if dtype != "fp32" and precision not in (dtype, "auto"):
+            raise FloraError(
+                f"train.precision = {precision!r} with model.dtype = {dtype!r}: the forward "
+                f"passes run in the base's precision; set train.precision = {dtype!r} (or "
+                "'auto'), or model.dtype = 'fp32'"
             )
 
     def client_ranks(self) -> list[int]:
@@ -300,6 +374,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except FloraError:
                 continue
         raise FloraError(f"{key}: {value!r} does not fit {annotation}")
+    if annotation is type(None) and value is None:  # a JSON null (config.json) for "unset"
+        return None
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):

@@ -23,7 +23,7 @@ from flora.client import ClientData, ClientResult, evaluate_model
 from flora.config import RunConfig
 from flora.data.federated import FederatedData, run_data
 from flora.evaluation.during_run import mmlu_row
-from flora.models import load_model, resolve_precision
+from flora.models import load_run_model, run_precision, with_default_targets
 from flora.outputs import RunOutputs, RunResult
 from flora.protocol import ClientTask
 from flora.server import RoundOutcome, Server
@@ -39,12 +39,10 @@ class GlobalModel:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.precision = resolve_precision(config.train.precision)
         self.model: PreTrainedModel
         self.tokenizer: PreTrainedTokenizerBase
-        self.model, self.tokenizer = load_model(
-            config.model.name, precision=self.precision, seed=config.seed
-        )
+        self.model, self.tokenizer = load_run_model(config)
+        self.precision = run_precision(config, self.model)
         self.shapes = target_shapes(self.model, config.model.target_modules)
         self.data: FederatedData = run_data(config, self.tokenizer)
         self.merged = 0  # rounds of the server's history merged into the weights
@@ -74,6 +72,7 @@ class RunCore:
     """One run's shared state and steps; a runtime drives it round by round."""
 
     def __init__(self, config: RunConfig, run_dir: Path, *, resume: bool, hint: str) -> None:
+        config = with_default_targets(config)  # the architecture's targets, in config.json too
         self.config = config
         self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint)
         self.checkpoint: Checkpoint | None = load_checkpoint(run_dir) if resume else None

@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.data.prompts import Template, encode_prompt
-from flora.models import autocast_context
+from flora.devices import autocast_context
 
 __all__ = ["generate_answer"]
 
@@ -22,10 +22,11 @@ def generate_answer(
     precision: str = "fp32",
 ) -> str:
     """The model's greedy answer to one prompt, decoded without special tokens."""
-    ids = torch.tensor([encode_prompt(instruction, context, tokenizer, template)])
+    device = next(model.parameters()).device
+    ids = torch.tensor([encode_prompt(instruction, context, tokenizer, template)], device=device)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), autocast_context(precision):
+    with torch.no_grad(), autocast_context(precision, device.type):
         output = model.generate(  # type: ignore[operator]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

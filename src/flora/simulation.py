@@ -45,7 +45,13 @@ class _SharedBase:
 
     def sketch(self) -> dict[str, torch.Tensor]:
         """W_m @ x_m of the shared model, per module (float64)."""
-        return {m: module_weight(self.model, m).double() @ x for m, x in self.probes.items()}
+        sketch = {}
+        for m, x in self.probes.items():
+            weight = module_weight(self.model, m)
+            if weight.device.type == "mps":  # no float64 on Apple GPUs
+                weight = weight.cpu()
+            sketch[m] = (weight.double() @ x.to(weight.device)).cpu()
+        return sketch
 
     def start_round(self) -> None:
         self.server_sketch, self.drift = self.sketch(), 0.0

@@ -29,10 +29,10 @@ from flora.adapters import Adapter, LoraFactors, lora_scaling
 from flora.config import TrainConfig
 from flora.data.batching import batches, collate
 from flora.data.prompts import IGNORE_INDEX, Example
+from flora.devices import autocast_context, grad_scaler
 from flora.errors import FloraError
 from flora.loss import response_loss
 from flora.memory import peak_memory
-from flora.models import autocast_context
 from flora.weights import fan_in_fan_out
 
 __all__ = [
@@ -275,6 +275,7 @@ def _run_steps(
     factor = _lr_lambda(total, config.warmup_ratio, config.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     device = next(model.parameters()).device
+    scaler = grad_scaler(config.precision, device.type)  # fp16: scaled loss, skipped inf steps
     stream = _micro_batches(examples, config, seed)
     curve: list[float] = []
     tokens = 0
@@ -290,13 +291,15 @@ def _run_steps(
                 continue  # no response token: the model's mean loss would be 0/0
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(config.precision):
+            with autocast_context(config.precision, device.type):
                 loss = response_loss(model, batch)  # mean over response tokens
-            (loss * weight).backward()
+            scaler.scale(loss * weight).backward()
             step_loss += float(loss.detach()) * weight
         if config.max_grad_norm > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         curve.append(step_loss)
@@ -334,7 +337,7 @@ def evaluate_loss(
                 n = _supervised(batch["labels"])
                 if n == 0:
                     continue
-                with autocast_context(precision):
+                with autocast_context(precision, device.type):
                     inputs = {k: v.to(device) for k, v in batch.items()}
                     loss = response_loss(model, inputs)
                 total += float(loss) * n  # mean * count = this batch's summed loss

@@ -42,7 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shots", type=int, default=5, help="MMLU dev examples in the prompt")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument(
-        "--precision", help="fp32, bf16 or auto (default: the run's train.precision, else fp32)"
+        "--precision",
+        help="fp32, bf16, fp16 or auto (default: the run's train.precision, else fp32)",
+    )
+    parser.add_argument(
+        "--device",
+        help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device, else auto)",
     )
     parser.add_argument("--num-samples", type=int, default=10, help="MT-Bench questions answered")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per sample answer")
@@ -77,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
         shots=args.shots,
         batch_size=args.batch_size,
         precision=args.precision,
+        device=args.device,
         num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens,
     )
     result = evaluate(target, options, out, quiet=args.quiet)
-    print(f"eval of {result['model']} ({result['precision']}) -> {out / 'eval.json'}")
+    where = f"{result['precision']} on {result['device']}"
+    print(f"eval of {result['model']} ({where}) -> {out / 'eval.json'}")
     print(format_results(result, tasks))
     return 0

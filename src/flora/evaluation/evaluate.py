@@ -19,13 +19,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.config import ModelConfig, RunConfig, load_run_config
 from flora.data.prompts import Template
+from flora.devices import resolve_device, resolve_precision
 from flora.errors import FloraError
 from flora.evaluation.heldout import heldout_data, heldout_report
 from flora.evaluation.mmlu import score_mmlu
 from flora.evaluation.mmlu_data import load_mmlu
 from flora.evaluation.samples import answer_all, load_mt_bench
 from flora.io import atomic_write_json
-from flora.models import load_model, resolve_precision
+from flora.models import load_model
 
 __all__ = [
     "TASKS",
@@ -59,6 +60,7 @@ class EvalOptions:
     shots: int = 5
     batch_size: int = 8
     precision: str | None = None  # None: the run's train.precision (fp32 for plain models)
+    device: str | None = None  # None: the run's train.device (auto for plain models)
     num_samples: int = 10  # MT-Bench first-turn questions answered
     max_new_tokens: int = 128
 
@@ -99,14 +101,18 @@ def evaluate(
     """Run ``options.tasks`` on ``target``; write out/eval.json (merged with an earlier one)."""
     say: Callable[[str], None] = (lambda _: None) if quiet else print
     config = target.config
-    precision = resolve_precision(options.precision or config.train.precision)
+    device = resolve_device(options.device or config.train.device, "--device")
+    precision = resolve_precision(options.precision or config.train.precision, device)
     start = time.perf_counter()
-    model, tokenizer = load_model(target.model, precision=precision, seed=config.seed)
+    model, tokenizer = load_model(
+        target.model, precision=precision, seed=config.seed, device=device
+    )
     pad_id = int(tokenizer.pad_token_id)
     result: dict[str, Any] = {
         "model": target.model,
         "run_dir": str(target.run_dir) if target.run_dir else None,
         "precision": precision,
+        "device": str(device),
     }
     if "heldout" in options.tasks:
         say("held-out loss ...")
@@ -163,7 +169,10 @@ def _samples(
     base_name = target.config.model.name if target.run_dir else None
     if base_name is not None:
         say(f"answering them with the base model {base_name} ...")
-        base = answers(*load_model(base_name, precision=precision, seed=target.config.seed))
+        device = next(model.parameters()).device
+        base_model = load_model(base_name, precision=precision, seed=target.config.seed,
+                                device=device)  # fmt: skip
+        base = answers(*base_model)
         rows = [
             {k: v for k, v in q.items() if k != "answer"} | {"base": b, "tuned": t}
             for q, b, t in zip(questions, base, tuned, strict=True)

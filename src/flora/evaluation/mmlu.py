@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from flora.devices import autocast_context
 from flora.errors import FloraError
 from flora.evaluation.mmlu_data import LETTERS, Question, format_prompt
-from flora.models import autocast_context
 
 __all__ = [
     "MMLUResult",
@@ -123,6 +124,11 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
+def _bias(head: torch.nn.Module) -> torch.Tensor | None:
+    bias = getattr(head, "bias", None)
+    return bias.float() if isinstance(bias, torch.Tensor) else None
+
+
 def _split(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module, str]:
     """The transformer body, the LM head, and the body's cache argument name."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -161,7 +167,7 @@ def score_prompts(
         if shared:
             prefix = DynamicCache(config=model.config)
             ids = torch.tensor([list(prompts[0][:shared])], device=device)  # (1, P)
-            with autocast_context(precision):
+            with autocast_context(precision, device.type):
                 decoder(input_ids=ids, **{kwarg: prefix, "use_cache": True})
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
         for start in range(0, len(order), batch_size):
@@ -178,14 +184,16 @@ def score_prompts(
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(rows))
                 extra[kwarg] = cache
-            with autocast_context(precision):
+            with autocast_context(precision, device.type):
                 hidden = decoder(
                     input_ids=ids.to(device), attention_mask=mask.to(device), **extra
                 ).last_hidden_state  # (B, S, H)
             last = torch.tensor([len(s) - 1 for s in suffixes], device=device)  # (B,)
             picked = hidden[torch.arange(len(rows), device=device), last]  # (B, H)
-            # (B, V) outside autocast: fp32 for the fp32 weights flora keeps
-            logits = head(picked.to(next(head.parameters()).dtype)).float()
+            # (B, V) outside autocast and in fp32, also for a head held in bf16/fp16
+            weight = head.weight
+            assert isinstance(weight, torch.Tensor)
+            logits = F.linear(picked.float(), weight.float(), _bias(head))  # (B, V)
             logprobs = torch.log_softmax(logits, dim=-1)[:, choices]  # (B, C)
             out[torch.tensor(rows)] = logprobs.cpu()
     return out

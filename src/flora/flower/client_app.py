@@ -12,7 +12,8 @@ no worker answers, the message runs here.
 
 Where a node keeps its state: node config ``state-dir``, else run config ``state-dir``, else the
 directory given to :func:`make_client_app`, else ``$FLORA_FLOWER_STATE``, else
-``<flora cache>/flower-state``.
+``<flora cache>/flower-state``. Which device it trains on: node config ``device`` (``cpu``,
+``cuda``, ``cuda:1``, ...), else the run's ``train.device``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def _node(message: Message, context: Context, state_dir: Path | None) -> Node:
     partition = int(context.node_config["partition-id"])
     task = message.content.config_records.get("task")
     run = str(task.get("run-key", "")) if task is not None else ""
-    return Node(partition, _state_dir(context, state_dir), run or str(message.metadata.run_id))
+    device = str(context.node_config.get("device", "") or "")
+    return Node(
+        partition, _state_dir(context, state_dir), run or str(message.metadata.run_id), device
+    )
 
 
 def _forget(record: ConfigRecord, context: Context, state_dir: Path | None) -> RecordDict:

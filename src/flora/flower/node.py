@@ -21,7 +21,8 @@ def default_state_dir() -> Path:
 
 @dataclass(frozen=True)
 class Node:
-    """Where a message runs: the node's partition, its state dir, and the run's key.
+    """Where a message runs: the node's partition, its state dir, the run's key, and the
+    device its node config names (empty: the run's ``train.device``).
 
     The key is the flora run's (the ServerApp's ``run-key``, kept across a resume, which
     starts a new Flower run), else the Flower run id.
@@ -30,17 +31,20 @@ class Node:
     partition: int
     state_dir: Path
     run: str
+    device: str = ""  # node config ``device`` (e.g. "cuda:1"): overrides the run's train.device
 
     @property
     def directory(self) -> Path:
         return run_directory(self.state_dir, self.run) / f"partition-{self.partition}"
 
     def to_json(self) -> dict[str, str | int]:
-        return {"partition": self.partition, "state_dir": str(self.state_dir), "run": self.run}
+        return {"partition": self.partition, "state_dir": str(self.state_dir), "run": self.run,
+                "device": self.device}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Node:
-        return cls(int(str(data["partition"])), Path(str(data["state_dir"])), str(data["run"]))
+        partition, state_dir = int(str(data["partition"])), Path(str(data["state_dir"]))
+        return cls(partition, state_dir, str(data["run"]), str(data.get("device", "")))
 
 
 def run_directory(state_dir: Path, run: str) -> Path:

@@ -136,7 +136,7 @@ def run_server(
     nodes = discover_partitions(grid, core.server.num_clients, float(options.get("node-wait", 300)))
     log(INFO, "flora: partitions on nodes %s", nodes)
     client_eval = bool(options.get("client-eval", False))
-    strategy = FloraStrategy(core.server, nodes, config_json(config), client_eval, run_key)
+    strategy = FloraStrategy(core.server, nodes, config_json(core.config), client_eval, run_key)
     timeout = float(options.get("round-timeout", 3600))
     started = {"perf": time.perf_counter(), "unix": time.time()}
 

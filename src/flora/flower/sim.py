@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from flwr.simulation import run_simulation
 
@@ -23,7 +24,37 @@ from flora.flower.client_app import make_client_app
 from flora.flower.server_app import make_server_app
 from flora.outputs import RunResult
 
-__all__ = ["simulate"]
+__all__ = ["backend_config", "simulate"]
+
+
+def backend_config(config: RunConfig, cpus_per_client: int | None = None) -> dict[str, Any]:
+    """Ray's resources: ``flower.client_cpus`` / ``flower.client_gpus`` per client (GPUs: 1 per
+    client when ``train.device`` resolves to CUDA, unless set), out of this machine's."""
+    import torch
+
+    from flora.devices import resolve_device
+
+    device = resolve_device(config.train.device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    per_client = config.flower.client_gpus
+    if per_client is None:
+        per_client = 1.0 if gpus else 0.0
+    if per_client > 0 and not gpus:
+        raise FloraError(
+            f"flower.client_gpus = {per_client} but train.device = {config.train.device!r} is "
+            "no CUDA GPU; set train.device = 'cuda' on a GPU machine, or flower.client_gpus = 0"
+        )
+    if per_client > gpus:
+        raise FloraError(
+            f"flower.client_gpus = {per_client} but this machine has {gpus} GPU(s); a client "
+            "can use at most all of them"
+        )
+    cpus = os.cpu_count() or 1
+    client = {"num_cpus": cpus_per_client or config.flower.client_cpus, "num_gpus": per_client}
+    return {
+        "client_resources": client,
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "logging_level": "ERROR"},
+    }
 
 
 def simulate(
@@ -32,7 +63,7 @@ def simulate(
     *,
     quiet: bool = False,
     resume: bool = False,
-    cpus_per_client: int = 1,
+    cpus_per_client: int | None = None,
     round_timeout: float = 3600.0,
 ) -> RunResult:
     """Run ``config`` on the Flower simulation runtime; the results land in ``run_dir``."""
@@ -46,11 +77,7 @@ def simulate(
     fed = config.federation
     options = {"round-timeout": round_timeout, "resume": resume}
     server_app = make_server_app(config, run_dir, options)  # type: ignore[arg-type]
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR"},
-    }
+    backend = backend_config(config, cpus_per_client)
     logger = logging.getLogger("flwr")
     level = logger.level
     if quiet:
@@ -60,7 +87,7 @@ def simulate(
             server_app,
             make_client_app(nodes),
             num_supernodes=1 if fed.centralized else fed.num_clients,
-            backend_config=backend,  # type: ignore[arg-type]
+            backend_config=backend,
             verbose_logging=False,
         )
     except FloraError:

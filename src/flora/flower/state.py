@@ -32,7 +32,7 @@ from flora.config import RunConfig
 from flora.data.federated import run_data
 from flora.errors import FloraError
 from flora.io import atomic_write, atomic_write_json
-from flora.models import load_model, resolve_precision
+from flora.models import load_run_model, with_default_targets
 from flora.protocol import ClientTask
 from flora.weights import merge_update, module_weight, target_shapes
 
@@ -116,7 +116,7 @@ class NodeBase:
             self.base.save(self.directory, task.through, keep_from=task.since)
 
 
-_MODELS: dict[tuple[str, int], ClientBase] = {}
+_MODELS: dict[tuple[object, ...], ClientBase] = {}
 
 
 def clear_caches() -> None:
@@ -125,15 +125,19 @@ def clear_caches() -> None:
     _DATA.clear()
 
 
-def load_base(config: RunConfig) -> ClientBase:
-    """The run's base model at snapshot 0 (cached per process; ``restore`` moves it)."""
-    key = (config.model.name, config.seed)
+def load_base(config: RunConfig, device: str | None = None) -> ClientBase:
+    """The run's base model at snapshot 0 on ``device`` (None: ``train.device``), cached per
+    process; ``restore`` moves it."""
+    config = with_default_targets(config)
+    m = config.model
+    key = (m.name, config.seed, device or config.train.device, m.dtype, m.quantization,
+           m.exact_merge, tuple(m.target_modules))  # fmt: skip
     if key not in _MODELS:
         _MODELS.clear()  # one model per process
-        precision = resolve_precision(config.train.precision)
-        model, tokenizer = load_model(config.model.name, precision=precision, seed=config.seed)
-        targets = sorted(target_shapes(model, config.model.target_modules))
-        pristine = {m: module_weight(model, m).clone() for m in targets}
+        model, tokenizer = load_run_model(config, device)
+        targets = sorted(target_shapes(model, m.target_modules))
+        # snapshot 0 on the CPU: no second copy of the target weights on the device
+        pristine = {m: module_weight(model, m).cpu().clone() for m in targets}
         _MODELS[key] = ClientBase(model, tokenizer, targets, pristine)
     return _MODELS[key]
 
