@@ -38,7 +38,8 @@ from flora.weights import merge_update, module_weight, target_shapes
 
 
 def _targets(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    return {m: module_weight(model, m).double().clone() for m in sorted(target_shapes(model, names))}
+    modules = sorted(target_shapes(model, names))
+    return {m: module_weight(model, m).double().clone() for m in modules}
 
 
 def relative_error(u: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
@@ -61,7 +62,8 @@ def replay(run_dir: Path) -> dict[str, object]:
         cumulative[label] = {m: w - w0[m] for m, w in _targets(model, names).items()}
         del model
     ref = cumulative["fp32"]
-    w0_norm = sum(float(w.pow(2).sum()) for w in _targets(load_model(config.model.name)[0], names).values()) ** 0.5  # fmt: skip
+    w0 = _targets(load_model(config.model.name)[0], names)
+    w0_norm = sum(float(w.pow(2).sum()) for w in w0.values()) ** 0.5
     ref_norm = sum(float(u.pow(2).sum()) for u in ref.values()) ** 0.5
     return {
         "rounds": len(history),

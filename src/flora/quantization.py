@@ -86,7 +86,7 @@ def _no_cpu_repack(module: torch.nn.Module) -> None:
     held-out evaluation between two rounds would silently end training of the layers below).
     """
     if hasattr(module, "support_avx512bf16_for_cpu"):
-        module.support_avx512bf16_for_cpu = False
+        setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
 def load_quantized(
@@ -106,7 +106,8 @@ def load_quantized(
     options: dict[str, Any] = {"llm_int8_skip_modules": [*keep_fp32, "lm_head"]}
     if bits == 4:
         options |= {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": DTYPES[compute]}  # fmt: skip
+                    "bnb_4bit_use_double_quant": True,
+                    "bnb_4bit_compute_dtype": DTYPES[compute]}  # fmt: skip
     else:
         options |= {"load_in_8bit": True}
     try:

@@ -110,6 +110,31 @@ def test_a_failed_client_is_left_out_and_catches_up_next_round(tmp_path, fail_cl
     assert servers[0]["global_rank"] == 8 + 2  # ranks 8 and 2 stacked, without client 1's 4
 
 
+def test_a_bf16_base_on_the_nodes_gives_the_embedded_rounds_bitwise(tmp_path):
+    # Prepare: bf16 bases whose fp32 target modules the nodes snapshot; 2 of 3 clients a round
+    low = ["model.dtype='bf16'", "train.precision='bf16'", "federation.fraction=0.6"]
+    config = load_config(TINY, [*FAST, *low, "federation.rounds=3"])
+    grid = InlineGrid(make_client_app(tmp_path / "nodes"), 3, extra={"device": "cpu"})
+    # Execute
+    run_server(grid, config, tmp_path / "flower", {})
+    simulation.run(config, tmp_path / "embedded", quiet=True)
+    # Assert
+    assert_same_rounds(tmp_path / "flower", tmp_path / "embedded", 3)
+
+
+def test_a_node_without_the_device_it_names_is_left_out(tmp_path):
+    # Prepare: partition 1's node config asks for a GPU this machine does not have
+    config = load_config(TINY, [*FAST, "federation.rounds=1"])
+    grid = InlineGrid(make_client_app(tmp_path / "nodes"), 3)
+    grid.node_config[102]["device"] = "cuda:0"
+    # Execute
+    run_server(grid, config, tmp_path / "flower", {})
+    # Assert: named in the server row, with the fix; the others trained
+    (server,) = rows(tmp_path / "flower", "server")
+    assert server["clients"] == [0, 2] and server["failed"] == [1]
+    assert "device = 'cuda:0' but torch sees no CUDA GPU" in server["errors"]["1"]
+
+
 def test_a_node_that_lost_its_state_gets_every_update_again(tmp_path):
     # Prepare: partition 0's stored base (after round 1's update) disappears before round 3
     config = load_config(TINY, [*FAST, "federation.rounds=4"])
