@@ -1,5 +1,8 @@
-"""Peak memory of the embedded runtime against the number of simulated clients K.
+"""Peak memory: of the embedded runtime against the number of simulated clients K, then of one
+client's training per setting (gradient checkpointing, a bf16 base, a 4-bit base) as ratios to
+the fp32 run (bench/memory_settings.py).
 
+Part 1, K:
 For K = 2, 5, 10 (--ks), each in a fresh subprocess, runs `flora.simulation.run` for one model:
 - tiny: configs/tiny.toml (tiny random Llama), K clients with ranks cycling [8, 4, 2],
   eval.samples=0;
@@ -12,7 +15,8 @@ and at the end (held-out loss after, final model saved), and the final peak's ra
 The baseline is K=2; the goal is flat memory: ratio ~1.0
 (the simulator shares one base model and removes each client's LoRA after training).
 
-    .venv/bin/python bench/memory.py                  # both models, K = 2 5 10, ~3 min
+    .venv/bin/python bench/memory.py                  # both parts, ~7 min
+    .venv/bin/python bench/memory.py --part settings  # part 2 only
     .venv/bin/python bench/memory.py --models tiny --ks 2 10   # quick look
     .venv/bin/python bench/memory.py --threads 1   # faster on a 2-core machine shared with others
 """
@@ -78,11 +82,25 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
     parser.add_argument("--ks", nargs="+", type=int, default=[2, 5, 10])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--part", choices=["all", "k", "settings"], default="all")
+    parser.add_argument("--length", type=int, default=512, help="part 2: tokens per example")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.threads)))
         return
+    if args.part in ("all", "k"):
+        by_k(args)
+    if args.part in ("all", "settings"):
+        sys.path.insert(0, str(Path(__file__).parent))
+        import memory_settings
+
+        print()
+        rows = memory_settings.measure(list(memory_settings.SETTINGS), args.length, args.threads)
+        memory_settings.report(rows, args.length)
+
+
+def by_k(args: argparse.Namespace) -> None:
     print(
         f"{'model':<8} {'K':>3} {'before train':>13} {'after round 1':>13} {'peak MiB':>9} "
         f"{'peak / K=' + str(args.ks[0]):>10}"

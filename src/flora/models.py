@@ -352,13 +352,17 @@ def hold_in(model: torch.nn.Module, dtype: str, keep_fp32: Sequence[str]) -> Non
     parameters (integer storage) and buffers are left as they are."""
     if dtype == "fp32":
         return
-    keep = set(keep_fp32)
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in keep:
-            continue
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point() and type(param) is torch.nn.Parameter:
-                param.data = param.data.to(DTYPES[dtype])
+    kept = {
+        id(param)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in set(keep_fp32)
+        for param in module.parameters(recurse=False)
+    }  # a tied weight (lm_head and the embeddings) is kept if either module is
+    for param in model.parameters():  # each shared parameter once
+        if param.is_floating_point() and type(param) is torch.nn.Parameter:
+            # the kept fp32 weights are copied too: a view into the memory-mapped checkpoint
+            # would keep all of its pages mapped (resident), not only theirs
+            param.data = param.data.clone() if id(param) in kept else param.data.to(DTYPES[dtype])
 
 
 # ---------------------------------------------------------------------------------------------
