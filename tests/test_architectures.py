@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from flora import simulation
 from flora.adapters import LoraFactors
 from flora.config import load_config
-from flora.metrics import read_metrics
 from flora.errors import FloraError
+from flora.metrics import read_metrics
 from flora.models import default_target_modules, load_model
 from flora.weights import applied, target_shapes
 
@@ -48,7 +48,7 @@ def test_a_tiny_model_of_each_architecture_runs_end_to_end(tmp_path, architectur
 def test_an_architecture_without_a_default_needs_named_targets(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "no-such-architecture"}))
-    with pytest.raises(FloraError, match=r"(?s)model.target_modules is empty and .*name the layers"):
+    with pytest.raises(FloraError, match=r"(?s)target_modules is empty and .*name the layers"):
         default_target_modules(str(tmp_path))
     assert default_target_modules("tiny-gpt2") == ["c_attn"]
     assert default_target_modules("smollm2") == ["q_proj", "v_proj"]

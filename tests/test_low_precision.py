@@ -58,9 +58,7 @@ def test_a_bf16_base_keeps_its_target_modules_in_fp32() -> None:
     model, _ = load_model("tiny-llama", dtype="bf16", precision="bf16", keep_fp32=TARGETS)
     dtypes = _dtypes(model)
     assert {d for n, d in dtypes.items() if n.rsplit(".", 2)[-2] in TARGETS} == {torch.float32}
-    assert {d for n, d in dtypes.items() if n.rsplit(".", 2)[-2] not in TARGETS} == {
-        torch.bfloat16
-    }
+    assert {d for n, d in dtypes.items() if n.rsplit(".", 2)[-2] not in TARGETS} == {torch.bfloat16}
     reference, _ = load_model("tiny-llama")  # the same seed: the masters are W0 exactly
     for name in target_shapes(model, TARGETS):
         assert torch.equal(module_weight(model, name), module_weight(reference, name))

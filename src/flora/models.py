@@ -302,9 +302,10 @@ def load_model(
     """A causal LM and its tokenizer.
 
     ``spec`` is ``"smollm2"`` (the packaged SmolLM2-135M-Instruct, cached after the first
-    conversion), ``"gemma3-270m"`` (the packaged Gemma 3 270M base model), ``"tiny-llama"``, ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random,
-    seeded by ``seed``, with the SmolLM2 tokenizer: :func:`tiny_model`), or a transformers
-    checkpoint directory / hub id. The weights are held in ``dtype`` ("fp32", "bf16", "fp16") on
+    conversion), ``"gemma3-270m"`` (the packaged Gemma 3 270M base model), ``"tiny-llama"``,
+    ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random, seeded by ``seed``, with the
+    SmolLM2 tokenizer: :func:`tiny_model`), or a transformers checkpoint directory / hub id.
+    The weights are held in ``dtype`` ("fp32", "bf16", "fp16") on
     ``device``, or quantised to ``quantization`` bits (4: NF4, 8: LLM.int8) with ``precision`` as
     the compute dtype; the modules whose leaf name is in ``keep_fp32`` stay fp32 (and
     unquantised) either way. ``precision`` itself takes effect in the forward passes.
