@@ -37,11 +37,11 @@ class GlobalModel:
     global model (with the global LoRA applied, for methods that keep one) and becomes
     final/model. The embedded runtime's clients train on this same model."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, device: str | None = None) -> None:
         self.config = config
         self.model: PreTrainedModel
         self.tokenizer: PreTrainedTokenizerBase
-        self.model, self.tokenizer = load_run_model(config)
+        self.model, self.tokenizer = load_run_model(config, device)
         self.precision = run_precision(config, self.model)
         self.shapes = target_shapes(self.model, config.model.target_modules)
         self.data: FederatedData = run_data(config, self.tokenizer)
@@ -71,12 +71,21 @@ class GlobalModel:
 class RunCore:
     """One run's shared state and steps; a runtime drives it round by round."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, *, resume: bool, hint: str) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        *,
+        resume: bool,
+        hint: str,
+        device: str | None = None,
+    ) -> None:
+        """``device`` places the server's model (None: ``train.device``)."""
         config = with_default_targets(config)  # the architecture's targets, in config.json too
         self.config = config
         self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint)
         self.checkpoint: Checkpoint | None = load_checkpoint(run_dir) if resume else None
-        self.model = GlobalModel(config)
+        self.model = GlobalModel(config, device)
         self.server = Server(config, self.model.shapes)
         self.first_round = 1
         if self.checkpoint is not None:

@@ -12,6 +12,8 @@ Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
 - ``poll-interval``: seconds between the ServerApp's pulls for replies (0.2; Flower's own: 3)
 - ``client-eval``: also measure the held-out loss on a client node (default false: the ServerApp
   evaluates its own copy of the global model, as the embedded runtime does)
+- ``server-device``: where the ServerApp holds its copy of the model ("cpu", "cuda", ...;
+  default the run's ``train.device``; the nodes' own node config ``device`` sets theirs)
 - ``resume``: continue the run in ``run-dir`` after its last checkpoint (default false), with
   the run's own config.json (``config`` and ``set`` are then ignored). The nodes keep their
   state per flora run (``run-key`` in ``run-dir/flower.json``), so they go on from where they
@@ -130,7 +132,8 @@ def run_server(
     hint = "give another run-dir, or resume=true to continue it"
     if resume and (run_dir / "metrics.jsonl").exists():
         _run_key(run_dir, resume)  # refuses a run of the embedded runtime, with the fix
-    core = RunCore(config, run_dir, resume=resume, hint=hint)
+    device = str(options.get("server-device", "") or "") or None
+    core = RunCore(config, run_dir, resume=resume, hint=hint, device=device)
     run_key = _run_key(run_dir, resume)
     log(INFO, "flora: clients' data\n%s", core.model.data.table)
     nodes = discover_partitions(grid, core.server.num_clients, float(options.get("node-wait", 300)))
