@@ -174,3 +174,18 @@ def test_shared_mmlu_copy_loads_every_subject():
     assert all(len(questions) == 5 for questions in dev.values())
     assert sum(len(questions) for questions in test.values()) == 14042
     assert test["abstract_algebra"][0].subject == "abstract_algebra"
+
+
+def test_a_bf16_base_scores_mmlu_like_the_fp32_one(tokenizer, torch_single_thread):
+    """model.dtype = "bf16" holds the head in bf16: its rows are upcast to fp32 for the scores."""
+    from flora.models import load_model
+
+    fp32, _ = load_model("tiny-llama")
+    bf16, _ = load_model("tiny-llama", dtype="bf16", precision="bf16")
+    test, shots = {"physics": TEST}, {"physics": SHOTS}
+    scores = {
+        name: score_mmlu(m, tokenizer, test, shots, shots=2, batch_size=3, precision="bf16")
+        for name, m in (("fp32", fp32), ("bf16", bf16))
+    }
+    assert scores["bf16"].per_subject["physics"][1] == len(TEST)
+    assert scores["bf16"].predictions == scores["fp32"].predictions

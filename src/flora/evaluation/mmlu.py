@@ -193,7 +193,10 @@ def score_prompts(
             # (B, V) outside autocast and in fp32, also for a head held in bf16/fp16
             weight = head.weight
             assert isinstance(weight, torch.Tensor)
-            logits = F.linear(picked.float(), weight.float(), _bias(head))  # (B, V)
+            if weight.dtype == torch.float32:
+                logits = head(picked.float())  # (B, V)
+            else:  # a head held in bf16/fp16 (model.dtype): its weights upcast for these rows
+                logits = F.linear(picked.float(), weight.float(), _bias(head))
             logprobs = torch.log_softmax(logits, dim=-1)[:, choices]  # (B, C)
             out[torch.tensor(rows)] = logprobs.cpu()
     return out
