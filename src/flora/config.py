@@ -36,6 +36,7 @@ __all__ = [
     "LoraSpec",
     "ModelConfig",
     "RunConfig",
+    "ScreeningConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
@@ -300,6 +301,30 @@ def _due(round: int, last: int, every: int) -> bool:
 
 
 @dataclass
+class ScreeningConfig:
+    """What the server accepts of an upload before aggregating it (flora.aggregation.screen):
+    besides these bounds, always the target modules, shapes, assigned rank, floating finite
+    values, the frozen A, and an example count within the client's partition."""
+
+    # ||s B A||_F per module above this is rejected or clipped (0: no absolute bound)
+    max_update_norm: float = 0.0
+    # ... and above this multiple of the median of the round's other uploads (0: off)
+    norm_multiple: float = 100.0
+    norm_action: str = "reject"  # "reject" the upload, or "clip" it onto the bound
+    # example counts above this are rejected where the server knows no partition size (0: none)
+    max_examples: int = 0
+
+    def __post_init__(self) -> None:
+        _need(self.max_update_norm >= 0, "screening.max_update_norm", self.max_update_norm,
+              ">= 0 (0: no absolute bound)")  # fmt: skip
+        _need(self.norm_multiple == 0 or self.norm_multiple >= 1, "screening.norm_multiple",
+              self.norm_multiple, "0 (off) or >= 1")  # fmt: skip
+        _need(self.norm_action in ("reject", "clip"), "screening.norm_action", self.norm_action,
+              "'reject' or 'clip'")  # fmt: skip
+        _need(self.max_examples >= 0, "screening.max_examples", self.max_examples, ">= 0")
+
+
+@dataclass
 class FlowerConfig:
     """Resources of one client on Flower's simulation runtime (Ray); a deployment's nodes take
     theirs from their own machine (node config ``device``)."""
@@ -329,6 +354,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from flora.checkpoint import Checkpoint, load_checkpoint
 from flora.client import ClientData, ClientResult, evaluate_model
 from flora.config import RunConfig
 from flora.data.federated import FederatedData, run_data
+from flora.errors import FloraError
 from flora.evaluation.during_run import mmlu_row
 from flora.models import load_run_model, run_precision, with_default_targets
 from flora.outputs import RunOutputs, RunResult
@@ -86,7 +87,8 @@ class RunCore:
         self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint)
         self.checkpoint: Checkpoint | None = load_checkpoint(run_dir) if resume else None
         self.model = GlobalModel(config, device)
-        self.server = Server(config, self.model.shapes)
+        sizes = [len(examples) for examples in self.model.data.clients]
+        self.server = Server(config, self.model.shapes, sizes)
         self.first_round = 1
         if self.checkpoint is not None:
             cp = self.checkpoint
@@ -126,6 +128,13 @@ class RunCore:
         """
         self.model.sync(self.server)
         self.outputs.round_rows(round, self.server, tasks, results, outcome, extra)
+        if outcome is None:  # too few usable uploads: stop with the last checkpoint intact
+            reasons = "; ".join(f"client {r.client}: {r.error}" for r in results if not r.ok)
+            raise FloraError(
+                f"round {round} failed: {self.server.shortfall} ({reasons or 'no replies'}); "
+                f"the run stopped with round {round - 1}'s state intact in {self.outputs.run_dir}: "
+                "fix the cause (or lower federation.min_clients) and resume it"
+            )
         if before_eval is not None:
             before_eval()
         self.evaluate(round)

@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.adapters import Adapter, save_peft_adapter
+from flora.aggregation.base import adapter_bytes
 from flora.checkpoint import save_checkpoint
 from flora.client import ClientResult
 from flora.config import RunConfig, config_to_dict
@@ -86,10 +87,17 @@ class RunOutputs:
     ) -> None:
         """The client rows of the clients that trained, then the round's server row."""
         done = [(t, r) for t, r in zip(tasks, results, strict=True) if r.ok]
-        bytes_up = outcome.report.bytes_up if outcome is not None else []
+        if outcome is not None:
+            bytes_up = outcome.report.bytes_up
+        else:  # a failed round: what they sent, though nothing was aggregated
+            bytes_up = [adapter_bytes(r.factors) if r.factors else 0 for _, r in done]
         for (task, result), up in zip(done, bytes_up, strict=True):
             self.metrics.write(_client_row(task, result, up))
-        failed = {r.client: r.error for r in results if not r.ok}
+        failed = {r.client: r.error or "no upload" for r in results if not r.ok}
+        for client, reason in sorted(failed.items()):  # one row per left-out client
+            stage = "screening" if reason.startswith("rejected: ") else "client"
+            self.metrics.write({"kind": "fault", "round": round, "client": client,
+                                "stage": stage, "reason": reason})  # fmt: skip
         row: dict[str, Any] = {
             "kind": "server",
             "round": round,
@@ -98,8 +106,11 @@ class RunOutputs:
             "failed": sorted(failed),
             "errors": {str(k): v for k, v in sorted(failed.items())},
         }
-        if outcome is not None:
+        if outcome is None:
+            row["round_failed"] = server.shortfall
+        else:
             row |= {
+                "clipped": {str(k): v for k, v in sorted(outcome.clipped.items())},
                 "noise": outcome.report.noise,
                 "global_rank": max(outcome.report.global_ranks.values()),
                 "bytes_up": sum(outcome.report.bytes_up),

@@ -6,7 +6,9 @@ and the Flower ServerApp both drive it, through the same three steps a round:
 
 1. ``configure(round)`` computes each sampled client's task (what it downloads); it changes
    nothing, so a task that is never delivered costs nothing to forget;
-2. ``aggregate(round, tasks, results)`` combines the successful uploads into the global state;
+2. ``aggregate(round, tasks, results)`` screens the uploads (flora.aggregation.screen: a bad or
+   hostile one is rejected, or clipped, and named) and combines the accepted ones into the
+   global state, if at least ``federation.min_clients`` remain;
 3. ``complete(tasks, done, lost)`` advances the catch-up position of the clients that actually
    finished (their base now holds what their task sent), and resets the ones that lost theirs.
 
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from flora.adapters import Adapter
 from flora.aggregation import AggregationReport, aggregate, get_method, measure
 from flora.aggregation.base import adapter_bytes
 from flora.aggregation.lowrank import truncate
+from flora.aggregation.screen import Screened, ScreenRules, Upload, screen
 from flora.config import RunConfig
 from flora.protocol import (
     ClientTask,
@@ -52,6 +57,7 @@ class RoundOutcome:
     update: RoundUpdate | None
     report: AggregationReport
     seconds: float
+    clipped: dict[int, float] = field(default_factory=dict)  # client -> norm clip factor
 
     def travels(self, server: Server) -> Adapter:
         """What goes down to the clients: the round's merged factors, or the global LoRA."""
@@ -64,14 +70,27 @@ class RoundOutcome:
 class Server:
     """Global state and the round protocol, for one run."""
 
-    def __init__(self, config: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        shapes: dict[str, tuple[int, int]],
+        sizes: Sequence[int] | None = None,
+    ) -> None:
+        """``sizes``: each client's partition size, where the server knows it (it bounds the
+        example count an upload may claim)."""
         self.config = config
+        self.shapes = dict(shapes)
+        self.sizes = list(sizes) if sizes is not None else None
+        screening = config.screening
+        self.rules = ScreenRules(screening.max_update_norm, screening.norm_multiple,
+                                 screening.norm_action, screening.max_examples)  # fmt: skip
         self.method = get_method(config.federation.method)
         self.ranks = config.client_ranks()
         self.alphas = [config.lora.alpha_ratio * r for r in self.ranks]
         self.history: list[RoundUpdate] = []
         self.synced = [0] * len(self.ranks)  # rounds of merged updates each client's base holds
         self.global_lora: Adapter | None = None
+        self.shortfall: str | None = None  # why the last aggregate() failed its round
         if self.method.keeps_global_lora:
             self.global_lora = initial_lora(shapes, max(self.ranks), config.seed)
 
@@ -122,18 +141,51 @@ class Server:
             elif task.client in gone:
                 self.synced[task.client] = 0
 
+    def screen(self, tasks: Sequence[ClientTask], results: Sequence[ClientResult]) -> Screened:
+        """Screen the uploads of the clients that trained (flora.aggregation.screen); a rejected
+        client's result gets the reason as its ``error`` (``rejected: ...``)."""
+        task_of = {t.client: t for t in tasks}
+        uploads = []
+        for r in results:
+            if not r.ok or r.factors is None:
+                continue
+            task = task_of.get(r.client)
+            if task is None:
+                r.error = f"rejected: client {r.client} was not sampled this round"
+                continue
+            frozen = None
+            if task.freeze_A and task.init is not None:
+                frozen = {m: f.A for m, f in task.init.items()}
+            known = self.sizes[r.client] if self.sizes is not None else None
+            uploads.append(Upload(r.client, r.factors, float(r.examples), task.rank, known,
+                                  frozen))  # fmt: skip
+        screened = screen(uploads, self.shapes, self.rules)
+        for r in results:
+            if r.client in screened.rejected:
+                r.error = f"rejected: {screened.rejected[r.client]}"
+        return screened
+
     def aggregate(
         self, round: int, tasks: Sequence[ClientTask], results: Sequence[ClientResult]
     ) -> RoundOutcome | None:
-        """Aggregate the uploads of the clients that trained (None if none did)."""
-        uploads = [r for r in results if r.ok]
-        if not uploads:
+        """Screen, then aggregate the accepted uploads. None, with the state unchanged, when
+        fewer than ``federation.min_clients`` remain or the realised update is not finite
+        (``self.shortfall`` says why): the round failed."""
+        screened = self.screen(tasks, results)
+        self.shortfall = None
+        need = self.config.federation.min_clients
+        if len(screened.accepted) < need:
+            self.shortfall = (f"{len(screened.accepted)} usable upload(s) of "
+                              f"{len(tasks)} sampled; federation.min_clients = {need}")  # fmt: skip
             return None
         start = time.perf_counter()
-        factors = [r.factors for r in uploads if r.factors is not None]
+        factors = [u.factors for u in screened.accepted]
         options = self.config.federation.options
-        examples = [float(r.examples) for r in uploads]
+        examples = [u.examples for u in screened.accepted]
         result = aggregate(self.method.name, factors, examples, **options)
+        if not _finite(result.global_factors, result.residual):
+            self.shortfall = "the realised update is not finite (the accepted uploads overflow)"
+            return None
         report = measure(factors, result.weights, result)
         update = None
         if self.global_lora is not None:
@@ -144,7 +196,7 @@ class Server:
         else:
             update = RoundUpdate(round, result.global_factors, result.residual)
             self.history.append(update)
-        return RoundOutcome(round, update, report, time.perf_counter() - start)
+        return RoundOutcome(round, update, report, time.perf_counter() - start, screened.clipped)
 
     def state(self) -> dict[str, Any]:
         """JSON-ready scalar state (tensors are checkpointed separately)."""
@@ -157,3 +209,8 @@ class Server:
         self.history = history
         if self.method.keeps_global_lora:
             self.global_lora = lora
+
+
+def _finite(factors: Adapter, residual: dict[str, torch.Tensor] | None) -> bool:
+    tensors = [t for f in factors.values() for t in (f.A, f.B)] + list((residual or {}).values())
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

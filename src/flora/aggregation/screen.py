@@ -1,0 +1,162 @@
+"""What the server accepts: every upload is screened before aggregation.
+
+One client's upload is accepted only if it adapts exactly the target modules, with (r, in) and
+(out, r) floating-point factors of the rank it was assigned, finite values and a positive
+finite scaling, the frozen A it was sent (methods that freeze A), an example count between 1 and
+what the server knows of that client, and an update norm within the rules:
+
+- ``max_update_norm``: an absolute bound on ||s B A||_F per module;
+- ``norm_multiple``: a robust relative bound, a multiple of the median of the *other* uploads'
+  norms of that module in the round (leave-one-out, so one hostile client cannot move its own
+  yardstick, and two clients already suffice).
+
+A norm beyond a bound is rejected, or with ``norm_action = "clip"`` scaled back onto it (B times
+bound / norm). ||s B A||_F comes from the factors, sqrt(sum((B^T B) * (A A^T))) in float64,
+without forming the out x in matrix. Pure: no I/O, no model.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from flora.adapters import Adapter, LoraFactors
+from flora.aggregation.validate import _check_module
+from flora.errors import FloraError
+
+__all__ = ["NORM_ACTIONS", "ScreenRules", "Screened", "Upload", "screen", "update_norm"]
+
+NORM_ACTIONS = ("reject", "clip")
+
+
+@dataclass(frozen=True)
+class ScreenRules:
+    max_update_norm: float = 0.0  # per module, absolute (0: no absolute bound)
+    norm_multiple: float = 0.0  # x the other uploads' median, per module (0: no relative bound)
+    norm_action: str = "reject"  # or "clip"
+    max_examples: int = 0  # where the server knows no partition size (0: no bound)
+
+
+@dataclass
+class Upload:
+    """One client's upload, with what the server expects of it."""
+
+    client: int
+    factors: Adapter
+    examples: float
+    rank: int | None = None  # the rank it was assigned (None: any)
+    known_examples: int | None = None  # its partition's size, where the server knows it
+    frozen_A: Mapping[str, torch.Tensor] | None = None  # the A it had to keep
+
+
+@dataclass
+class Screened:
+    accepted: list[Upload]  # in the order given; clipped ones carry their clipped factors
+    rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
+    clipped: dict[int, float] = field(default_factory=dict)  # client -> smallest factor applied
+
+
+def update_norm(factors: LoraFactors) -> float:
+    """||s B A||_F from the factors: sqrt(sum((B^T B) * (A A^T))), float64."""
+    a, b = factors.A.double(), factors.B.double()
+    square = float(((b.T @ b) * (a @ a.T)).sum())
+    return abs(factors.scaling) * math.sqrt(max(square, 0.0))
+
+
+def _structure(upload: Upload, shapes: Mapping[str, tuple[int, int]]) -> str | None:
+    """Why the upload's modules, shapes, dtypes, values, rank or example count are refused."""
+    missing = sorted(set(shapes) - set(upload.factors))
+    extra = sorted(set(upload.factors) - set(shapes))
+    if missing or extra:
+        return f"modules: missing {missing[:2]}, unexpected {extra[:2]}"
+    for module, factors in upload.factors.items():
+        try:
+            _check_module(upload.client, module, factors.A, factors.B, factors.scaling)
+        except FloraError as error:
+            return str(error)
+        out, inp = shapes[module]
+        if (factors.out_features, factors.in_features) != (out, inp):
+            return (f"module '{module}' is {factors.out_features}x{factors.in_features}, the "
+                    f"layer is {out}x{inp}")  # fmt: skip
+        if upload.rank is not None and factors.rank != upload.rank:
+            return (f"module '{module}' has rank {factors.rank}, the client was assigned "
+                    f"{upload.rank}")  # fmt: skip
+        if upload.frozen_A is not None and not torch.equal(factors.A, upload.frozen_A[module]):
+            return f"module '{module}': lora_A differs from the frozen A the client was sent"
+    examples = upload.examples
+    if not (math.isfinite(examples) and examples >= 1 and float(examples).is_integer()):
+        return f"example count {examples} is not a whole number >= 1"
+    if upload.known_examples is not None and examples > upload.known_examples:
+        return f"example count {int(examples)} exceeds its partition's {upload.known_examples}"
+    return None
+
+
+def _bounded(
+    upload: Upload, norms: dict[str, float], bounds: dict[str, float], action: str, why: str
+) -> tuple[Upload | None, str | None, float]:
+    """The upload within ``bounds`` (clipped), or None and the reason (rejected)."""
+    over = {m: n for m, n in norms.items() if n > bounds[m]}
+    if not over:
+        return upload, None, 1.0
+    module = max(over, key=lambda m: over[m] / bounds[m])
+    if action == "reject":
+        reason = f"update norm {over[module]:.3g} of '{module}' exceeds {why} {bounds[module]:.3g}"
+        return None, reason, 1.0
+    factors = dict(upload.factors)
+    for m in over:
+        f = factors[m]
+        factors[m] = LoraFactors(f.A, f.B * (bounds[m] / over[m]), f.scaling)
+        norms[m] = bounds[m]
+    return replace(upload, factors=factors), None, min(bounds[m] / over[m] for m in over)
+
+
+def screen(
+    uploads: Sequence[Upload], shapes: Mapping[str, tuple[int, int]], rules: ScreenRules
+) -> Screened:
+    """Accept, clip or reject each upload (see the module docstring); pure."""
+    if rules.norm_action not in NORM_ACTIONS:
+        raise FloraError(f"norm_action must be one of {NORM_ACTIONS}, got {rules.norm_action!r}")
+    result = Screened([])
+    passed: list[tuple[Upload, dict[str, float]]] = []
+    for upload in uploads:
+        if rules.max_examples and upload.known_examples is None:
+            upload = replace(upload, known_examples=rules.max_examples)
+        reason = _structure(upload, shapes)
+        norms = {} if reason else {m: update_norm(f) for m, f in upload.factors.items()}
+        if reason is None and not all(math.isfinite(n) for n in norms.values()):
+            reason = "its update norm overflows (factors too large to multiply in float64)"
+        if reason is None and rules.max_update_norm > 0:
+            bounds = dict.fromkeys(norms, rules.max_update_norm)
+            kept, reason, scale = _bounded(upload, norms, bounds, rules.norm_action,
+                                           "max_update_norm")  # fmt: skip
+            if kept is not None:
+                upload = kept
+                if scale < 1:
+                    result.clipped[upload.client] = scale
+        if reason is not None:
+            result.rejected[upload.client] = reason
+        else:
+            passed.append((upload, norms))
+    if rules.norm_multiple > 0 and len(passed) > 1:
+        reference = [dict(norms) for _, norms in passed]  # the round's norms before any clip
+        for index, (upload, norms) in enumerate(passed):
+            others = reference[:index] + reference[index + 1 :]
+            medians = {m: statistics.median(o[m] for o in others) for m in norms}
+            # a module whose other updates are all zero gives no yardstick: no relative bound
+            bounds = {m: rules.norm_multiple * v if v > 0 else math.inf
+                      for m, v in medians.items()}  # fmt: skip
+            why = f"{rules.norm_multiple:g} x the others' median"
+            kept, reason, scale = _bounded(upload, norms, bounds, rules.norm_action, why)
+            if kept is None:
+                result.rejected[upload.client] = str(reason)
+                continue
+            if scale < 1:
+                result.clipped[upload.client] = min(scale, result.clipped.get(upload.client, 1.0))
+            result.accepted.append(kept)
+    else:
+        result.accepted = [upload for upload, _ in passed]
+    return result
