@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.faults import tamper as t
 
 from flora import simulation
 from flora.config import RunConfig, load_config
 from flora.errors import FloraError
 from flora.metrics import read_metrics
-from tests.faults import tamper as t
 
 TINY = "configs/tiny.toml"
 FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit=60",
@@ -27,9 +27,10 @@ def run(config: RunConfig, out: Path, runtime: str) -> Path:
         simulation.run(config, out, quiet=True)
         return out
     pytest.importorskip("flwr")
+    from tests.flower.inline_grid import InlineGrid
+
     from flora.flower.client_app import make_client_app
     from flora.flower.server_app import run_server
-    from tests.flower.inline_grid import InlineGrid
 
     grid = InlineGrid(make_client_app(out.parent / "nodes"), config.federation.num_clients)
     run_server(grid, config, out, {})
@@ -105,9 +106,7 @@ def test_integer_factors_are_refused(tmp_path, tamper):
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_too_few_usable_uploads_stop_the_run_with_the_last_state_intact(
-    tmp_path, tamper, runtime
-):
+def test_too_few_usable_uploads_stop_the_run_with_the_last_state_intact(tmp_path, tamper, runtime):
     # Prepare: all three must count; client 0 is hostile in round 2
     tamper(0, 2, t.scaled(1e10))
     config = load_config(TINY, [*FAST, "federation.min_clients=3", "federation.rounds=2"])
@@ -129,5 +128,5 @@ def test_the_screened_run_equals_one_without_the_bad_client(tmp_path, tamper):
     hostile = run(config, tmp_path / "hostile", "embedded")
     tamper(1, 1, t.raises())
     failed = run(config, tmp_path / "failed", "embedded")
-    ours, theirs = (load_file(d / "final" / "model" / "model.safetensors") for d in (hostile, failed))
+    ours, theirs = (load_file(d / "final/model/model.safetensors") for d in (hostile, failed))
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
