@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,20 @@ def _corrupt(adapters: list[Path], tmp_path: Path, how: str) -> Path:
     elif how == "modules":
         state = load_file(weights)
         save_file({k: v for k, v in state.items() if "layers.1." not in k}, weights)
+    elif how in ("r-text", "rank-pattern-list"):
+        config = json.loads((bad / "adapter_config.json").read_text())
+        if how == "r-text":
+            config["r"], config["rank_pattern"] = "eight", {}
+        else:
+            config["rank_pattern"] = [1]
+        (bad / "adapter_config.json").write_text(json.dumps(config))
+    elif how in ("x1e30", "int32"):
+        state = load_file(weights)
+        if how == "x1e30":
+            state = {k: v * 1e30 if "lora_B" in k else v for k, v in state.items()}
+        else:
+            state = {k: v.to(torch.int32) for k, v in state.items()}
+        save_file(state, weights)
     return bad
 
 
@@ -179,7 +194,11 @@ def _corrupt(adapters: list[Path], tmp_path: Path, how: str) -> Path:
         ("pickle", "flora never loads pickles"),
         ("nan", "holds NaN or inf"),
         ("shape", "the config declares r=5"),
-        ("modules", "client 1 lacks 'model.layers.1.self_attn.q_proj'"),
+        ("modules", "lacks module 'model.layers.1.self_attn.q_proj'"),
+        ("r-text", "must be an integer >= 1, got 'eight'"),
+        ("rank-pattern-list", "rank_pattern must be a table"),
+        ("x1e30", "exceeds 100 x the others' median"),
+        ("int32", "has dtype torch.int32; LoRA factors are floating point"),
     ],
 )
 def test_bad_adapter_files(adapters, tmp_path, capsys, how, message):
@@ -212,3 +231,48 @@ def test_bad_options(adapters, tmp_path, capsys, args, message):
 def test_missing_directory(tmp_path, capsys):
     assert main(["aggregate", str(tmp_path / "nowhere")]) == 2
     assert "no such adapter directory" in capsys.readouterr().err
+
+
+def _updates(directory: Path) -> dict[str, torch.Tensor]:
+    from flora.adapters import load_peft_adapter
+
+    return {m: f.delta().double() for m, f in load_peft_adapter(directory).modules.items()}
+
+
+def test_mutated_adapters_never_pass_beyond_the_bound(adapters, tmp_path, capsys):
+    """A seeded fuzz: 200 random bit flips (1 to 3) in client 1's weights file or config. Each
+    either exits 2 with one line, or exits 0 with a global update within the screening bound of
+    the valid one: ||U - U_valid|| <= p_1 (100 x median(others' norms) + ||u_1||) per module."""
+    from flora.adapters import load_peft_adapter
+    from flora.aggregation.screen import update_norm
+
+    valid = tmp_path / "valid"
+    assert main(["aggregate", "--out", str(valid), *map(str, adapters)]) == 0
+    reference = _updates(valid)
+    p1 = json.loads((valid / "report.json").read_text())["weights"][1]
+    norms = [{m: update_norm(f) for m, f in load_peft_adapter(a).modules.items()}
+             for a in adapters]  # fmt: skip
+    bound = {m: p1 * (100 * float(torch.tensor([norms[0][m], norms[2][m]]).median())
+                      + norms[1][m]) for m in reference}  # fmt: skip
+    generator = random.Random(20261202)
+    outcomes = {0: 0, 2: 0}
+    for i in range(200):
+        bad = tmp_path / f"m{i}"
+        shutil.copytree(adapters[1], bad)
+        name = "adapter_config.json" if generator.random() < 0.1 else "adapter_model.safetensors"
+        data = bytearray((bad / name).read_bytes())
+        for _ in range(generator.randint(1, 3)):
+            data[generator.randrange(len(data))] ^= 1 << generator.randrange(8)
+        (bad / name).write_bytes(bytes(data))
+        out = tmp_path / f"o{i}"
+        code = main(["aggregate", "--out", str(out), str(adapters[0]), str(bad), str(adapters[2])])
+        captured = capsys.readouterr()
+        assert code in outcomes, captured.err
+        outcomes[code] += 1
+        if code == 2:
+            assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+            continue
+        for module, update in _updates(out).items():
+            gap = float((update - reference[module]).norm())
+            assert gap <= bound[module] * (1 + 1e-6) + 1e-9, (i, name, module, gap)
+    assert outcomes[0] > 0 and outcomes[2] > 0  # both kinds of mutation happened

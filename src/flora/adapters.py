@@ -102,15 +102,28 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _declared(config: dict[str, Any], module: str) -> tuple[int, float]:
-    """The (rank, alpha) that ``config`` declares for ``module``, resolved the way PEFT does."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank_key = get_pattern_key(list(rank_pattern), module)
-    alpha_key = get_pattern_key(list(alpha_pattern), module)
-    rank = rank_pattern.get(rank_key, config.get("r", 8))
-    alpha = alpha_pattern.get(alpha_key, config.get("lora_alpha", 8))
-    return int(rank), float(alpha)
+def _declared(config: dict[str, Any], module: str, source: str) -> tuple[int, float]:
+    """The (rank, alpha) that ``config`` declares for ``module``, resolved the way PEFT does;
+    a value of the wrong type is a FloraError naming the field."""
+    where = f"{source}: adapter_config.json"
+    patterns = {}
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            raise FloraError(f"{where}: {name} must be a table of module -> number, got "
+                             f"{pattern!r}")  # fmt: skip
+        patterns[name] = pattern
+    rank_key = get_pattern_key(list(patterns["rank_pattern"]), module)
+    alpha_key = get_pattern_key(list(patterns["alpha_pattern"]), module)
+    rank = patterns["rank_pattern"].get(rank_key, config.get("r", 8))
+    alpha = patterns["alpha_pattern"].get(alpha_key, config.get("lora_alpha", 8))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise FloraError(f"{where}: the rank of '{module}' (r / rank_pattern) must be an "
+                         f"integer >= 1, got {rank!r}")  # fmt: skip
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise FloraError(f"{where}: the alpha of '{module}' (lora_alpha / alpha_pattern) must be "
+                         f"a finite number, got {alpha!r}")  # fmt: skip
+    return rank, float(alpha)
 
 
 def adapter_from_state_dict(
@@ -124,7 +137,13 @@ def adapter_from_state_dict(
     modules: Adapter = {}
     for module in sorted(parts):
         a, b = parts[module]["A"], parts[module]["B"]
-        rank, alpha = _declared(config, module)
+        rank, alpha = _declared(config, module, source)
+        for name, tensor in (("lora_A", a), ("lora_B", b)):
+            if not tensor.is_floating_point():
+                raise FloraError(
+                    f"{source}: module '{module}' {name} has dtype {tensor.dtype}; LoRA factors "
+                    "are floating point (fp32, bf16 or fp16)"
+                )
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise FloraError(
                 f"{source}: module '{module}' has lora_A {tuple(a.shape)} and lora_B "

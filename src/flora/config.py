@@ -9,6 +9,7 @@ naming the dotted key and the fix. The resolved config is saved as JSON beside e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -38,6 +39,7 @@ __all__ = [
     "RunConfig",
     "ScreeningConfig",
     "TrainConfig",
+    "config_fingerprint",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -279,6 +281,7 @@ class EvalConfig:
         _need(self.every >= 0, "eval.every", self.every, ">= 0")
         _need(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _need(self.samples >= 0, "eval.samples", self.samples, ">= 0")
+        _need(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
         _need(self.mmlu_every >= 0, "eval.mmlu_every", self.mmlu_every, ">= 0")
         needs = "0 unless eval.mmlu = true (set eval.mmlu = true to score MMLU in the run)"
         _need(self.mmlu_every == 0 or self.mmlu, "eval.mmlu_every", self.mmlu_every, needs)
@@ -457,6 +460,14 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def config_fingerprint(config: RunConfig) -> str:
+    """SHA-256 of the config as JSON, without federation.rounds (which a resume may raise):
+    checkpoints record it, and resuming refuses a config that differs in anything else."""
+    data = config_to_dict(config)
+    data["federation"] = {k: v for k, v in data["federation"].items() if k != "rounds"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -18,9 +18,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.adapters import Adapter
-from flora.checkpoint import Checkpoint, load_checkpoint
+from flora.checkpoint import Checkpoint, latest_round, load_checkpoint
 from flora.client import ClientData, ClientResult, evaluate_model
-from flora.config import RunConfig
+from flora.config import RunConfig, config_fingerprint
 from flora.data.federated import FederatedData, run_data
 from flora.errors import FloraError
 from flora.evaluation.during_run import mmlu_row
@@ -85,17 +85,25 @@ class RunCore:
         config = with_default_targets(config)  # the architecture's targets, in config.json too
         self.config = config
         self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint)
-        self.checkpoint: Checkpoint | None = load_checkpoint(run_dir) if resume else None
-        self.model = GlobalModel(config, device)
-        sizes = [len(examples) for examples in self.model.data.clients]
-        self.server = Server(config, self.model.shapes, sizes)
-        self.first_round = 1
-        if self.checkpoint is not None:
-            cp = self.checkpoint
-            self.server.restore(cp.state, cp.history, cp.global_lora)
-            self.model.sync(self.server)  # W0 + each round's update, in order: bitwise as run
-            self.outputs.truncate(cp.round)
-            self.first_round = cp.round + 1
+        try:
+            self.checkpoint: Checkpoint | None = None
+            if resume and latest_round(run_dir) > 0:
+                self.checkpoint = load_checkpoint(run_dir, config_fingerprint(config))
+            elif resume:  # it stopped before its first checkpoint: start it from the beginning
+                self.outputs.truncate(-1)
+            self.model = GlobalModel(config, device)
+            sizes = [len(examples) for examples in self.model.data.clients]
+            self.server = Server(config, self.model.shapes, sizes)
+            self.first_round = 1
+            if self.checkpoint is not None:
+                cp = self.checkpoint
+                self.server.restore(cp.state, cp.history, cp.global_lora)
+                self.model.sync(self.server)  # W0 + each round's update, in order: bitwise
+                self.outputs.truncate(cp.round)
+                self.first_round = cp.round + 1
+        except BaseException:
+            self.outputs.close()
+            raise
 
     @property
     def resumed(self) -> bool:
@@ -140,6 +148,10 @@ class RunCore:
         self.evaluate(round)
         update = outcome.update if outcome is not None else None
         self.outputs.checkpoint(round, self.server, update, sketches)
+
+    def close(self) -> None:
+        """Release the run directory (its lock); a runtime calls it however the run ends."""
+        self.outputs.close()
 
     def finish(self, seconds: float, runtime: str) -> RunResult:
         """final/model, final/adapter and summary.json."""

@@ -42,8 +42,14 @@ class MetricsLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def truncate(self, last_round: int) -> None:
+    def truncate(self, last_round: int, final_round: int | None = None) -> None:
+        """Keep the rows of rounds <= ``last_round`` (-1: none); with ``final_round``, only rows
+        of that round keep their ``final`` mark (a run extended past its old last round)."""
         rows = [r for r in read_metrics(self.path) if int(r.get("round", 0)) <= last_round]
+        if final_round is not None:
+            for row in rows:
+                if row.get("final") and int(row.get("round", 0)) != final_round:
+                    del row["final"]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict[str, Any]) -> None:

@@ -277,13 +277,23 @@ def _unloadable(spec: str, error: Exception) -> FloraError:
 def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     try:
         return load_tokenizer(_checkpoint_path(spec))
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: no tokenizer files it can read
         raise _unloadable(spec, error) from None
+
+
+def _refuse_pickles(path: str, spec: str) -> None:
+    local = Path(path)
+    if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
+        raise FloraError(
+            f"model {spec!r} holds only pickled weights (*.bin), and flora loads safetensors "
+            "only (a pickle can run code); convert it where you trust it: "
+            f"AutoModelForCausalLM.from_pretrained('{path}').save_pretrained('{path}-st')"
+        )
 
 
 def _from_pretrained(path: str, spec: str) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     except OSError as error:
         raise _unloadable(spec, error) from None
 
@@ -326,6 +336,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     else:
         path = _checkpoint_path(spec)
+        _refuse_pickles(path, spec)
         tokenizer = _load_tokenizer(spec)
         if not quantization:
             model = _from_pretrained(path, spec)

@@ -16,20 +16,24 @@ The rows (one JSON object a line):
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
 import math
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.adapters import Adapter, save_peft_adapter
 from flora.aggregation.base import adapter_bytes
-from flora.checkpoint import save_checkpoint
+from flora.checkpoint import latest_round, save_checkpoint
 from flora.client import ClientResult
-from flora.config import RunConfig, config_to_dict
+from flora.config import RunConfig, config_fingerprint, config_to_dict
 from flora.errors import FloraError
 from flora.io import atomic_write_json
 from flora.metrics import MetricsLog, read_metrics
@@ -37,7 +41,12 @@ from flora.protocol import ClientTask, RoundUpdate
 from flora.server import RoundOutcome, Server
 from flora.weights import applied, fan_in_fan_out
 
-__all__ = ["RunOutputs", "RunResult", "save_final"]
+__all__ = [
+    "RunOutputs",
+    "RunResult",
+    "finished",
+    "save_final",
+]
 
 _TIMING = {  # ClientResult.timing keys -> client row fields (Flower: see flora.flower.records)
     "process-age": "process_age",
@@ -56,24 +65,47 @@ class RunResult:
     seconds: float
 
 
+def finished(run_dir: Path, rounds: int) -> bool:
+    """Whether ``run_dir`` holds a run that completed all ``rounds`` (summary written)."""
+    return (run_dir / "summary.json").is_file() and latest_round(run_dir) >= rounds
+
+
 class RunOutputs:
     """The files of one run directory, written the same way by every runtime."""
 
-    def __init__(self, run_dir: Path, config: RunConfig) -> None:
+    def __init__(self, run_dir: Path, config: RunConfig, lock: IO[str] | None = None) -> None:
         self.run_dir = run_dir
         self.config = config
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self._lock = lock
 
     @classmethod
     def open(cls, run_dir: Path, config: RunConfig, *, resume: bool, hint: str) -> RunOutputs:
         """A new run's directory (config.json written; an existing run is never overwritten),
-        or, with ``resume``, the existing one. ``hint`` says how to resume or pick another."""
-        if not resume and (run_dir / "metrics.jsonl").exists():
-            raise FloraError(f"{run_dir} already holds a run; {hint}")
+        or, with ``resume``, the existing one, locked for this process until :meth:`close`.
+        ``hint`` says how to resume or pick another."""
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FloraError(f"{run_dir} is a file, not a run directory; pick another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            atomic_write_json(run_dir / "config.json", config_to_dict(config))
-        return cls(run_dir, config)
+        lock = _lock(run_dir)
+        try:
+            if not resume and (run_dir / "metrics.jsonl").exists():
+                raise FloraError(f"{run_dir} already holds a run; {hint}")
+            saved = run_dir / "config.json"
+            if not resume or not saved.is_file():
+                atomic_write_json(saved, config_to_dict(config))
+            elif json.loads(saved.read_text(encoding="utf-8")) != config_to_dict(config):
+                atomic_write_json(saved, config_to_dict(config))  # extended: more rounds
+        except BaseException:
+            lock.close()
+            raise
+        return cls(run_dir, config, lock)
+
+    def close(self) -> None:
+        """Release the run directory's lock (the process's exit releases it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # --- rows -----------------------------------------------------------------------------
     def round_rows(
@@ -145,13 +177,12 @@ class RunOutputs:
         sketches: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Round ``round``'s checkpoint: the last step of a round, after its rows."""
-        return save_checkpoint(
-            self.run_dir, round, server.state(), update, server.global_lora, sketches or {}
-        )
+        return save_checkpoint(self.run_dir, round, server.state(), update, server.global_lora,
+                               sketches or {}, config_fingerprint(self.config))  # fmt: skip
 
     def truncate(self, round: int) -> None:
-        """Drop the rows after ``round`` (a resumed run writes them again)."""
-        self.metrics.truncate(round)
+        """Drop the rows after ``round`` (a resumed run writes them again; -1: every row)."""
+        self.metrics.truncate(round, final_round=self.config.federation.rounds)
 
     # --- the end --------------------------------------------------------------------------
     def server_evals(self) -> dict[int, dict[str, Any]]:
@@ -185,6 +216,27 @@ class RunOutputs:
         summary = dataclasses.asdict(result) | {"run_dir": str(self.run_dir), "runtime": runtime}
         atomic_write_json(self.run_dir / "summary.json", summary)
         return result
+
+
+def _lock(run_dir: Path) -> IO[str]:
+    """An exclusive lock on ``run_dir/.lock``, held while the returned file is open; a second
+    process on the same run directory is refused at once."""
+    handle = open(run_dir / ".lock", "a+", encoding="utf-8")  # noqa: SIM115  # held open
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FloraError(
+            f"{run_dir} is in use by {holder}: one run or resume at a time per run directory; "
+            "wait for it to end, or use another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"flora pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def _client_row(task: ClientTask, result: ClientResult, bytes_up: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from flora.aggregation.base import adapter_bytes
 from flora.aggregation.lowrank import truncate
 from flora.aggregation.screen import Screened, ScreenRules, Upload, screen
 from flora.config import RunConfig
+from flora.errors import FloraError
 from flora.protocol import (
     ClientTask,
     RoundUpdate,
@@ -87,6 +88,14 @@ class Server:
         self.method = get_method(config.federation.method)
         self.ranks = config.client_ranks()
         self.alphas = [config.lora.alpha_ratio * r for r in self.ranks]
+        for k, rank in enumerate(self.ranks):
+            for module, (out, inp) in sorted(shapes.items()):
+                if rank > min(out, inp):
+                    raise FloraError(
+                        f"lora.ranks: client {k}'s rank {rank} exceeds min(out, in) = "
+                        f"{min(out, inp)} of target layer '{module}' ({out}x{inp}); a LoRA "
+                        f"cannot be wider than its layer: lower it to at most {min(out, inp)}"
+                    )
         self.history: list[RoundUpdate] = []
         self.synced = [0] * len(self.ranks)  # rounds of merged updates each client's base holds
         self.global_lora: Adapter | None = None

@@ -93,6 +93,14 @@ def run(
         torch.set_num_threads(config.threads)
     hint = f"use --resume {run_dir} or another --out"
     core = RunCore(config, run_dir, resume=resume, hint=hint)
+    try:
+        return _run(core, run_dir, quiet, start)
+    finally:
+        core.close()
+
+
+def _run(core: RunCore, run_dir: Path, quiet: bool, start: float) -> RunResult:
+    config = core.config
     sketches = core.checkpoint.sketches if core.checkpoint is not None else {}
     base = _SharedBase(core, sketches)
     say = (lambda *_: None) if quiet else print

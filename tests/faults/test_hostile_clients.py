@@ -51,7 +51,7 @@ CASES = {
     "rank + 2": (t.extra_rank(2), "has rank 6, the client was assigned 4"),
     "1e12 examples": (t.examples(10**12), "exceeds its partition's"),
     "NaN": (t.nan(), "holds NaN or inf"),
-    "a missing module": (t.missing_module(), "modules: missing"),
+    "a missing module": (t.missing_module(), "lacks module"),
     "an exception": (t.raises(), "RuntimeError: injected"),
 }
 

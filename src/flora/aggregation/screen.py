@@ -72,7 +72,8 @@ def _structure(upload: Upload, shapes: Mapping[str, tuple[int, int]]) -> str | N
     missing = sorted(set(shapes) - set(upload.factors))
     extra = sorted(set(upload.factors) - set(shapes))
     if missing or extra:
-        return f"modules: missing {missing[:2]}, unexpected {extra[:2]}"
+        first = f"lacks module '{missing[0]}'" if missing else f"has extra module '{extra[0]}'"
+        return f"{first} ({len(missing)} missing, {len(extra)} extra of the target modules)"
     for module, factors in upload.factors.items():
         try:
             _check_module(upload.client, module, factors.A, factors.B, factors.scaling)

@@ -11,6 +11,7 @@ from flora.aggregation.registry import METHODS, get_method
 from flora.errors import FloraError
 
 if TYPE_CHECKING:
+    from flora.adapters import Adapter
     from flora.aggregation.report import AggregationReport
 
 __all__ = ["CLIENT_INFO", "add_parser", "run"]
@@ -62,6 +63,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out", default="aggregated", help="output directory (default: %(default)s)"
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output adapter")
+    parser.add_argument(
+        "--max-update-norm",
+        type=float,
+        default=0.0,
+        help="refuse a client whose ||s B A||_F in some module exceeds this (default: no bound)",
+    )
+    parser.add_argument(
+        "--norm-multiple",
+        type=float,
+        default=100.0,
+        help="... or exceeds this multiple of the other clients' median (0: off; default 100)",
+    )
+    parser.add_argument(
+        "--norm-action",
+        choices=("reject", "clip"),
+        default="reject",
+        help="reject: exit 2 naming the client (default); clip: scale it onto the bound",
+    )
     for name, owners in _option_flags().items():
         option = METHODS[owners[0]].option(name)
         parser.add_argument(
@@ -103,7 +122,28 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
+def _screened(clients: list[Adapter], directories: list[Path], args: argparse.Namespace
+              ) -> list[Adapter]:  # fmt: skip
+    """The clients after flora.aggregation.screen (shapes from the first; bounds from the
+    flags): a rejected one is an error naming it, a clipped one is said."""
+    from flora.aggregation.screen import ScreenRules, Upload, screen
+
+    if args.max_update_norm < 0 or (0 < args.norm_multiple < 1):
+        raise FloraError("--max-update-norm must be >= 0 and --norm-multiple 0 or >= 1")
+    shapes = {m: (f.out_features, f.in_features) for m, f in clients[0].items()}
+    rules = ScreenRules(args.max_update_norm, args.norm_multiple, args.norm_action)
+    uploads = [Upload(k, c, 1.0) for k, c in enumerate(clients)]
+    result = screen(uploads, shapes, rules)
+    for k, reason in sorted(result.rejected.items()):
+        raise FloraError(f"client {k} ({directories[k]}): {reason}; drop it, fix it, or pass "
+                         "--norm-action clip for a norm")  # fmt: skip
+    for k, scale in sorted(result.clipped.items()):
+        print(f"client {k} ({directories[k]}): update clipped by {scale:.3g} onto the bound")
+    return [u.factors for u in result.accepted]
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
     from safetensors.torch import save_file
 
     from flora.adapters import load_peft_adapter, save_peft_adapter
@@ -117,8 +157,13 @@ def run(args: argparse.Namespace) -> int:
     get_method(args.method)
     options = _options(args)
     loaded = [load_peft_adapter(d) for d in directories]
-    clients = [adapter.modules for adapter in loaded]
+    clients = _screened([adapter.modules for adapter in loaded], directories, args)
     result = aggregate(args.method, clients, _parse_weights(args.weights, directories), **options)
+    factors = [t for f in result.global_factors.values() for t in (f.A, f.B)]
+    if not all(
+        bool(torch.isfinite(t).all()) for t in [*factors, *(result.residual or {}).values()]
+    ):
+        raise FloraError("the aggregated update is not finite (the inputs overflow); check them")
     report = measure(clients, result.weights, result)
 
     template = {

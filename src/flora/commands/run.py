@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flora.config import load_config
+from flora.config import RunConfig, load_config
 from flora.errors import FloraError
 
 if TYPE_CHECKING:
@@ -38,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="with --resume: run until round N (extends a finished run)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     parser.add_argument(
         "--runtime",
@@ -51,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flora.config import load_run_config
+    from flora.outputs import finished
     from flora.simulation import run as simulate
 
     if args.runtime == "flower-sim":
@@ -59,13 +67,20 @@ def run(args: argparse.Namespace) -> int:
         if args.config or args.overrides:
             raise FloraError("--resume takes the run's own config.json; drop CONFIG and --set")
         run_dir = Path(args.resume)
-        config = load_run_config(run_dir)
+        config = _extended(load_run_config(run_dir), args.rounds)
         if args.runtime == "embedded" and (run_dir / "flower.json").is_file():
             raise FloraError(f"{run_dir} ran on Flower; resume it with --runtime flower-sim")
+        if finished(run_dir, config.federation.rounds):
+            print(f"{run_dir} finished all {config.federation.rounds} rounds; nothing changed "
+                  f"(extend it with: flora run --resume {run_dir} --rounds N)")  # fmt: skip
+            return 0
         result = simulate(config, run_dir, resume=True, quiet=args.quiet)
     else:
         if not args.config:
             raise FloraError("give a CONFIG.toml (see configs/) or --resume RUN_DIR")
+        if args.rounds is not None:
+            raise FloraError("--rounds extends a run: use it with --resume RUN_DIR (for a new "
+                             "run, --set federation.rounds=N)")  # fmt: skip
         config = load_config(args.config, args.overrides)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{stamp}")
@@ -80,6 +95,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"before: {sample['before']}")
         print(f"after:  {sample['after']}")
     return 0
+
+
+def _extended(config: RunConfig, rounds: int | None) -> RunConfig:
+    """The run's config, with ``--rounds`` as its new last round."""
+    if rounds is None:
+        return config
+    if rounds < config.federation.rounds:
+        raise FloraError(
+            f"--rounds {rounds}: the run already has {config.federation.rounds} rounds; give a "
+            "larger N to extend it"
+        )
+    federation = dataclasses.replace(config.federation, rounds=rounds)
+    return dataclasses.replace(config, federation=federation)
 
 
 def _flower_sim() -> Callable[..., RunResult]:

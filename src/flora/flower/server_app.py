@@ -45,7 +45,7 @@ from flora.flower.grid import PollingGrid
 from flora.flower.records import config_json, node_from_content
 from flora.flower.strategy import FloraStrategy
 from flora.io import atomic_write_json
-from flora.outputs import RunResult
+from flora.outputs import RunResult, finished
 
 __all__ = ["app", "discover_partitions", "make_server_app", "run_server"]
 
@@ -132,8 +132,22 @@ def run_server(
     hint = "give another run-dir, or resume=true to continue it"
     if resume and (run_dir / "metrics.jsonl").exists():
         _run_key(run_dir, resume)  # refuses a run of the embedded runtime, with the fix
+    if resume and finished(run_dir, config.federation.rounds):
+        raise FloraError(
+            f"{run_dir} finished all {config.federation.rounds} rounds; nothing changed (raise "
+            "federation.rounds in its config.json to extend it)"
+        )
     device = str(options.get("server-device", "") or "") or None
     core = RunCore(config, run_dir, resume=resume, hint=hint, device=device)
+    try:
+        return _run(grid, core, run_dir, options, resume, start)
+    finally:
+        core.close()
+
+
+def _run(
+    grid: Grid, core: RunCore, run_dir: Path, options: UserConfig, resume: bool, start: float
+) -> RunResult:
     run_key = _run_key(run_dir, resume)
     log(INFO, "flora: clients' data\n%s", core.model.data.table)
     nodes = discover_partitions(grid, core.server.num_clients, float(options.get("node-wait", 300)))

@@ -1,0 +1,227 @@
+"""State that cannot be silently corrupted, and no dead ends: checkpoint checksums, the config
+fingerprint, the run-directory lock, resuming before the first checkpoint, a finished run,
+extending one, and kill -9 at seeded random moments."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flora.cli import main
+from flora.config import load_config
+from flora.metrics import read_metrics
+from flora.outputs import RunOutputs
+
+TINY = "configs/tiny.toml"
+FAST = ["--set", "eval.samples=0", "--set", "data.limit=60", "--set", "data.heldout=8",
+        "--set", "data.max_length=48", "--set", "train.max_steps=1",
+        "--set", "train.batch_size=2", "--set", "threads=1"]  # fmt: skip
+# threads=1 in every run: bitwise comparisons across runs need the same reduction order
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def flora(*args: str) -> int:
+    return main([*args, "--quiet"])
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model" / "model.safetensors")
+
+
+def same_model(a: Path, b: Path) -> bool:
+    x, y = weights(a), weights(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A 2-round tiny run of flora (merges) and one of fedit (a global LoRA)."""
+    run_dir = tmp_path_factory.mktemp("state") / "run"
+    assert flora("run", TINY, *FAST, "--out", str(run_dir)) == 0
+    return run_dir
+
+
+def crashed_copy(run: Path, to: Path, keep: int) -> Path:
+    """``run`` as if it had crashed after round ``keep``'s checkpoint."""
+    shutil.copytree(run, to)
+    for directory in (to / "checkpoints").iterdir():
+        if int(directory.name.split("_")[1]) > keep:
+            shutil.rmtree(directory)
+    shutil.rmtree(to / "final")
+    (to / "summary.json").unlink()
+    return to
+
+
+@pytest.mark.parametrize("name", ["update.safetensors", "sketches.safetensors", "rng.safetensors"])
+def test_a_flipped_bit_in_a_checkpoint_file_is_refused(finished_run, tmp_path, name, capsys):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    path = crashed / "checkpoints" / "round_0001" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one exponent-ish bit in the middle of the tensor data
+    path.write_bytes(bytes(data))
+    assert flora("run", "--resume", str(crashed)) == 2
+    assert f"{name}: SHA-256 differs" in capsys.readouterr().err
+
+
+def test_an_earlier_rounds_update_is_checked_too(finished_run, tmp_path, capsys):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=2)
+    shutil.rmtree(crashed / "checkpoints" / "round_0002")  # keep=1 ... but with 2's history:
+    shutil.copytree(finished_run / "checkpoints" / "round_0002",
+                    crashed / "checkpoints" / "round_0002")  # fmt: skip
+    path = crashed / "checkpoints" / "round_0001" / "update.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert flora("run", "--resume", str(crashed)) == 2
+    assert "round_0001/update.safetensors: SHA-256 differs" in capsys.readouterr().err
+
+
+def test_an_unreadable_state_is_one_line(finished_run, tmp_path, capsys):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    (crashed / "checkpoints" / "round_0001" / "state.json").write_text("{not json")
+    assert flora("run", "--resume", str(crashed)) == 2
+    assert "state.json: unreadable" in capsys.readouterr().err
+
+
+def test_an_edited_config_is_refused(finished_run, tmp_path, capsys):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    config = json.loads((crashed / "config.json").read_text())
+    config["federation"]["method"] = "fedit"
+    config["lora"]["ranks"] = [4, 4, 4]
+    (crashed / "config.json").write_text(json.dumps(config))
+    assert flora("run", "--resume", str(crashed)) == 2
+    assert "differs from the config this run's checkpoints were written with" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
+    # Prepare: another process holds the run directory
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from flora.outputs import _lock; h = _lock(Path(sys.argv[1])); print('held', "
+         "flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        # Execute / Assert: refused at once, naming the holder; nothing written
+        with pytest.raises(Exception, match=rf"is in use by flora pid {holder.pid}"):
+            RunOutputs.open(tmp_path, load_config(TINY), resume=False, hint="")
+        assert not (tmp_path / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunOutputs.open(tmp_path, load_config(TINY), resume=False, hint="").close()  # free again
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert flora("run", TINY, "--out", str(tmp_path / "file")) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+
+
+def test_resuming_before_the_first_checkpoint_starts_from_the_beginning(finished_run, tmp_path):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=0)
+    assert flora("run", "--resume", str(crashed)) == 0
+    assert same_model(crashed, finished_run)
+    rows = read_metrics(crashed / "metrics.jsonl")
+    assert [r["round"] for r in rows if r["kind"] == "eval"] == [0, 2]
+
+
+def test_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()}
+    assert flora("run", "--resume", str(finished_run)) == 0
+    assert "finished all 2 rounds; nothing changed" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file()} == before
+
+
+def test_rounds_extends_a_finished_run_as_if_it_had_run_that_long(finished_run, tmp_path):
+    # Prepare: a 1-round run, and the same run for 2 rounds (finished_run)
+    short = tmp_path / "short"
+    assert flora("run", TINY, *FAST, "--set", "federation.rounds=1", "--out", str(short)) == 0
+    # Execute
+    assert flora("run", "--resume", str(short), "--rounds", "2") == 0
+    # Assert: the same model bitwise, one final eval row, the extended config recorded
+    assert same_model(short, finished_run)
+    finals = [r for r in read_metrics(short / "metrics.jsonl") if r.get("final")]
+    assert [(r["kind"], r["round"]) for r in finals] == [("eval", 2)]
+    assert json.loads((short / "config.json").read_text())["federation"]["rounds"] == 2
+
+
+def test_rounds_cannot_shorten_a_run(finished_run, capsys):
+    assert flora("run", "--resume", str(finished_run), "--rounds", "1") == 2
+    assert "already has 2 rounds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.ranks=[8, 4, 100000]", "client 2's rank 100000 exceeds min(out, in) = 64"),
+        ("eval.max_new_tokens=-5", "eval.max_new_tokens must be >= 1"),
+    ],
+)
+def test_bad_values_are_one_line(tmp_path, capsys, override, message):
+    assert flora("run", TINY, *FAST, "--set", override, "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_pickled_model_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "model" / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    spec = f"model.name='{tmp_path / 'model'}'"
+    assert flora("run", TINY, *FAST, "--set", spec, "--set", "model.target_modules=['q_proj']",
+                 "--out", str(tmp_path / "r")) == 2  # fmt: skip
+    assert "holds only pickled weights" in capsys.readouterr().err
+
+
+def _kill_and_resume(reference: Path, work: Path, delay: float) -> None:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "flora.cli", "run", TINY, *FAST, "--out", str(work),
+               "--quiet"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if (work / "summary.json").is_file():  # it finished before the kill
+        assert same_model(work, reference)
+        return
+    resume = [sys.executable, "-m", "flora.cli", "run", "--resume", str(work), "--quiet"]
+    done = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True)
+    if not (work / "config.json").is_file():  # killed before the run directory existed
+        assert done.returncode == 2
+        return
+    assert done.returncode == 0, done.stderr
+    assert same_model(work, reference)
+    finals = [r for r in read_metrics(work / "metrics.jsonl") if r.get("final")]
+    assert len(finals) == 1
+
+
+def _delays(count: int) -> list[float]:
+    generator = random.Random(20261202)
+    return [generator.uniform(4.0, 20.0) for _ in range(count)]
+
+
+@pytest.mark.parametrize("delay", _delays(2))
+def test_kill_9_then_resume_equals_the_uninterrupted_run(finished_run, tmp_path, delay):
+    _kill_and_resume(finished_run, tmp_path / "run", delay)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", _delays(10))
+def test_kill_9_at_ten_seeded_moments(finished_run, tmp_path, delay):
+    _kill_and_resume(finished_run, tmp_path / "run", delay)
