@@ -108,11 +108,12 @@ def _bounded(
         reason = f"update norm {over[module]:.3g} of '{module}' exceeds {why} {bounds[module]:.3g}"
         return None, reason, 1.0
     factors = dict(upload.factors)
-    for m in over:
+    scales = {m: bounds[m] / over[m] * (1 - 1e-6) for m in over}  # a hair inside: B's rounding
+    for m, scale in scales.items():
         f = factors[m]
-        factors[m] = LoraFactors(f.A, f.B * (bounds[m] / over[m]), f.scaling)
+        factors[m] = LoraFactors(f.A, f.B * scale, f.scaling)
         norms[m] = bounds[m]
-    return replace(upload, factors=factors), None, min(bounds[m] / over[m] for m in over)
+    return replace(upload, factors=factors), None, min(scales.values())
 
 
 def screen(
