@@ -153,14 +153,15 @@ class Server:
     def screen(self, tasks: Sequence[ClientTask], results: Sequence[ClientResult]) -> Screened:
         """Screen the uploads of the clients that trained (flora.aggregation.screen); a rejected
         client's result gets the reason as its ``error`` (``rejected: ...``)."""
-        task_of = {t.client: t for t in tasks}
+        if len(results) != len(tasks):
+            raise FloraError(f"{len(results)} results for {len(tasks)} tasks; give one per task")
         uploads = []
-        for r in results:
+        for task, r in zip(tasks, results, strict=True):  # one result per task, in order
             if not r.ok or r.factors is None:
                 continue
-            task = task_of.get(r.client)
-            if task is None:
-                r.error = f"rejected: client {r.client} was not sampled this round"
+            if r.client != task.client:
+                r.error = f"rejected: the result for client {task.client} claims client {r.client}"
+                r.client = task.client
                 continue
             frozen = None
             if task.freeze_A and task.init is not None:

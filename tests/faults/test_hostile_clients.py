@@ -4,6 +4,7 @@ out, and the federation goes on (flora.aggregation.screen, flora.server.Server.a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,19 @@ def test_the_screened_run_equals_one_without_the_bad_client(tmp_path, tamper):
     failed = run(config, tmp_path / "failed", "embedded")
     ours, theirs = (load_file(d / "final/model/model.safetensors") for d in (hostile, failed))
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_client_speaking_for_another_is_left_out(tmp_path, tamper, runtime):
+    # Prepare: client 1's result claims to be client 0's
+    tamper(1, 1, lambda r: dataclasses.replace(r, client=0))
+    config = load_config(TINY, [*FAST, "federation.rounds=1"])
+    # Execute
+    run_dir = run(config, tmp_path / "run", runtime)
+    # Assert: client 1 named and left out; client 0's own upload used once
+    (fault,) = rows(run_dir, "fault")
+    assert (fault["client"] == 1 and "partition 0" in fault["reason"]) or "claims client 0" in (
+        fault["reason"]
+    )
+    (server,) = rows(run_dir, "server")
+    assert server["clients"] == [0, 2]
