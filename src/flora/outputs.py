@@ -86,13 +86,16 @@ class RunOutputs:
         ``hint`` says how to resume or pick another."""
         if run_dir.exists() and not run_dir.is_dir():
             raise FloraError(f"{run_dir} is a file, not a run directory; pick another --out")
+        if resume and not (run_dir / "config.json").is_file():
+            raise FloraError(f"{run_dir} holds no run to resume (no config.json); start one "
+                             "with a CONFIG instead")  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(run_dir)
         try:
             if not resume and (run_dir / "metrics.jsonl").exists():
                 raise FloraError(f"{run_dir} already holds a run; {hint}")
             saved = run_dir / "config.json"
-            if not resume or not saved.is_file():
+            if not resume:
                 atomic_write_json(saved, config_to_dict(config))
             elif json.loads(saved.read_text(encoding="utf-8")) != config_to_dict(config):
                 atomic_write_json(saved, config_to_dict(config))  # extended: more rounds

@@ -238,7 +238,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, method):
 def test_resume_refuses_a_run_that_has_nothing_to_resume(tmp_path):
     config = load_config(TINY, FAST)
     grid = InlineGrid(make_client_app(tmp_path / "nodes"), 3)
-    with pytest.raises(FloraError, match="no complete checkpoint to resume"):
+    with pytest.raises(FloraError, match="holds no run to resume"):
         run_server(grid, config, tmp_path / "none", {}, resume=True)
 
 
