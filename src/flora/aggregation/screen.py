@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from flora.adapters import Adapter, LoraFactors
-from flora.aggregation.validate import _check_module
+from flora.aggregation.validate import check_module
 from flora.errors import FloraError
 
 __all__ = ["NORM_ACTIONS", "ScreenRules", "Screened", "Upload", "screen", "update_norm"]
@@ -76,7 +76,7 @@ def _structure(upload: Upload, shapes: Mapping[str, tuple[int, int]]) -> str | N
         return f"{first} ({len(missing)} missing, {len(extra)} extra of the target modules)"
     for module, factors in upload.factors.items():
         try:
-            _check_module(upload.client, module, factors.A, factors.B, factors.scaling)
+            check_module(upload.client, module, factors.A, factors.B, factors.scaling)
         except FloraError as error:
             return str(error)
         out, inp = shapes[module]

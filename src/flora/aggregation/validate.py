@@ -14,7 +14,13 @@ import torch
 from flora.adapters import Adapter
 from flora.errors import FloraError
 
-__all__ = ["check_clients", "check_equal_ranks", "check_shared_A", "normalize_weights"]
+__all__ = [
+    "check_clients",
+    "check_equal_ranks",
+    "check_module",
+    "check_shared_A",
+    "normalize_weights",
+]
 
 
 def normalize_weights(weights: Sequence[float] | None, num_clients: int) -> list[float]:
@@ -63,7 +69,7 @@ def check_clients(clients: Sequence[Adapter]) -> None:
                 "0); every client must adapt the same target modules"
             )
         for module, factors in client.items():
-            _check_module(index, module, factors.A, factors.B, factors.scaling)
+            check_module(index, module, factors.A, factors.B, factors.scaling)
             ref = reference[module]
             if (factors.in_features, factors.out_features) != (ref.in_features, ref.out_features):
                 raise FloraError(
@@ -73,7 +79,9 @@ def check_clients(clients: Sequence[Adapter]) -> None:
                 )
 
 
-def _check_module(index: int, module: str, A: torch.Tensor, B: torch.Tensor, s: float) -> None:
+def check_module(index: int, module: str, A: torch.Tensor, B: torch.Tensor, s: float) -> None:
+    """One module's factors: matrices of one rank >= 1, a positive finite scaling, floating
+    point, finite values; a FloraError naming client ``index`` and the module otherwise."""
     where = f"client {index}, module '{module}'"
     if A.ndim != 2 or B.ndim != 2:
         raise FloraError(f"{where}: lora_A and lora_B must be matrices; got {A.ndim}-D, {B.ndim}-D")
