@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flora.adapters import LoraFactors
 from flora.client import ClientResult
 from flora.config import load_config
+from flora.errors import FloraError
 from flora.server import Server
 
 SHAPES = {"m": (6, 5)}
@@ -43,4 +45,8 @@ def test_failed_uploads_are_left_out_of_the_aggregation():
     assert outcome is not None and outcome.update is not None
     assert outcome.report.weights == [0.5, 0.5]
     assert outcome.update.factors["m"].rank == 4  # two rank-2 clients stacked
-    assert server.aggregate(2, tasks, [ClientResult(0, 2, error="x")]) is None
+    failed = [ClientResult(t.client, 2, error="x") for t in tasks]
+    assert server.aggregate(2, tasks, failed) is None  # nothing usable: the round failed
+    assert server.shortfall == "0 usable upload(s) of 3 sampled; federation.min_clients = 1"
+    with pytest.raises(FloraError, match="1 results for 3 tasks; give one per task"):
+        server.aggregate(2, tasks, failed[:1])
