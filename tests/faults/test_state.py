@@ -188,15 +188,23 @@ def test_a_pickled_model_directory_is_refused(tmp_path, capsys):
     assert "holds only pickled weights" in capsys.readouterr().err
 
 
-def _kill_and_resume(reference: Path, work: Path, delay: float) -> None:
+def _kill_and_resume(reference: Path, work: Path, moment: tuple[int, float]) -> None:
+    """Kill -9 a tiny run once its metrics.jsonl holds ``rows`` rows, ``extra`` seconds later
+    (a moment tied to the run's progress, not to this machine's speed); then resume it."""
+    rows, extra = moment
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "flora.cli", "run", TINY, *FAST, "--out", str(work),
                "--quiet"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(delay)
+    metrics = work / "metrics.jsonl"
+    while process.poll() is None and len(read_metrics(metrics)) < rows:
+        time.sleep(0.02)
+    time.sleep(extra)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    stage = sorted(p.name for p in (work / "checkpoints").glob("round_*")) if work.exists() else []
+    print(f"killed at {rows} rows + {extra:.2f} s, checkpoints {stage}")  # pytest -s shows it
     if (work / "summary.json").is_file():  # it finished before the kill
         assert same_model(work, reference)
         return
@@ -211,17 +219,18 @@ def _kill_and_resume(reference: Path, work: Path, delay: float) -> None:
     assert len(finals) == 1
 
 
-def _delays(count: int) -> list[float]:
+def _delays(count: int) -> list[tuple[int, float]]:
+    """Seeded kill moments: after 0 to 9 rows (a 2-round tiny run writes 10), plus 0-0.5 s."""
     generator = random.Random(20261202)
-    return [generator.uniform(4.0, 20.0) for _ in range(count)]
+    return [(generator.randint(0, 9), generator.uniform(0.0, 0.5)) for _ in range(count)]
 
 
-@pytest.mark.parametrize("delay", _delays(2))
-def test_kill_9_then_resume_equals_the_uninterrupted_run(finished_run, tmp_path, delay):
-    _kill_and_resume(finished_run, tmp_path / "run", delay)
+@pytest.mark.parametrize("moment", _delays(2))
+def test_kill_9_then_resume_equals_the_uninterrupted_run(finished_run, tmp_path, moment):
+    _kill_and_resume(finished_run, tmp_path / "run", moment)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", _delays(10))
-def test_kill_9_at_ten_seeded_moments(finished_run, tmp_path, delay):
-    _kill_and_resume(finished_run, tmp_path / "run", delay)
+@pytest.mark.parametrize("moment", _delays(10))
+def test_kill_9_at_ten_seeded_moments(finished_run, tmp_path, moment):
+    _kill_and_resume(finished_run, tmp_path / "run", moment)
