@@ -274,9 +274,9 @@ def _unloadable(spec: str, error: Exception) -> FloraError:
     )
 
 
-def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+def _load_tokenizer(path: str, spec: str) -> PreTrainedTokenizerBase:
     try:
-        return load_tokenizer(_checkpoint_path(spec))
+        return load_tokenizer(path)
     except (OSError, ValueError) as error:  # ValueError: no tokenizer files it can read
         raise _unloadable(spec, error) from None
 
@@ -337,7 +337,7 @@ def load_model(
     else:
         path = _checkpoint_path(spec)
         _refuse_pickles(path, spec)
-        tokenizer = _load_tokenizer(spec)
+        tokenizer = _load_tokenizer(path, spec)
         if not quantization:
             model = _from_pretrained(path, spec)
     if quantization:
@@ -364,10 +364,11 @@ def hold_in(model: torch.nn.Module, dtype: str, keep_fp32: Sequence[str]) -> Non
     parameters (integer storage) and buffers are left as they are."""
     if dtype == "fp32":
         return
+    keep = set(keep_fp32)
     kept = {
         id(param)
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in set(keep_fp32)
+        if name.rsplit(".", 1)[-1] in keep
         for param in module.parameters(recurse=False)
     }  # a tied weight (lm_head and the embeddings) is kept if either module is
     for param in model.parameters():  # each shared parameter once

@@ -26,8 +26,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from flora.adapters import Adapter
 from flora.aggregation import AggregationReport, aggregate, get_method, measure
 from flora.aggregation.base import adapter_bytes
@@ -193,7 +191,7 @@ class Server:
         options = self.config.federation.options
         examples = [u.examples for u in screened.accepted]
         result = aggregate(self.method.name, factors, examples, **options)
-        if not _finite(result.global_factors, result.residual):
+        if not result.is_finite():
             self.shortfall = "the realised update is not finite (the accepted uploads overflow)"
             return None
         report = measure(factors, result.weights, result)
@@ -219,8 +217,3 @@ class Server:
         self.history = history
         if self.method.keeps_global_lora:
             self.global_lora = lora
-
-
-def _finite(factors: Adapter, residual: dict[str, torch.Tensor] | None) -> bool:
-    tensors = [t for f in factors.values() for t in (f.A, f.B)] + list((residual or {}).values())
-    return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -38,6 +38,12 @@ class AggregationResult:
             return self.client_factors[client]
         return self.global_factors
 
+    def is_finite(self) -> bool:
+        """Whether every tensor of the result is finite (finite inputs can still overflow)."""
+        tensors = [t for f in self.global_factors.values() for t in (f.A, f.B)]
+        tensors += list((self.residual or {}).values())
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
     def realised_delta(self, module: str) -> torch.Tensor:
         """The dense update the server applies for ``module``: B @ A (+ residual), (out, in)."""
         factors = self.global_factors[module]

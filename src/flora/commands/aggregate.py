@@ -134,16 +134,16 @@ def _screened(clients: list[Adapter], directories: list[Path], args: argparse.Na
     rules = ScreenRules(args.max_update_norm, args.norm_multiple, args.norm_action)
     uploads = [Upload(k, c, 1.0) for k, c in enumerate(clients)]
     result = screen(uploads, shapes, rules)
-    for k, reason in sorted(result.rejected.items()):
-        raise FloraError(f"client {k} ({directories[k]}): {reason}; drop it, fix it, or pass "
-                         "--norm-action clip for a norm")  # fmt: skip
+    if result.rejected:
+        k = min(result.rejected)
+        raise FloraError(f"client {k} ({directories[k]}): {result.rejected[k]}; drop it, fix "
+                         "it, or pass --norm-action clip for a norm")  # fmt: skip
     for k, scale in sorted(result.clipped.items()):
         print(f"client {k} ({directories[k]}): update clipped by {scale:.3g} onto the bound")
     return [u.factors for u in result.accepted]
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from safetensors.torch import save_file
 
     from flora.adapters import load_peft_adapter, save_peft_adapter
@@ -159,10 +159,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = [load_peft_adapter(d) for d in directories]
     clients = _screened([adapter.modules for adapter in loaded], directories, args)
     result = aggregate(args.method, clients, _parse_weights(args.weights, directories), **options)
-    factors = [t for f in result.global_factors.values() for t in (f.A, f.B)]
-    if not all(
-        bool(torch.isfinite(t).all()) for t in [*factors, *(result.residual or {}).values()]
-    ):
+    if not result.is_finite():
         raise FloraError("the aggregated update is not finite (the inputs overflow); check them")
     report = measure(clients, result.weights, result)
 
