@@ -5,13 +5,19 @@
 # process-group id. See docs/flower.md.
 #
 #   scripts/flower-deploy.sh [-c CONFIG.toml] [-s 'a.b=1;c.d=2'] [-o RUN_DIR] [-n NODES]
-#                            [-t TIMEOUT_S] [-w WORKER_CMD] [--tls] [--sim] [--no-workers] [--keep]
+#                            [-t TIMEOUT_S] [-w WORKER_CMD] [--tls] [--auth [--intruder]] [--sim]
+#                            [--no-workers] [--keep]
 #
 #   -c  flora config (default configs/tiny.toml)     -s  overrides, ';'-separated (no quote ')
 #   -o  run directory (default runs/flower-<time>)   -n  nodes (default federation.num_clients)
 #   -t  give up after this many seconds (default 1800; exit code 124)
 #   -w  the worker command, given --socket PATH (default 'flora flower-worker'; tests wrap it)
 #   --tls   make a throwaway CA and server certificate (openssl) and use TLS everywhere
+#   --auth  SuperNode authentication (implies --tls): the SuperLink admits only registered nodes;
+#           one ECDSA P-384 key pair per node (ssh-keygen), each public key registered with
+#           `flwr supernode register` before its SuperNode starts
+#   --intruder  (with --auth) also start one SuperNode whose key is not registered, claiming
+#           partition 0: the SuperLink refuses it (its log: RUN_DIR/logs/intruder.log)
 #   --sim   SuperLink in simulation mode (Ray runs the ClientApps; no SuperNodes started)
 #   --no-workers  no flower-worker: every ClientApp process imports torch and loads the model
 #   --keep  keep the work directory (FLWR_HOME, node state, certificates)
@@ -22,6 +28,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 APP="$ROOT/flower-app"
 WORKER_CMD=(flora flower-worker)
 CONFIG="$ROOT/configs/tiny.toml" SET="" RUN_DIR="" NODES="" TIMEOUT=1800 TLS=0 SIM=0 KEEP=0 WORKERS=1
+AUTH=0 INTRUDER=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -c) CONFIG="$2"; shift 2 ;;
@@ -31,12 +38,24 @@ while [[ $# -gt 0 ]]; do
     -t) TIMEOUT="$2"; shift 2 ;;
     -w) read -ra WORKER_CMD <<< "$2"; shift 2 ;;
     --tls) TLS=1; shift ;;
+    --auth) AUTH=1; TLS=1; shift ;;
+    --intruder) INTRUDER=1; shift ;;
     --sim) SIM=1; shift ;;
     --keep) KEEP=1; shift ;;
     --no-workers) WORKERS=0; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "flower-deploy: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
+done
+[[ $INTRUDER == 1 && $AUTH == 0 ]] && { echo "flower-deploy: --intruder needs --auth" >&2; exit 2; }
+[[ $AUTH == 1 && $SIM == 1 ]] \
+  && { echo "flower-deploy: --auth authenticates SuperNodes; --sim starts none" >&2; exit 2; }
+NEEDS=()
+[[ $TLS == 1 ]] && NEEDS+=(openssl)
+[[ $AUTH == 1 ]] && NEEDS+=(ssh-keygen)
+for tool in "${NEEDS[@]}"; do
+  command -v "$tool" >/dev/null \
+    || { echo "flower-deploy: $tool not found (install it, or drop --tls/--auth)" >&2; exit 2; }
 done
 [[ -x "$ROOT/.venv/bin/flwr" ]] && PATH="$ROOT/.venv/bin:$PATH"
 CONFIG="$(realpath "$CONFIG")"
@@ -104,6 +123,7 @@ fi
 LINK_ARGS=("${SECURITY[@]}" --host 127.0.0.1 --port "$LINK_PORT"
            --disable-runtime-dependency-installation)
 [[ $SIM == 1 ]] && LINK_ARGS+=(--simulation)
+[[ $AUTH == 1 ]] && LINK_ARGS+=(--enable-supernode-auth)
 start "$LOGS/superlink.log" flower-superlink "${LINK_ARGS[@]}"
 UP=0
 for _ in $(seq 300); do
@@ -113,7 +133,25 @@ for _ in $(seq 300); do
 done
 [[ $UP == 1 ]] || { echo "flower-deploy: no SuperLink on port $LINK_PORT, see $LOGS" >&2; exit 1; }
 
+mkdir -p "$FLWR_HOME"
+cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "loopback"
+
+[superlink.loopback]
+address = "127.0.0.1:$LINK_PORT"
+$CONNECTION
+EOF
+
 STATE="$WORK/node-state"
+KEYS="$WORK/keys"
+node_key() {  # node_key NAME [register]: a fresh ECDSA P-384 key pair, registered if asked
+  mkdir -p "$KEYS"
+  ssh-keygen -q -t ecdsa -b 384 -N "" -C "flora-$1" -f "$KEYS/$1"
+  [[ "${2:-}" == register ]] || return 0
+  flwr supernode register "$KEYS/$1.pub" loopback --name "flora-$1" >>"$LOGS/register.log" 2>&1 \
+    || { echo "flower-deploy: registering $1 failed, see $LOGS/register.log" >&2; exit 1; }
+}
 if [[ $SIM == 0 ]]; then
   if [[ $WORKERS == 1 ]]; then  # one warm worker per node; wait until each listens
     for ((k = 0; k < NODES; k++)); do
@@ -132,21 +170,23 @@ if [[ $SIM == 0 ]]; then
   for ((k = 0; k < NODES; k++)); do
     NODE_CONFIG="partition-id=$k num-partitions=$NODES state-dir='$STATE'"
     [[ $WORKERS == 1 ]] && NODE_CONFIG+=" worker='$WORK/workers/node-$k.sock'"
-    start "$LOGS/supernode-$k.log" flower-supernode "${NODE_SECURITY[@]}" \
+    NODE_AUTH=()
+    if [[ $AUTH == 1 ]]; then
+      node_key "node-$k" register
+      NODE_AUTH=(--auth-supernode-private-key "$KEYS/node-$k")
+    fi
+    start "$LOGS/supernode-$k.log" flower-supernode "${NODE_SECURITY[@]}" "${NODE_AUTH[@]}" \
       --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port "$(free_port)" \
       --node-config "$NODE_CONFIG"
   done
+  if [[ $INTRUDER == 1 ]]; then  # a key the SuperLink never saw, posing as partition 0
+    node_key intruder
+    start "$LOGS/intruder.log" flower-supernode "${NODE_SECURITY[@]}" \
+      --auth-supernode-private-key "$KEYS/intruder" \
+      --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port "$(free_port)" \
+      --node-config "partition-id=0 num-partitions=$NODES state-dir='$WORK/intruder-state'"
+  fi
 fi
-
-mkdir -p "$FLWR_HOME"
-cat >"$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "loopback"
-
-[superlink.loopback]
-address = "127.0.0.1:$LINK_PORT"
-$CONNECTION
-EOF
 
 RUN_CONFIG="config='$CONFIG' run-dir='$RUN_DIR' set='$SET' state-dir='$STATE'"
 FED=()

@@ -89,6 +89,12 @@ class RunCore:
             self.checkpoint: Checkpoint | None = None
             if resume and latest_round(run_dir) > 0:
                 self.checkpoint = load_checkpoint(run_dir, config_fingerprint(config))
+                if not self.outputs.metrics.path.is_file():
+                    raise FloraError(
+                        f"{self.outputs.metrics.path} is missing, and a resumed run needs the rows "
+                        "of its rounds so far (its first held-out loss): restore the file, or "
+                        "start the run again in a new --out"
+                    )
             elif resume:  # it stopped before its first checkpoint: start it from the beginning
                 self.outputs.truncate(-1)
             self.model = GlobalModel(config, device)

@@ -8,9 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flora.errors import FloraError
 from flora.io import atomic_write_text
 
 __all__ = ["MetricsLog", "read_metrics"]
+
+
+def _damaged(path: Path, what: str) -> FloraError:
+    return FloraError(f"{path} is damaged ({what}): restore it from a copy, or leave this run out")
 
 
 def _clean(value: Any) -> Any:
@@ -24,14 +29,32 @@ def _clean(value: Any) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete row of a metrics file (a torn last line is skipped)."""
+    """Every row of a metrics file; a torn last line (a crash mid-write) is skipped. A damaged
+    file (not UTF-8, a line inside it that is not a JSON row) is one FloraError naming the line.
+    """
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _damaged(path, f"byte {error.start} is not UTF-8 text") from None
+    lines = text.split("\n")
     rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was cut short
                 continue
+            raise _damaged(path, f"line {number} is not a JSON row ({line[:40]!r})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("kind"), str):
+            raise _damaged(path, f"line {number} is not a JSON object with a kind")
+        if not isinstance(row.get("round", 0), int) or isinstance(row.get("round"), bool):
+            raise _damaged(path, f"line {number}: round {row['round']!r} is not an integer")
+        rows.append(row)
     return rows
 
 

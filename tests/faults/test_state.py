@@ -94,6 +94,52 @@ def test_an_unreadable_state_is_one_line(finished_run, tmp_path, capsys):
     assert "state.json: unreadable" in capsys.readouterr().err
 
 
+DAMAGE = {
+    "binary garbage": (b"garbage\x00\xff{{\n", "byte 8 is not UTF-8 text"),
+    "a line that is not JSON": (b'{"kind": "eval", "round": 0}\nnot json\n{"kind": "x"}\n',
+                                "line 2 is not a JSON row"),
+    "a row without a kind": (b'[1, 2]\n', "line 1 is not a JSON object with a kind"),
+    "a round that is not a number": (b'{"kind": "eval", "round": "x"}\n',
+                                     "line 1: round 'x' is not an integer"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+@pytest.mark.parametrize("command", ["resume", "compare"])
+def test_a_damaged_metrics_file_is_one_line(finished_run, tmp_path, capsys, case, command):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    data, reason = DAMAGE[case]
+    (crashed / "metrics.jsonl").write_bytes(data)
+    if command == "resume":
+        assert flora("run", "--resume", str(crashed)) == 2
+    else:
+        assert main(["compare", str(crashed), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert f"metrics.jsonl is damaged ({reason}" in err and "Traceback" not in err
+
+
+def test_a_torn_last_row_is_skipped(finished_run, tmp_path):
+    """A crash mid-write leaves a last line without its newline: resume drops it, as the row is
+    written again."""
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    with open(crashed / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "server", "round": 2, "cli')
+    assert flora("run", "--resume", str(crashed)) == 0
+    assert same_model(crashed, finished_run)
+
+    def shape(run: Path) -> list[tuple[str, int]]:
+        return [(r["kind"], r["round"]) for r in read_metrics(run / "metrics.jsonl")]
+
+    assert shape(crashed) == shape(finished_run)
+
+
+def test_a_missing_metrics_file_is_refused_on_resume(finished_run, tmp_path, capsys):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    (crashed / "metrics.jsonl").unlink()
+    assert flora("run", "--resume", str(crashed)) == 2
+    assert "metrics.jsonl is missing, and a resumed run needs" in capsys.readouterr().err
+
+
 def test_an_edited_config_is_refused(finished_run, tmp_path, capsys):
     crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
     config = json.loads((crashed / "config.json").read_text())

@@ -18,6 +18,7 @@ pytest.importorskip("flwr", reason="the Flower tests need `pip install -e '.[flo
 
 import torch
 from safetensors.torch import load_file
+from tests.processes import alive_in_groups
 
 from flora import simulation
 from flora.cli import main
@@ -92,20 +93,6 @@ def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, monkey
     assert not (sim / "nodes").exists()
 
 
-def _alive_in_groups(groups: set[int]) -> list[str]:
-    """Processes (not zombies) still in the given process groups."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp in groups and state != "Z":
-            alive.append(stat.parent.name)
-    return alive
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """A 2-node loopback deployment, 2 rounds; partition 1's ClientApp fails in round 1."""
@@ -131,7 +118,7 @@ def test_a_loopback_deployment_runs_and_stops_everything_it_started(deployment):
         assert (run_dir / name).is_file(), name
     groups = {int(p) for p in (run_dir / "logs" / "pids").read_text().split()}
     assert len(groups) == 5  # SuperLink, two workers, two SuperNodes, each with its children
-    assert _alive_in_groups(groups) == []
+    assert alive_in_groups(groups) == []
     assert not list(Path(run_dir.parent).glob("flora-flower.*"))  # its FLWR_HOME is gone
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["loss_after"] < summary["loss_before"]
