@@ -91,3 +91,46 @@ def raises() -> Change:
         return dataclasses.replace(r, factors=None, error="RuntimeError: injected (tamper.py)")
 
     return fail
+
+
+def inf() -> Change:
+    def poison(f: LoraFactors) -> LoraFactors:
+        a = f.A.clone()
+        a[-1, -1] = float("inf")
+        return LoraFactors(a, f.B, f.scaling)
+
+    return lambda r: _each(r, poison)
+
+
+def narrower_A() -> Change:
+    """A of (r, in - 1): the rank matches, the layer does not."""
+    return lambda r: _each(r, lambda f: LoraFactors(f.A[:, :-1], f.B, f.scaling))
+
+
+def crash_in_training(partition: int, round: int) -> Callable[[], None]:
+    """That partition's training in that round raises from its first loss, after the LoRA was
+    injected into the base (shared, in the embedded runtime); returns what undoes it."""
+    import flora.training
+
+    real_round, real_loss = flora.client.client_round, flora.training.response_loss
+
+    def failing_loss(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected mid-training (tamper.py)")
+
+    def tampered(base: Any, data: Any, task: Any, config: Any, **kwargs: Any) -> ClientResult:
+        if not (kwargs.get("train", True) and (task.client, task.round) == (partition, round)):
+            return real_round(base, data, task, config, **kwargs)
+        flora.training.response_loss = failing_loss  # type: ignore[assignment]
+        try:
+            return real_round(base, data, task, config, **kwargs)
+        finally:
+            flora.training.response_loss = real_loss
+
+    flora.client.client_round = tampered  # type: ignore[assignment]
+    flora.simulation.client_round = tampered  # type: ignore[assignment]
+
+    def undo() -> None:
+        flora.client.client_round = real_round  # type: ignore[assignment]
+        flora.simulation.client_round = real_round  # type: ignore[assignment]
+
+    return undo

@@ -52,6 +52,9 @@ CASES = {
     "rank + 2": (t.extra_rank(2), "has rank 6, the client was assigned 4"),
     "1e12 examples": (t.examples(10**12), "exceeds its partition's"),
     "NaN": (t.nan(), "holds NaN or inf"),
+    "Inf": (t.inf(), "holds NaN or inf"),
+    "a wrong shape": (t.narrower_A(), "is 64x63, the layer is 64x64"),
+    "zero examples": (t.examples(0), "not a whole number >= 1"),
     "a missing module": (t.missing_module(), "lacks module"),
     "an exception": (t.raises(), "RuntimeError: injected"),
 }
@@ -147,3 +150,26 @@ def test_a_client_speaking_for_another_is_left_out(tmp_path, tamper, runtime):
     assert claims in fault["reason"]
     (server,) = rows(run_dir, "server")
     assert server["clients"] == [0, 2]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_an_exception_inside_training_is_named_and_the_base_stays_clean(tmp_path, runtime):
+    """Client 1 raises mid-step, with its LoRA injected: the run goes on, and (embedded, one
+    shared base) the model is bitwise the one of a run where client 1 simply failed."""
+    config = load_config(TINY, [*FAST, "federation.rounds=2"])
+    undo = t.crash_in_training(1, 1)
+    try:
+        crashed = run(config, tmp_path / "crashed", runtime)
+    finally:
+        undo()
+    (fault,) = rows(crashed, "fault")
+    assert fault["client"] == 1 and "RuntimeError: injected mid-training" in fault["reason"]
+    servers = rows(crashed, "server")
+    assert [(r["clients"], r["failed"]) for r in servers] == [([0, 2], [1]), ([0, 1, 2], [])]
+    undo = t.tamper(1, 1, t.raises())
+    try:
+        failed = run(config, tmp_path / "failed", runtime)
+    finally:
+        undo()
+    ours, theirs = (load_file(d / "final/model/model.safetensors") for d in (crashed, failed))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
