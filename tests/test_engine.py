@@ -181,10 +181,14 @@ def test_a_larger_client_joining_later_gets_its_full_rank(tmp_path, method):
     assert len(set(per_rank.values())) == 1
 
 
-def test_the_loss_curve_is_pinned(tiny_run):
+def test_the_loss_curve_is_pinned(tmp_path):
     """The tiny run's logged losses equal the stored ones (rtol 1e-5), as torchtune's recipe
     tests pin theirs: a refactor that changes the numbers fails here, loudly. The values were
-    written by the run before the round-core refactor (tests/expected_tiny_losses.json)."""
+    written by the run before the round-core refactor (tests/expected_tiny_losses.json), which
+    truncated examples at their end (data.truncation = "end" now)."""
+    tiny_run = tmp_path / "tiny"
+    assert main(["run", TINY, "--set", 'data.truncation="end"', "--out", str(tiny_run),
+                 "--quiet"]) == 0  # fmt: skip
     expected = json.loads((Path(__file__).parent / "expected_tiny_losses.json").read_text())
     train = [[r["round"], r["client"], r["train_loss"]] for r in _rows(tiny_run, "client")]
     heldout = [[r["round"], r["heldout_loss"]] for r in _rows(tiny_run, "eval")]
@@ -197,3 +201,19 @@ def test_the_loss_curve_is_pinned(tiny_run):
 
 def test_client_rows_report_peak_memory(tiny_run):
     assert all(r["peak_rss_mib"] > 10 for r in _rows(tiny_run, "client"))
+
+
+def test_the_data_row_counts_what_truncation_kept(tiny_run):
+    """metrics.jsonl's ``data`` row: per category, rows kept whole, shortened (context or
+    instruction cut to keep the answer) and dropped, for the training and held-out splits."""
+    (row,) = _rows(tiny_run, "data")
+    config = json.loads((tiny_run / "config.json").read_text())
+    total = sum(c["whole"] + c["shortened"] + c["dropped"]
+                for split in ("train", "heldout") for c in row[split].values())  # fmt: skip
+    assert total == config["data"]["limit"]
+    assert row["dropped"] == 0  # at max_length 96 every answer keeps 32 tokens or all of itself
+    assert sum(c["shortened"] for c in row["train"].values()) > 0
+    clients = _rows(tiny_run, "client")
+    trained = {r["client"]: r["examples"] for r in clients if r["round"] == 1}
+    kept = sum(c["whole"] + c["shortened"] for c in row["train"].values())
+    assert sum(trained.values()) == kept

@@ -22,7 +22,7 @@ from typing import Any
 
 from flora.aggregation.registry import METHODS
 from flora.data.partition import SCHEMES
-from flora.data.prompts import TEMPLATES
+from flora.data.prompts import TEMPLATES, TRUNCATIONS
 from flora.errors import FloraError
 
 __all__ = [
@@ -116,7 +116,11 @@ class ModelConfig:
 class DataConfig:
     source: str = "dolly"  # "dolly" (shared copy, else the hub), a .json/.jsonl path, or a hub id
     template: str = "chat"  # "chat" (the tokenizer's chat template) or "alpaca"
-    max_length: int = 256  # tokens per example; longer ones are cut from the end
+    max_length: int = 256  # tokens per example (prompt and response)
+    # a longer example keeps this many answer tokens (all, if fewer): its context is cut first,
+    # then its instruction; "end" cuts at the end instead (the reference code's rule)
+    min_response_tokens: int = 32
+    truncation: str = "keep-answer"  # or "end"
     limit: int = 0  # use a seeded random subset of this many rows (0: all)
     heldout: int = 200  # held-out examples for the loss before/after (seeded split)
     partition: str = "iid"  # "iid", "dirichlet" (over label_column) or "shards"
@@ -127,6 +131,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         _need(self.template in TEMPLATES, "data.template", self.template, f"one of {TEMPLATES}")
         _need(self.max_length >= 16, "data.max_length", self.max_length, "an integer >= 16")
+        _need(
+            1 <= self.min_response_tokens < self.max_length,
+            "data.min_response_tokens",
+            self.min_response_tokens,
+            f"an integer from 1 to data.max_length - 1 = {self.max_length - 1}",
+        )
+        _need(self.truncation in TRUNCATIONS, "data.truncation", self.truncation,
+              f"one of {TRUNCATIONS}")  # fmt: skip
         _need(self.limit >= 0, "data.limit", self.limit, ">= 0 (0: all rows)")
         _need(self.heldout >= 1, "data.heldout", self.heldout, "an integer >= 1")
         _need(self.partition in SCHEMES, "data.partition", self.partition, f"one of {SCHEMES}")

@@ -107,6 +107,8 @@ class RunCore:
                 self.model.sync(self.server)  # W0 + each round's update, in order: bitwise
                 self.outputs.truncate(cp.round)
                 self.first_round = cp.round + 1
+            else:  # the data row: what truncation kept, per category
+                self.outputs.write(self.model.data.counts_row())
         except BaseException:
             self.outputs.close()
             raise

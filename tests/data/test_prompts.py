@@ -45,7 +45,7 @@ def test_labels_mask_exactly_the_prompt(
     prompt = encode_prompt(record["instruction"], record["context"], smollm2_tokenizer, template)
 
     # Execute
-    example = encode_example(record, smollm2_tokenizer, template=template, max_length=512)
+    example = encode_example(record, smollm2_tokenizer, template=template, max_length=512).example
 
     # Assert
     assert_masked_on_prompt(dict(example), prompt)
@@ -63,7 +63,7 @@ def test_chat_ids_equal_the_tokenizers_own_chat_rendering(smollm2_tokenizer: Any
         {"role": "assistant", "content": record["response"]},
     ]
 
-    example = encode_example(record, smollm2_tokenizer, template="chat", max_length=512)
+    example = encode_example(record, smollm2_tokenizer, template="chat", max_length=512).example
 
     expected = smollm2_tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False)
     assert example["input_ids"] == list(expected)
@@ -102,12 +102,13 @@ def test_format_prompt(
 def test_truncation_keeps_the_start(smollm2_tokenizer: Any, template: Template) -> None:
     # Prepare
     record = RECORDS[1]
-    full = encode_example(record, smollm2_tokenizer, template=template, max_length=4096)
+    full = encode_example(record, smollm2_tokenizer, template=template, max_length=4096).example
     prompt = encode_prompt(record["instruction"], record["context"], smollm2_tokenizer, template)
     max_length = len(prompt) + 3
 
     # Execute
     cut = encode_example(record, smollm2_tokenizer, template=template, max_length=max_length)
+    cut = cut.example
 
     # Assert
     assert cut["input_ids"] == full["input_ids"][:max_length]
@@ -115,20 +116,65 @@ def test_truncation_keeps_the_start(smollm2_tokenizer: Any, template: Template) 
     assert_masked_on_prompt(dict(cut), prompt)
 
 
+LONG = {
+    "instruction": "Summarise the passage.",
+    "context": " ".join(f"Sentence {i} says something about the tower." for i in range(40)),
+    "response": "The passage describes the tower in forty sentences of roughly equal length.",
+    "category": "summarization",
+}
+
+
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
-def test_examples_without_response_tokens_are_dropped_and_counted(
-    smollm2_tokenizer: Any, template: Template
-) -> None:
-    # Prepare: a max_length that fits the short record's prompt+answer but not the long prompt
-    short = encode_example(RECORDS[0], smollm2_tokenizer, template=template, max_length=4096)
-    max_length = len(short["input_ids"])
-
+def test_a_long_context_is_cut_so_the_answer_stays(smollm2_tokenizer: Any, template: Template):
+    # Prepare: room for the instruction and 8 answer tokens, not for the whole context
+    full = encode_example(LONG, smollm2_tokenizer, template=template, max_length=4096)
+    assert full.example is not None and not full.shortened
+    max_length = 96
     # Execute
-    encoded = encode_records(RECORDS, smollm2_tokenizer, template=template, max_length=max_length)
+    cut = encode_example(LONG, smollm2_tokenizer, template=template, max_length=max_length,
+                         min_response=8)  # fmt: skip
+    # Assert: exactly max_length tokens, >= 8 of them answer, the context's start kept
+    assert cut.shortened == "context" and cut.example is not None
+    ids, labels = cut.example["input_ids"], cut.example["labels"]
+    answer = [label for label in labels if label != IGNORE_INDEX]
+    assert len(ids) == max_length and len(answer) >= 8
+    text = smollm2_tokenizer.decode(ids)
+    assert "Sentence 0 says" in text and "Sentence 39" not in text
+    assert smollm2_tokenizer.decode(answer).startswith("The passage describes")
+    # the old rule (cut the end) would have kept no answer token at all
+    assert all(label == IGNORE_INDEX for label in full.example["labels"][:max_length])
 
-    # Assert
-    assert encoded.dropped == 1
-    assert [e["category"] for e in encoded.examples] == ["qa"]
+
+def test_a_long_instruction_is_cut_when_there_is_no_context(smollm2_tokenizer: Any):
+    record = {"instruction": LONG["context"], "context": "", "response": "Yes.", "category": "x"}
+    cut = encode_example(record, smollm2_tokenizer, template="chat", max_length=64,
+                         min_response=8)  # fmt: skip
+    assert cut.shortened == "instruction" and cut.example is not None
+    answer = [label for label in cut.example["labels"] if label != IGNORE_INDEX]
+    assert smollm2_tokenizer.decode(answer).startswith("Yes.")  # all of a short answer kept
+    assert len(cut.example["input_ids"]) <= 64
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_examples_that_cannot_fit_are_dropped_and_counted(smollm2_tokenizer: Any,
+                                                         template: Template):  # fmt: skip
+    # Prepare: room for the template and 40 tokens, then for the template and 5
+    records = [*RECORDS, LONG]
+    overhead = len(encode_prompt("", "", smollm2_tokenizer, template))
+    # Execute
+    tight = encode_records(records, smollm2_tokenizer, template=template,
+                           max_length=overhead + 40, min_response=8)  # fmt: skip
+    mixed = encode_records([RECORDS[0], LONG], smollm2_tokenizer, template=template,
+                           max_length=overhead + 5, min_response=8)  # fmt: skip
+    # Assert: every row kept, the long one shortened; counts per category
+    assert tight.dropped == 0 and len(tight.examples) == 3
+    assert tight.counts["summarization"] == (0, 1, 0)
+    assert tight.counts["qa"] == (1, 0, 0) and tight.counts["qa"].rows == 1
+    # a 3-token answer fits beside a cut instruction; 8 answer tokens do not
+    assert mixed.counts == {"qa": (0, 1, 0), "summarization": (0, 0, 1)}
+    with pytest.raises(FloraError, match="even with the context and instruction cut"):
+        encode_records([LONG], smollm2_tokenizer, template=template, max_length=overhead + 2,
+                       min_response=8)  # fmt: skip
 
 
 def test_all_dropped_is_an_error(smollm2_tokenizer: Any) -> None:
@@ -147,7 +193,7 @@ def test_chat_answer_with_and_without_prefix(
     tokenizer = char_tokenizer(split_turns=split_turns)
     prompt = encode_prompt("Name a primary colour.", "", tokenizer, "chat")
 
-    example = encode_example(RECORDS[0], tokenizer, template="chat", max_length=512)
+    example = encode_example(RECORDS[0], tokenizer, template="chat", max_length=512).example
 
     assert_masked_on_prompt(dict(example), prompt)
     assert "".join(map(chr, example["input_ids"][len(prompt) :])) == answer

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flora.data._seed import make_rng
 from flora.data.partition import client_table, partition, split_heldout
-from flora.data.prompts import Example, encode_records
+from flora.data.prompts import Example, KeptCounts, encode_records
 from flora.data.sources import Record, load_records
 from flora.errors import FloraError
 
@@ -24,8 +24,25 @@ class FederatedData:
     clients: list[list[Example]]  # each client's encoded training examples
     heldout: list[Example]
     heldout_records: list[Record]  # the raw held-out rows (for generation samples)
-    table: str  # per-client rows and label mix, printed at the start of a run
-    dropped: int  # examples whose response was cut away entirely by max_length
+    table: str  # per-client rows and label mix, then kept rows per category (start of a run)
+    counts: dict[str, dict[str, KeptCounts]]  # "train" / "heldout": category -> kept counts
+
+    @property
+    def dropped(self) -> int:
+        """Examples that could not keep an answer token within max_length."""
+        return sum(c.dropped for split in self.counts.values() for c in split.values())
+
+    def counts_row(self) -> dict[str, object]:
+        """The metrics.jsonl ``data`` row: kept, shortened and dropped rows per category."""
+        return {
+            "kind": "data",
+            "round": 0,
+            **{
+                split: {k: c._asdict() for k, c in sorted(counts.items())}
+                for split, counts in self.counts.items()
+            },
+            "dropped": self.dropped,
+        }
 
 
 def prepare_data(
@@ -42,6 +59,8 @@ def prepare_data(
     label_column: str = "category",
     dirichlet_alpha: float = 0.5,
     shards_per_client: int = 2,
+    min_response: int = 32,
+    truncation: str = "keep-answer",
 ) -> FederatedData:
     """Seeded end to end: the same arguments give the same clients and held-out set."""
     records = load_records(source)
@@ -53,18 +72,10 @@ def prepare_data(
     train_idx, held_idx = split_heldout(len(records), heldout / len(records), seed)
     # the partition label travels as each example's "category"
     labelled = [dict(r, category=str(r.get(label_column) or "all")) for r in records]
-    train = encode_records(
-        [labelled[i] for i in train_idx],
-        tokenizer,
-        template=template,  # type: ignore[arg-type]
-        max_length=max_length,
-    )
-    held = encode_records(
-        [labelled[i] for i in held_idx],
-        tokenizer,
-        template=template,  # type: ignore[arg-type]
-        max_length=max_length,
-    )
+    options = {"template": template, "max_length": max_length, "min_response": min_response,
+               "truncation": truncation}  # fmt: skip
+    train = encode_records([labelled[i] for i in train_idx], tokenizer, **options)  # type: ignore[arg-type]
+    held = encode_records([labelled[i] for i in held_idx], tokenizer, **options)  # type: ignore[arg-type]
     labels = [example["category"] for example in train.examples]
     if len(train.examples) < num_clients:
         raise FloraError(
@@ -82,9 +93,21 @@ def prepare_data(
         clients=[[train.examples[i] for i in part] for part in parts],
         heldout=held.examples,
         heldout_records=[records[i] for i in held_idx],
-        table=client_table(parts, labels),
-        dropped=train.dropped + held.dropped,
+        table=client_table(parts, labels) + "\n\n" + kept_table(train.counts, held.counts),
+        counts={"train": train.counts, "heldout": held.counts},
     )
+
+
+def kept_table(train: dict[str, KeptCounts], heldout: dict[str, KeptCounts]) -> str:
+    """Per category: rows, and the share kept (whole or with a shortened prompt), train and
+    held-out."""
+    lines = [f"{'category':<24} {'rows':>6} {'kept':>7} {'cut':>6} {'dropped':>8}   held-out kept"]
+    for name in sorted(set(train) | set(heldout)):
+        t, h = train.get(name, KeptCounts(0, 0, 0)), heldout.get(name, KeptCounts(0, 0, 0))
+        kept = f"{100 * (t.whole + t.shortened) / t.rows:.0f}%" if t.rows else "-"
+        held = f"{h.whole + h.shortened}/{h.rows}" if h.rows else "-"
+        lines.append(f"{name:<24} {t.rows:>6} {kept:>7} {t.shortened:>6} {t.dropped:>8}   {held}")
+    return "\n".join(lines)
 
 
 def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
@@ -103,4 +126,6 @@ def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Federated
         label_column=config.data.label_column,
         dirichlet_alpha=config.data.dirichlet_alpha,
         shards_per_client=config.data.shards_per_client,
+        min_response=config.data.min_response_tokens,
+        truncation=config.data.truncation,
     )

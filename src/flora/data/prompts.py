@@ -8,15 +8,19 @@ Two templates:
   then the response and the eos token.
 
 Labels are ``-100`` on every prompt position and equal ``input_ids`` on the response, end-of-turn
-token included. Truncation keeps the start and cuts the end; ``encode_records`` drops examples
-left with no response token and counts them.
+token included. An example longer than ``max_length`` keeps its answer: the context is cut
+first, then the instruction (flora.data.truncation), so that at least ``min_response`` response
+tokens stay, and the response is cut at its end. ``encode_records`` drops only the examples
+where even that fails, and counts kept, shortened and dropped rows per category.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict
 
+from flora.data.truncation import fit_prompt
 from flora.errors import FloraError
 
 if TYPE_CHECKING:
@@ -25,8 +29,10 @@ if TYPE_CHECKING:
 __all__ = [
     "IGNORE_INDEX",
     "TEMPLATES",
+    "TRUNCATIONS",
     "EncodedRecords",
     "Example",
+    "KeptCounts",
     "Template",
     "encode_example",
     "encode_prompt",
@@ -39,6 +45,9 @@ IGNORE_INDEX = -100
 
 Template = Literal["chat", "alpaca"]
 TEMPLATES: tuple[Template, ...] = ("chat", "alpaca")
+TRUNCATIONS = ("keep-answer", "end")
+"""``keep-answer``: cut the context, then the instruction, to keep ``min_response`` answer
+tokens; ``end``: cut at the end (the reference code's rule: a long prompt leaves no answer)."""
 
 _ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -59,11 +68,27 @@ class Example(TypedDict):
     category: str
 
 
+class KeptCounts(NamedTuple):
+    """One category's rows: kept whole, kept with the context or instruction cut, dropped."""
+
+    whole: int
+    shortened: int
+    dropped: int
+
+    @property
+    def rows(self) -> int:
+        return self.whole + self.shortened + self.dropped
+
+
 class EncodedRecords(NamedTuple):
-    """Examples that kept at least one response token, and how many were dropped."""
+    """Examples that kept at least one response token, and each category's counts."""
 
     examples: list[Example]
-    dropped: int
+    counts: dict[str, KeptCounts]
+
+    @property
+    def dropped(self) -> int:
+        return sum(c.dropped for c in self.counts.values())
 
 
 def format_prompt(
@@ -87,18 +112,23 @@ def encode_prompt(
     return _tokenize(tokenizer, text, add_special_tokens=template == "alpaca")
 
 
+class Encoded(NamedTuple):
+    example: Example | None  # None: not even min_response answer tokens fit
+    shortened: str  # "", "context" or "instruction": what was cut to fit
+
+
 def encode_example(
     record: Mapping[str, str],
     tokenizer: PreTrainedTokenizerBase,
     *,
     template: Template,
     max_length: int,
-) -> Example:
-    """Tokenise one record; labels are IGNORE_INDEX on the prompt.
-
-    The result may hold no response token when the prompt alone reaches ``max_length``;
-    ``encode_records`` drops those.
-    """
+    min_response: int = 1,
+    truncation: str = "keep-answer",
+) -> Encoded:
+    """Tokenise one record; labels are IGNORE_INDEX on the prompt. When it is too long, the
+    context, then the instruction, is cut so that ``min_response`` answer tokens (or the whole
+    answer, if shorter) stay."""
     _check_template(template)
     if max_length < 1:
         raise FloraError(f"data.max_length must be a positive integer, got {max_length}")
@@ -106,13 +136,31 @@ def encode_example(
     context = record.get("context", "").strip()
     response = record["response"].strip()
     prompt = encode_prompt(instruction, context, tokenizer, template)
-    if template == "alpaca":
-        answer = [*_tokenize(tokenizer, response, add_special_tokens=False), _eos_id(tokenizer)]
-    else:
-        answer = _chat_answer(tokenizer, instruction, context, response, prompt)
+    answer = _answer(tokenizer, template, instruction, context, response, prompt)
+    shortened = ""
+    keep = min(max(min_response, 1), len(answer))
+    if truncation not in TRUNCATIONS:
+        raise FloraError(f"data.truncation must be one of {list(TRUNCATIONS)}, got {truncation!r}")
+    if truncation == "keep-answer" and len(prompt) + keep > max_length:
+        fitted = fit_prompt(
+            instruction,
+            context,
+            prompt_length=lambda i, c: len(encode_prompt(i, c, tokenizer, template)),
+            head=_head(tokenizer),
+            size=_size(tokenizer),
+            budget=max_length - keep,
+        )
+        if fitted is None:
+            return Encoded(None, "")
+        instruction, context, shortened = fitted
+        prompt = encode_prompt(instruction, context, tokenizer, template)
+        answer = _answer(tokenizer, template, instruction, context, response, prompt)
     input_ids = (prompt + answer)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
-    return Example(input_ids=input_ids, labels=labels, category=record.get("category", "all"))
+    if all(label == IGNORE_INDEX for label in labels):
+        return Encoded(None, shortened)
+    example = Example(input_ids=input_ids, labels=labels, category=record.get("category", "all"))
+    return Encoded(example, shortened)
 
 
 def encode_records(
@@ -121,22 +169,60 @@ def encode_records(
     *,
     template: Template,
     max_length: int,
+    min_response: int = 1,
+    truncation: str = "keep-answer",
 ) -> EncodedRecords:
-    """Encode every record, dropping (and counting) those whose response was truncated away."""
+    """Encode every record (cutting context, then instruction, to keep ``min_response`` answer
+    tokens), dropping those where even that fails; counts per category."""
     kept: list[Example] = []
-    dropped = 0
+    counts: dict[str, Counter[str]] = {}
     for record in records:
-        example = encode_example(record, tokenizer, template=template, max_length=max_length)
-        if any(label != IGNORE_INDEX for label in example["labels"]):
-            kept.append(example)
-        else:
-            dropped += 1
-    if dropped and not kept:
+        encoded = encode_example(record, tokenizer, template=template, max_length=max_length,
+                                 min_response=min_response, truncation=truncation)  # fmt: skip
+        category = counts.setdefault(str(record.get("category", "all")), Counter())
+        if encoded.example is None:
+            category["dropped"] += 1
+            continue
+        kept.append(encoded.example)
+        category["shortened" if encoded.shortened else "whole"] += 1
+    result = EncodedRecords(
+        kept, {k: KeptCounts(c["whole"], c["shortened"], c["dropped"]) for k, c in counts.items()}
+    )
+    if result.dropped and not kept:
         raise FloraError(
-            f"data.max_length={max_length} leaves no response token in any of {dropped} "
-            f"examples; raise data.max_length"
+            f"data.max_length={max_length} leaves no response token in any of {result.dropped} "
+            "examples"
+            + (", even with the context and instruction cut" if truncation == "keep-answer" else "")
+            + "; raise data.max_length"
         )
-    return EncodedRecords(examples=kept, dropped=dropped)
+    return result
+
+
+def _answer(
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template,
+    instruction: str,
+    context: str,
+    response: str,
+    prompt: list[int],
+) -> list[int]:
+    if template == "alpaca":
+        return [*_tokenize(tokenizer, response, add_special_tokens=False), _eos_id(tokenizer)]
+    return _chat_answer(tokenizer, instruction, context, response, prompt)
+
+
+def _head(tokenizer: PreTrainedTokenizerBase) -> Callable[[str, int], str]:
+    """The text of a text's first n tokens (decoded, so a cut never splits a character)."""
+
+    def head(text: str, n: int) -> str:
+        ids = _tokenize(tokenizer, text, add_special_tokens=False)
+        return str(tokenizer.decode(ids[:n], skip_special_tokens=True))
+
+    return head
+
+
+def _size(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
+    return lambda text: len(_tokenize(tokenizer, text, add_special_tokens=False))
 
 
 def _chat_answer(
