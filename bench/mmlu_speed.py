@@ -36,8 +36,9 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flora.evaluation.mmlu import build_prompt_ids, max_context, score_mmlu, summarize
+from flora.evaluation.mmlu import build_prompt_ids, max_context, score_mmlu
 from flora.evaluation.mmlu_data import LETTERS, Question, load_mmlu
+from flora.evaluation.mmlu_results import summarize
 from flora.models import autocast_context, load_model, resolve_precision
 
 Scored = tuple[dict[str, tuple[int, int]], dict[str, list[int]], float]
@@ -163,15 +164,15 @@ def _print(totals: dict[str, Scored], n: int) -> None:
     names = list(totals)
     batched, reference = totals[names[-2]], totals[names[-1]]
     print(
-        f"{'scorer':<28} {'q/s':>7} {'x reference':>11} {'x batched':>9} {'macro':>6} "
-        f"{'micro':>6} {'agree':>6}"
+        f"{'scorer':<28} {'q/s':>7} {'x reference':>11} {'x batched':>9} {'acc':>6} "
+        f"{'macro':>6} {'agree':>6}"
     )
     for name, (per_subject, predictions, seconds) in totals.items():
         acc = summarize(per_subject)
         print(
             f"{name:<28} {n / seconds:>7.3f} {reference[2] / seconds:>11.2f} "
-            f"{batched[2] / seconds:>9.2f} {acc['macro_accuracy']:>6.3f} "
-            f"{acc['micro_accuracy']:>6.3f} {_agreement(predictions, reference[1]):>6.2f}"
+            f"{batched[2] / seconds:>9.2f} {acc.acc:>6.3f} "
+            f"{acc.acc_macro:>6.3f} {_agreement(predictions, reference[1]):>6.2f}"
         )
     cached, uncached = totals[names[0]][1], totals[names[1]][1]
     print(

@@ -113,10 +113,11 @@ def mmlu(device: str, precision: str) -> dict[str, Any]:
     scores = score_mmlu(model, tokenizer, test, dev, shots=5, limit_per_subject=2,
                         batch_size=16, precision=precision)  # fmt: skip
     seconds = time.perf_counter() - start
-    summary = scores.to_dict()
-    return {"questions": summary["questions"], "seconds": seconds,
-            "questions_per_second": summary["questions"] / seconds,
-            "accuracy": {k: v for k, v in summary.items() if "acc" in k}}  # fmt: skip
+    overall = scores.scores()["mmlu"]
+    return {"questions": scores.questions, "seconds": seconds,
+            "questions_per_second": scores.questions / seconds,
+            "accuracy": {"acc": overall.acc, "acc_stderr": overall.acc_stderr,
+                         "acc_macro": overall.acc_macro}}  # fmt: skip
 
 
 def main() -> int:

@@ -50,9 +50,15 @@ def _write_run(
 
 @pytest.fixture
 def runs(tmp_path) -> list[Path]:
-    evaluation = {
-        "mmlu": {"macro_accuracy": 0.31},
-        "heldout": {"per_category": {"open_qa": {"loss": 2.0}, "summarization": {"loss": 2.5}}},
+    evaluation = {  # what flora eval writes: lm-evaluation-harness's shape
+        "results": {
+            "mmlu": {"alias": "mmlu", "acc,none": 0.31, "acc_stderr,none": 0.0123},
+            "flora_heldout_open_qa": {"alias": "open_qa", "loss,none": 2.0},
+            "flora_heldout_summarization": {"alias": "summarization", "loss,none": 2.5},
+        },
+        "group_subtasks": {
+            "flora_heldout": ["flora_heldout_open_qa", "flora_heldout_summarization"]
+        },
     }
     return [
         _write_run(
@@ -74,6 +80,8 @@ def test_summary_sums_bytes_averages_noise_and_builds_the_curves(runs):
     assert flora.loss_by_round == [(0, 3.0), (1, 2.5), (2, 2.2)]
     assert flora.loss_by_downlink == [(0, 3.0), (2000, 2.5), (6000, 2.2)]
     assert fedit.ranks == "10x16" and fedit.mmlu is None and fedit.per_category == {}
+    assert flora.mmlu_stderr == 0.0123
+    assert flora.per_category == {"open_qa": 2.0, "summarization": 2.5}
 
 
 def test_format_ranks_groups_repeats():
@@ -93,7 +101,7 @@ def test_compare_writes_reports_with_non_blank_plots(runs, tmp_path, capsys):
         assert pixels.ndim == 3 and float(np.var(pixels)) > 0, png
     markdown = (out / "report.md").read_text()
     assert (
-        "| flora-run | flora | 4,2 | 2.2000 | 31.0% | 600 B | 6.0 kB | 42 s | 1.50e-01 |"
+        "| flora-run | flora | 4,2 | 2.2000 | 31.0% ± 1.2 | 600 B | 6.0 kB | 42 s | 1.50e-01 |"
         in markdown
     )
     assert "| fedit-run | fedit | 10x16 | 2.6000 | – |" in markdown
@@ -107,3 +115,33 @@ def test_per_category_plot_is_left_out_without_eval_json(runs, tmp_path):
     out = tmp_path / "report"
     assert main(["compare", str(runs[1]), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["loss_downlink.png", "loss_round.png"]
+
+
+def test_an_eval_json_of_the_old_shape_is_one_line_naming_the_fix(runs, tmp_path, capsys):
+    # Prepare: eval.json as flora wrote it before it followed the harness
+    old = {"model": "x", "mmlu": {"macro_accuracy": 0.31, "micro_accuracy": 0.3}}
+    (runs[0] / "eval" / "eval.json").write_text(json.dumps(old))
+    # Execute
+    code = main(["compare", str(runs[0]), "--out", str(tmp_path / "report")])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "lm-evaluation-harness's results shape" in err and "re-run `flora eval" in err
+
+
+@pytest.mark.parametrize(
+    ("row", "acc", "stderr"),
+    [
+        ({"acc": 0.3, "acc_stderr": 0.01, "acc_macro": 0.28}, 0.3, 0.01),
+        ({"macro_accuracy": 0.28, "micro_accuracy": 0.3}, 0.3, None),  # a row of an older flora
+    ],
+)
+def test_the_runs_own_mmlu_row_is_its_weighted_accuracy(tmp_path, row, acc, stderr):
+    # Prepare
+    run = _write_run(tmp_path, "run", "flora", [4, 2], [3.0, 2.5])
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"kind": "mmlu", "round": 1} | row) + "\n")
+    # Execute
+    summary = summarize_run(run)
+    # Assert: micro accuracy (correct / questions) is the size-weighted figure
+    assert (summary.mmlu, summary.mmlu_stderr, summary.mmlu_by_round) == (acc, stderr, [(1, acc)])

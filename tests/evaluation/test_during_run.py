@@ -36,12 +36,19 @@ def test_mmlu_rows_come_before_every_n_rounds_and_after(tmp_path):
     assert all(r["questions"] == 57 and len(r["per_subject"]) == 57 for r in rows)
     model, tokenizer = load_model(str(tmp_path / "run" / "final" / "model"))
     again = score_mmlu(model, tokenizer, load_mmlu("test"), load_mmlu("dev"), shots=1,
-                       limit_per_subject=1, batch_size=config.eval.batch_size)  # fmt: skip
-    assert rows[-1]["macro_accuracy"] == pytest.approx(again.summary["macro_accuracy"])
+                       limit_per_subject=1, batch_size=config.eval.batch_size).scores()  # fmt: skip
+    assert rows[-1]["acc"] == pytest.approx(again["mmlu"].acc)
+    assert rows[-1]["acc_macro"] == pytest.approx(again["mmlu"].acc_macro)
+    assert rows[-1]["acc_stderr"] is None  # one question a subject: the harness's "N/A"
+    assert rows[-1]["groups"]["mmlu_humanities"]["acc"] == pytest.approx(
+        again["mmlu_humanities"].acc
+    )
+    assert set(rows[-1]["groups"]) == {"mmlu_stem", "mmlu_other", "mmlu_social_sciences",
+                                       "mmlu_humanities"}  # fmt: skip
     # ... and flora compare takes the run's own MMLU and plots it by round
     summary = summarize_run(tmp_path / "run")
-    assert summary.mmlu == rows[-1]["macro_accuracy"]
-    assert summary.mmlu_by_round == [(r["round"], r["macro_accuracy"]) for r in rows]
+    assert summary.mmlu == rows[-1]["acc"] and summary.mmlu_stderr is None
+    assert summary.mmlu_by_round == [(r["round"], r["acc"]) for r in rows]
     written = write_report([summary], tmp_path / "report")
     assert (tmp_path / "report" / "mmlu_round.png").stat().st_size > 5000
     assert any(p.name == "report.md" for p in written)

@@ -1,4 +1,5 @@
-"""`flora eval` end to end on a tiny run, and its one-line errors."""
+"""`flora eval` end to end on a tiny run, eval.json in lm-evaluation-harness's shape, and its
+one-line errors."""
 
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ def test_eval_of_a_run_reproduces_its_final_heldout_loss(tiny_run, capsys):
     # Assert
     result = json.loads((tiny_run / "eval" / "eval.json").read_text())
     final = next(r for r in read_metrics(tiny_run / "metrics.jsonl") if r.get("final"))
-    assert result["heldout"]["loss"] == pytest.approx(final["heldout_loss"], rel=1e-5)
-    held = result["heldout"]
-    assert 0 < held["examples"] <= 16  # data.heldout=16, less those max_length cut to nothing
-    assert sum(c["examples"] for c in held["per_category"].values()) == held["examples"]
+    held = result["results"]["flora_heldout"]
+    assert held["loss,none"] == pytest.approx(final["heldout_loss"], rel=1e-5)
+    assert 0 < held["sample_len"] <= 16  # data.heldout=16, less those max_length cut to nothing
+    categories = result["group_subtasks"]["flora_heldout"]
+    assert categories and all(c.startswith("flora_heldout_") for c in categories)
+    assert sum(result["results"][c]["sample_len"] for c in categories) == held["sample_len"]
+    assert "groups" not in result  # no MMLU: no group with an aggregate, as the harness writes
     assert "held-out  loss" in capsys.readouterr().out
 
 
@@ -65,17 +69,44 @@ def test_eval_mmlu_and_samples_merge_into_eval_json(tiny_run, tmp_path, torch_si
         pytest.skip("shared MT-Bench copy not found (set FLORA_DATA_DIR)")
     out = tmp_path / "eval"
     common = ["--out", str(out), "--quiet"]
-    # Execute: two evaluations into one folder
+    # Execute: two evaluations into one folder, then MMLU again with another limit
     assert main(["eval", str(tiny_run), "--tasks", "heldout", *common]) == 0
     argv = ["eval", str(tiny_run), "--tasks", "mmlu,samples", "--limit-per-subject", "1"]
     options = ["--shots", "1", "--num-samples", "2", "--max-new-tokens", "2"]
     assert main([*argv, *options, *common]) == 0
-    # Assert
+    first = json.loads((out / "eval.json").read_text())
+    argv = ["eval", str(tiny_run), "--tasks", "mmlu", "--limit-per-subject", "2", "--shots", "1"]
+    assert main([*argv, *common]) == 0
+    # Assert: every task's results, the last MMLU's in place of the first
     result = json.loads((out / "eval.json").read_text())
-    assert {"heldout", "mmlu", "samples"} <= set(result)
-    mmlu = result["mmlu"]
-    assert mmlu["questions"] == 57 and len(mmlu["per_subject"]) == 57
-    assert 0.0 <= mmlu["macro_accuracy"] <= 1.0 and mmlu["questions_per_second"] > 0
+    results = result["results"]
+    assert {"flora_heldout", "flora_samples", "mmlu", "mmlu_stem"} <= set(results)
+    assert results["flora_heldout"] == first["results"]["flora_heldout"]
+    assert len([n for n in results if n.startswith("mmlu_")]) == 4 + 57
+    assert results["mmlu"]["sample_len"] == 2 * 57 and result["config"]["limit"] == 2
+    assert first["results"]["mmlu"]["acc_stderr,none"] == "N/A"  # one question a subject
+    assert isinstance(results["mmlu"]["acc_stderr,none"], float)
+    assert 0.0 <= results["mmlu"]["acc,none"] <= 1.0
+    assert set(result["groups"]) == {"mmlu", "mmlu_stem", "mmlu_other", "mmlu_social_sciences",
+                                     "mmlu_humanities"}  # fmt: skip
+    assert result["n-samples"]["mmlu_anatomy"] == {"original": 135, "effective": 2}
+    assert result["n-shot"]["mmlu_anatomy"] == 1
+    assert result["timings"]["mmlu"]["questions_per_second"] > 0
+    assert set(result["timings"]) == {"heldout", "mmlu", "samples"}
     samples = json.loads((out / "samples.json").read_text())
     assert len(samples) == 2 and {"prompt", "base", "tuned"} <= set(samples[0])
-    assert result["samples"]["base"] == "tiny-llama"
+    assert results["flora_samples"]["base"] == "tiny-llama"
+    assert result["config"]["model"] == str(tiny_run / "final" / "model")
+
+
+def test_an_eval_json_of_the_old_shape_is_replaced(tiny_run, tmp_path):
+    # Prepare: what flora wrote before it followed the harness
+    out = tmp_path / "eval"
+    out.mkdir()
+    old = {"model": str(tiny_run / "final" / "model"), "mmlu": {"macro_accuracy": 0.3}}
+    (out / "eval.json").write_text(json.dumps(old))
+    # Execute
+    assert main(["eval", str(tiny_run), "--tasks", "heldout", "--out", str(out), "--quiet"]) == 0
+    # Assert
+    result = json.loads((out / "eval.json").read_text())
+    assert "mmlu" not in result and "flora_heldout" in result["results"]

@@ -1,5 +1,6 @@
 """The MMLU scorer: prompts as the harness writes them, log-probs equal to a slow per-choice
-forward pass, the gather of the right letter ids, truncation, and macro/micro accuracy."""
+forward pass, the gather of the right letter ids, truncation, the per-subject limit. The figures
+themselves: test_mmlu_results.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from flora.evaluation.mmlu import (
     letter_ids,
     score_mmlu,
     score_prompts,
-    summarize,
 )
 from flora.evaluation.mmlu_data import Question, format_prompt, load_mmlu
 
@@ -102,7 +102,7 @@ def test_scores_equal_a_slow_forward_per_choice(
     assert result.predictions["high_school_physics"] == predicted
     correct = sum(p == q.answer for p, q in zip(predicted, TEST, strict=True))
     assert result.per_subject == {"high_school_physics": (correct, len(TEST))}
-    assert result.summary["micro_accuracy"] == pytest.approx(correct / len(TEST))
+    assert result.scores()["mmlu"].acc == pytest.approx(correct / len(TEST))
 
 
 def test_the_forced_letter_wins_everywhere(tiny_model, tokenizer, torch_single_thread):
@@ -154,16 +154,23 @@ def test_common_prefix_leaves_every_prompt_a_token():
     assert common_prefix([[1], [2]]) == 0
 
 
-def test_macro_and_micro_accuracy_on_hand_made_counts():
-    # Prepare: a small subject answered well, a big one answered badly
-    per_subject = {"a": (1, 2), "b": (9, 10), "c": (0, 4), "empty": (0, 0)}
+def test_the_limit_scores_the_first_questions_and_counts_them_all(
+    tiny_model, tokenizer, torch_single_thread
+):
+    # Prepare: " C" forced, so the predictions say which questions were scored
+    c_id = letter_ids(tokenizer)[2]
+    bump = torch.zeros(len(tokenizer))
+    bump[c_id] = 1e4
+    tiny_model.lm_head.register_forward_hook(lambda _m, _i, output: output + bump)
     # Execute
-    summary = summarize(per_subject)
-    # Assert
-    assert summary["macro_accuracy"] == pytest.approx((0.5 + 0.9 + 0.0) / 3)
-    assert summary["micro_accuracy"] == pytest.approx(10 / 16)
-    with pytest.raises(FloraError, match="no question"):
-        summarize({"empty": (0, 0)})
+    result = score_mmlu(
+        tiny_model, tokenizer, {"physics": TEST}, {"physics": SHOTS}, shots=1, limit_per_subject=2
+    )
+    # Assert: the first two questions (answers 3 and 0: none is C), out of five
+    assert result.per_subject == {"physics": (0, 2)} and result.available == {"physics": 5}
+    assert result.harness()["n-samples"]["mmlu_physics"] == {"original": 5, "effective": 2}
+    with pytest.raises(FloraError, match="no question was scored"):
+        score_mmlu(tiny_model, tokenizer, {"physics": []}, {"physics": SHOTS}, shots=1)
 
 
 def test_shared_mmlu_copy_loads_every_subject():

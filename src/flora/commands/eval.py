@@ -11,16 +11,17 @@ __all__ = ["add_parser", "run"]
 
 _HELP = """\
 Evaluate a finished run (RUN_DIR/final/model) or a model (a checkpoint directory, a hub id, or
-smollm2 / tiny-llama). Results go to OUT/eval.json (merged with an earlier eval of the same model)
-and a short table is printed.
+smollm2 / tiny-llama). Results go to OUT/eval.json in lm-evaluation-harness's results shape
+(merged with an earlier eval of the same model) and a short table is printed.
 
 tasks:
   heldout  loss and perplexity overall and per category on the run's own held-out split
-           (re-derived from config.json; default data config for a plain model)
+           (re-derived from config.json; default data config for a plain model): flora_heldout
   mmlu     k-shot MMLU, log-likelihood of the answer letter as lm-evaluation-harness scores it;
-           macro (mean over subjects) and micro (over questions) accuracy, per subject
+           headline: the harness's mmlu group, accuracy weighted by subject size with its
+           standard error; also its 4 categories, each subject, and the mean over subjects
   samples  greedy answers to the first MT-Bench questions; for a run, beside the base model's
-           (OUT/samples.json)
+           (OUT/samples.json): flora_samples
 """
 
 
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     result = evaluate(target, options, out, quiet=args.quiet)
-    where = f"{result['precision']} on {result['device']}"
-    print(f"eval of {result['model']} ({where}) -> {out / 'eval.json'}")
+    config = result["config"]
+    where = f"{config['precision']} on {config['device']}"
+    print(f"eval of {config['model']} ({where}) -> {out / 'eval.json'}")
     print(format_results(result, tasks))
     return 0

@@ -11,8 +11,9 @@ from flora.evaluation.evaluate import (
     resolve_target,
 )
 from flora.evaluation.heldout import heldout_data, heldout_report
-from flora.evaluation.mmlu import MMLUResult, score_mmlu, score_prompts, summarize
+from flora.evaluation.mmlu import MMLUResult, score_mmlu, score_prompts
 from flora.evaluation.mmlu_data import Question, format_prompt, load_mmlu
+from flora.evaluation.mmlu_results import Score, group_scores, summarize
 from flora.evaluation.report import write_report
 from flora.evaluation.runs import RunSummary, summarize_run
 from flora.evaluation.samples import load_mt_bench
@@ -23,10 +24,12 @@ __all__ = [
     "MMLUResult",
     "Question",
     "RunSummary",
+    "Score",
     "Target",
     "evaluate",
     "format_prompt",
     "format_results",
+    "group_scores",
     "heldout_data",
     "heldout_report",
     "load_mmlu",

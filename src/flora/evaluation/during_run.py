@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flora.config import EvalConfig
 from flora.evaluation.mmlu import score_mmlu
 from flora.evaluation.mmlu_data import Question, load_mmlu
+from flora.evaluation.mmlu_results import CATEGORIES
 
 __all__ = ["mmlu_row"]
 
@@ -30,7 +31,12 @@ def mmlu_row(
     round: int,
     precision: str,
 ) -> dict[str, Any]:
-    """``{"kind": "mmlu", "round": ..., macro/micro accuracy, questions, seconds, ...}``."""
+    """``{"kind": "mmlu", "round": ..., "acc": ..., "acc_stderr": ..., "acc_macro": ...}``.
+
+    ``acc`` is the lm-evaluation-harness ``mmlu`` figure (weighted by subject size) and
+    ``acc_stderr`` its standard error (None where the harness writes "N/A": one question a
+    subject); ``acc_macro`` the mean over subjects; ``groups`` the same for each category.
+    """
     result = score_mmlu(
         model,
         tokenizer,
@@ -41,15 +47,22 @@ def mmlu_row(
         batch_size=config.batch_size,
         precision=precision,
     )
-    scores = result.to_dict()
+    scores = result.scores()
+    overall = scores["mmlu"]
     return {
         "kind": "mmlu",
         "round": round,
-        "macro_accuracy": scores["macro_accuracy"],
-        "micro_accuracy": scores["micro_accuracy"],
-        "questions": scores["questions"],
+        "acc": overall.acc,
+        "acc_stderr": overall.acc_stderr,
+        "acc_macro": overall.acc_macro,
+        "groups": {
+            group: {"acc": scores[group].acc, "acc_stderr": scores[group].acc_stderr}
+            for group in CATEGORIES
+            if group in scores
+        },
+        "questions": result.questions,
         "shots": config.mmlu_shots,
         "limit_per_subject": config.mmlu_limit_per_subject,
         "seconds": result.seconds,
-        "per_subject": {s: v["accuracy"] for s, v in scores["per_subject"].items()},
+        "per_subject": {s: c / t for s, (c, t) in result.per_subject.items() if t > 0},
     }

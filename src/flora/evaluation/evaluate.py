@@ -7,7 +7,6 @@ A target is a run directory (its ``final/model``, held-out data re-derived from 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,17 @@ from flora.data.prompts import Template
 from flora.devices import resolve_device, resolve_precision
 from flora.errors import FloraError
 from flora.evaluation.heldout import heldout_data, heldout_report
-from flora.evaluation.mmlu import score_mmlu
+from flora.evaluation.mmlu import MMLUResult, score_mmlu
 from flora.evaluation.mmlu_data import load_mmlu
+from flora.evaluation.results import (
+    HELDOUT,
+    SAMPLES,
+    SECTIONS,
+    heldout_sections,
+    merge,
+    read_eval,
+    samples_sections,
+)
 from flora.evaluation.samples import answer_all, load_mt_bench
 from flora.io import atomic_write_json
 from flora.models import load_model
@@ -56,7 +64,7 @@ class Target:
 @dataclass
 class EvalOptions:
     tasks: list[str]
-    limit_per_subject: int = 0  # MMLU questions per subject (0: all)
+    limit_per_subject: int = 0  # MMLU questions per subject (0: all; `flora eval` defaults to 20)
     shots: int = 5
     batch_size: int = 8
     precision: str | None = None  # None: the run's train.precision (fp32 for plain models)
@@ -98,34 +106,68 @@ def resolve_target(spec: str) -> Target:
 def evaluate(
     target: Target, options: EvalOptions, out: Path, *, quiet: bool = False
 ) -> dict[str, Any]:
-    """Run ``options.tasks`` on ``target``; write out/eval.json (merged with an earlier one)."""
+    """Run ``options.tasks`` on ``target``; write out/eval.json (merged with an earlier one of
+    the same model) in lm-evaluation-harness's results shape (flora.evaluation.results)."""
     say: Callable[[str], None] = (lambda _: None) if quiet else print
     config = target.config
     device = resolve_device(options.device or config.train.device, "--device")
     precision = resolve_precision(options.precision or config.train.precision, device)
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     model, tokenizer = load_model(
         target.model, precision=precision, seed=config.seed, device=device
     )
     pad_id = int(tokenizer.pad_token_id)
-    result: dict[str, Any] = {
-        "model": target.model,
-        "run_dir": str(target.run_dir) if target.run_dir else None,
-        "precision": precision,
-        "device": str(device),
-    }
+    sections: list[dict[str, dict[str, Any]]] = []
+    timings: dict[str, dict[str, float]] = {}
     if "heldout" in options.tasks:
         say("held-out loss ...")
+        begun = time.perf_counter()
         examples = heldout_data(config, tokenizer).heldout
-        result["heldout"] = heldout_report(
+        report = heldout_report(
             model, examples, batch_size=options.batch_size, pad_id=pad_id, precision=precision
         )
+        sections.append(heldout_sections(report))
+        timings["heldout"] = {"seconds": time.perf_counter() - begun}
     if "mmlu" in options.tasks:
-        test, dev = load_mmlu("test"), load_mmlu("dev")
-        bar = tqdm(
-            total=len(test), desc=f"MMLU {options.shots}-shot", unit="subject", disable=quiet
-        )
-        mmlu = score_mmlu(
+        mmlu = _mmlu(model, tokenizer, options, precision, quiet)
+        sections.append(mmlu.harness())
+        timings["mmlu"] = {"seconds": mmlu.seconds, "questions": mmlu.questions,
+                           "questions_per_second": mmlu.questions_per_second}  # fmt: skip
+    if "samples" in options.tasks:
+        begun = time.perf_counter()
+        samples = _samples(target, options, model, tokenizer, precision, out, say)
+        sections.append(samples_sections(samples["file"], samples["count"], samples["base"]))
+        timings["samples"] = {"seconds": time.perf_counter() - begun}
+    fresh: dict[str, Any] = {
+        section: {key: value for part in sections for key, value in part.get(section, {}).items()}
+        for section in SECTIONS
+    }
+    fresh["config"] = {
+        "model": target.model,
+        "run_dir": str(target.run_dir) if target.run_dir else None,
+        "batch_size": options.batch_size,
+        "device": str(device),
+        "precision": precision,
+        "limit": options.limit_per_subject or None,  # MMLU questions per subject; None: all
+        "random_seed": config.seed,
+    }
+    fresh["timings"] = timings
+    fresh["date"] = started
+    fresh["total_evaluation_time_seconds"] = str(time.perf_counter() - start)
+    return _write(out, fresh, options.tasks)
+
+
+def _mmlu(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    options: EvalOptions,
+    precision: str,
+    quiet: bool,
+) -> MMLUResult:
+    test, dev = load_mmlu("test"), load_mmlu("dev")
+    bar = tqdm(total=len(test), desc=f"MMLU {options.shots}-shot", unit="subject", disable=quiet)
+    try:
+        return score_mmlu(
             model,
             tokenizer,
             test,
@@ -136,12 +178,8 @@ def evaluate(
             precision=precision,
             progress=lambda _subject: bar.update(1),
         )
+    finally:
         bar.close()
-        result["mmlu"] = mmlu.to_dict() | {"limit_per_subject": options.limit_per_subject}
-    if "samples" in options.tasks:
-        result["samples"] = _samples(target, options, model, tokenizer, precision, out, say)
-    result["seconds"] = time.perf_counter() - start
-    return _write(out, result)
 
 
 def _samples(
@@ -182,45 +220,67 @@ def _samples(
     return {"file": "samples.json", "count": len(rows), "base": base_name}
 
 
-def _write(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+def _write(out: Path, fresh: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
     path = out / "eval.json"
-    merged = dict(result)
-    if path.is_file():  # keep the other tasks' results of an earlier eval of the same model
-        try:
-            earlier = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            earlier = {}
-        if isinstance(earlier, dict) and earlier.get("model") == result["model"]:
-            merged = {k: v for k, v in earlier.items() if k in TASKS} | result
+    merged = merge(_earlier(path, fresh["config"]["model"]), fresh, tasks)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, merged)
     return merged
 
 
+def _earlier(path: Path, model: str) -> dict[str, Any] | None:
+    """An earlier eval.json of ``model`` to merge with; None (it is replaced) when there is none,
+    it holds another model, or it is not in the harness shape (an older flora wrote it)."""
+    try:
+        earlier = read_eval(path, "")
+    except FloraError:
+        return None
+    same = isinstance(earlier.get("config"), dict) and earlier["config"].get("model") == model
+    return earlier if same else None
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.2%}" if isinstance(value, float) else str(value)
+
+
+def _pm(entry: dict[str, Any]) -> str:
+    """ "24.12% +- 1.27" (the stderr in percentage points), or "24.12% +- N/A"."""
+    stderr = entry["acc_stderr,none"]
+    spread = f"{stderr * 100:.2f}" if isinstance(stderr, float) else str(stderr)
+    return f"{entry['acc,none']:.2%} +- {spread}"
+
+
 def format_results(result: dict[str, Any], tasks: list[str]) -> str:
     """A short table of this evaluation's figures."""
-    lines = []
+    results, lines = result["results"], []
     if "heldout" in tasks:
-        held = result["heldout"]
+        held = results[HELDOUT]
         lines.append(
-            f"held-out  loss {held['loss']:.4f}  ppl {held['perplexity']:.2f}  "
-            f"({held['examples']} examples, {held['tokens']} tokens)"
+            f"held-out  loss {held['loss,none']:.4f}  ppl {held['perplexity,none']:.2f}  "
+            f"({held['sample_len']} examples, {held['tokens']} tokens)"
         )
         lines.append(f"  {'category':<24} {'loss':>8} {'ppl':>9} {'n':>5}")
-        for name, row in held["per_category"].items():
+        for name in result["group_subtasks"][HELDOUT]:
+            row = results[name]
             lines.append(
-                f"  {name:<24} {row['loss']:>8.4f} {row['perplexity']:>9.2f} {row['examples']:>5}"
+                f"  {row['alias']:<24} {row['loss,none']:>8.4f} {row['perplexity,none']:>9.2f} "
+                f"{row['sample_len']:>5}"
             )
     if "mmlu" in tasks:
-        mmlu = result["mmlu"]
-        per = mmlu["limit_per_subject"] or "all"
+        mmlu, speed = results["mmlu"], result["timings"]["mmlu"]
+        per = result["config"]["limit"] or "all"
         lines.append(
-            f"MMLU {mmlu['shots']}-shot  macro {mmlu['macro_accuracy']:.2%}  micro "
-            f"{mmlu['micro_accuracy']:.2%}  ({mmlu['questions']} questions, {per} per subject, "
-            f"{mmlu['questions_per_second']:.2f} q/s)"
+            f"MMLU {result['n-shot']['mmlu']}-shot  acc {_pm(mmlu)} (weighted by subject size)  "
+            f"macro {_pct(mmlu['acc_macro,none'])}  ({mmlu['sample_len']} questions, {per} per "
+            f"subject, {speed['questions_per_second']:.2f} q/s)"
         )
+        for group in result["group_subtasks"]["mmlu"]:
+            if group in result.get("groups", {}):
+                row = results[group]
+                lines.append(f"  {row['alias']:<16} {_pm(row):>18}  ({row['sample_len']})")
     if "samples" in tasks:
-        samples = result["samples"]
+        samples = results[SAMPLES]
         side = f" beside base {samples['base']}" if samples["base"] else ""
-        lines.append(f"samples   {samples['count']} MT-Bench answers{side} -> {samples['file']}")
+        count, file = samples["sample_len"], samples["file"]
+        lines.append(f"samples   {count} MT-Bench answers{side} -> {file}")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ letters, not its exact log-probs.
 Within a subject every prompt starts with the same header and shots, so their common token prefix
 runs once and its key/value cache is reused by every batch (mathematically the same logits,
 several times fewer tokens through the model). Prompts longer than the model's context lose
-shots from the left, then tokens from the left.
+shots from the left, then tokens from the left. The figures (weighted accuracy, standard
+errors, categories) are :mod:`flora.evaluation.mmlu_results`'.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from flora.devices import autocast_context
 from flora.errors import FloraError
 from flora.evaluation.mmlu_data import LETTERS, Question, format_prompt
+from flora.evaluation.mmlu_results import Score, group_scores, harness_results, summarize
 
 __all__ = [
     "MMLUResult",
@@ -40,7 +42,6 @@ __all__ = [
     "max_context",
     "score_mmlu",
     "score_prompts",
-    "summarize",
 ]
 
 
@@ -50,31 +51,23 @@ class MMLUResult:
     predictions: dict[str, list[int]]  # subject -> predicted choice per question, 0-3
     shots: int
     seconds: float  # prompt building + scoring, model loading excluded
-    summary: dict[str, float] = field(default_factory=dict)  # summarize(per_subject)
+    available: dict[str, int] = field(default_factory=dict)  # subject -> test questions, unlimited
 
-    def to_dict(self) -> dict[str, Any]:
-        questions = sum(total for _, total in self.per_subject.values())
-        return self.summary | {
-            "shots": self.shots,
-            "questions": questions,
-            "seconds": self.seconds,
-            "questions_per_second": questions / self.seconds if self.seconds > 0 else 0.0,
-            "per_subject": {
-                s: {"correct": c, "total": t, "accuracy": c / t}
-                for s, (c, t) in self.per_subject.items()
-            },
-        }
+    @property
+    def questions(self) -> int:
+        return sum(total for _, total in self.per_subject.values())
 
+    @property
+    def questions_per_second(self) -> float:
+        return self.questions / self.seconds if self.seconds > 0 else 0.0
 
-def summarize(per_subject: Mapping[str, tuple[int, int]]) -> dict[str, float]:
-    """Macro accuracy (mean over subjects) and micro accuracy (over all questions)."""
-    scored = {s: (c, t) for s, (c, t) in per_subject.items() if t > 0}
-    if not scored:
-        raise FloraError("MMLU: no question was scored; check --limit-per-subject and the data")
-    correct = sum(c for c, _ in scored.values())
-    total = sum(t for _, t in scored.values())
-    macro = sum(c / t for c, t in scored.values()) / len(scored)
-    return {"macro_accuracy": macro, "micro_accuracy": correct / total}
+    def scores(self) -> dict[str, Score]:
+        """``mmlu``, its categories and every subject (:func:`group_scores`)."""
+        return group_scores(self.per_subject)
+
+    def harness(self) -> dict[str, dict[str, Any]]:
+        """The lm-evaluation-harness results sections (:func:`harness_results`)."""
+        return harness_results(self.per_subject, self.available, self.shots)
 
 
 def letter_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -253,4 +246,6 @@ def score_mmlu(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    return MMLUResult(per_subject, predictions, shots, seconds, summarize(per_subject))
+    summarize(per_subject)  # FloraError when no question was scored
+    available = {subject: len(questions) for subject, questions in test.items()}
+    return MMLUResult(per_subject, predictions, shots, seconds, available)

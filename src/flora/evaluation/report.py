@@ -45,6 +45,13 @@ def _num(value: float | None, spec: str) -> str:
     return _DASH if value is None else format(value, spec)
 
 
+def _mmlu(run: RunSummary) -> str:
+    """ "24.1% ± 1.3" (the standard error in percentage points), or "24.1%" without one."""
+    if run.mmlu is None or run.mmlu_stderr is None:
+        return _num(run.mmlu, ".1%")
+    return f"{run.mmlu:.1%} ± {run.mmlu_stderr * 100:.1f}"
+
+
 def table_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
     """One row of COLUMNS per run, formatted."""
     return [
@@ -53,7 +60,7 @@ def table_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
             run.method,
             run.ranks,
             _num(run.final_loss, ".4f"),
-            _num(run.mmlu, ".1%"),
+            _mmlu(run),
             format_bytes(run.bytes_up),
             format_bytes(run.bytes_down),
             _DASH if run.seconds is None else f"{run.seconds:.0f} s",
@@ -135,9 +142,9 @@ def plot_runs(runs: Sequence[RunSummary], out: Path) -> list[Path]:
             runs,
             "mmlu_by_round",
             "round",
-            "MMLU macro accuracy by round (eval.mmlu)",
+            "MMLU accuracy by round (eval.mmlu)",
             out / "mmlu_round.png",
-            ylabel="MMLU macro accuracy",
+            ylabel="MMLU acc (weighted by subject size)",
         ),
     ]
     return [path for path in made if path is not None]
@@ -148,7 +155,9 @@ def _markdown(runs: Sequence[RunSummary], images: list[Path]) -> str:
     lines = ["# flora compare", "", "| " + " | ".join(COLUMNS) + " |"]
     lines.append("|" + "---|" * len(COLUMNS))
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    lines += ["", "MMLU: macro accuracy from RUN_DIR/eval/eval.json (`flora eval RUN_DIR`)."]
+    lines += ["", "MMLU: lm-evaluation-harness's `mmlu` accuracy (weighted by subject size) ± its "
+              "standard error in points, from RUN_DIR/eval/eval.json (`flora eval RUN_DIR`), "
+              "else the run's last `mmlu` row (eval.mmlu)."]  # fmt: skip
     lines += ["Bytes: sums over the client rows of metrics.jsonl.", ""]
     lines += [f"![{image.stem}]({image.name})\n" for image in images]
     return "\n".join(lines)

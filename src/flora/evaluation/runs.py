@@ -4,6 +4,8 @@ Reads config.json (method, ranks), metrics.jsonl (client rows: bytes; server row
 seconds, held-out loss when eval.every is set; eval rows: held-out loss before and after),
 summary.json (wall seconds) and, when `flora eval` has run, eval/eval.json (MMLU, per-category
 held-out loss). Without eval/eval.json, MMLU is the run's own last ``mmlu`` row (eval.mmlu).
+MMLU is lm-evaluation-harness's ``mmlu`` figure: accuracy weighted by subject size, with its
+standard error.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from flora.config import RANK_PROFILES
 from flora.errors import FloraError
+from flora.evaluation.results import HELDOUT, metric, read_eval
 from flora.metrics import read_metrics
 
 __all__ = ["RunSummary", "format_ranks", "summarize_run"]
@@ -26,7 +29,7 @@ class RunSummary:
     method: str
     ranks: str
     final_loss: float | None
-    mmlu: float | None  # macro accuracy: eval/eval.json, else the run's last mmlu row
+    mmlu: float | None  # weighted acc: eval/eval.json, else the run's last mmlu row
     bytes_up: int  # sum over client rows
     bytes_down: int
     seconds: float | None  # summary.json, else the sum of round_seconds
@@ -35,6 +38,7 @@ class RunSummary:
     loss_by_downlink: list[tuple[int, float]] = field(default_factory=list)  # cumulative bytes
     per_category: dict[str, float] = field(default_factory=dict)  # from eval/eval.json
     mmlu_by_round: list[tuple[int, float]] = field(default_factory=list)  # the run's mmlu rows
+    mmlu_stderr: float | None = None  # the standard error of ``mmlu`` (None: "N/A" or none)
 
 
 def format_ranks(ranks: list[int]) -> str:
@@ -101,13 +105,15 @@ def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
     if seconds is None and servers:
         seconds = sum(float(r.get("round_seconds") or 0.0) for r in servers)
     noises = [float(r["noise"]) for r in servers if r.get("noise") is not None]
-    evaluation = _read_json(run_dir / "eval" / "eval.json")
-    mmlu_rows = sorted((int(r["round"]), float(r["macro_accuracy"]))
-                       for r in rows if r.get("kind") == "mmlu")  # fmt: skip
-    mmlu = evaluation.get("mmlu", {}).get("macro_accuracy")
+    evaluation = read_eval(run_dir / "eval" / "eval.json", f"re-run `flora eval {run_dir}`")
+    mmlu_rows = [r for r in rows if r.get("kind") == "mmlu"]
+    mmlu = metric(evaluation, "mmlu", "acc")
+    stderr = metric(evaluation, "mmlu", "acc_stderr")
     if mmlu is None and mmlu_rows:
-        mmlu = mmlu_rows[-1][1]
-    per_category = evaluation.get("heldout", {}).get("per_category", {})
+        mmlu, stderr = _row_acc(run_dir, mmlu_rows[-1]), mmlu_rows[-1].get("acc_stderr")
+    results = evaluation.get("results", {})
+    per_category = {results[n]["alias"]: results[n]["loss,none"]
+                    for n in evaluation.get("group_subtasks", {}).get(HELDOUT, [])}  # fmt: skip
     by_round, by_bytes = _curves(rows)
     federation = config.get("federation", {})
     return RunSummary(
@@ -122,6 +128,17 @@ def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
         noise=sum(noises) / len(noises) if noises else None,
         loss_by_round=by_round,
         loss_by_downlink=by_bytes,
-        per_category={k: float(v["loss"]) for k, v in per_category.items()},
-        mmlu_by_round=mmlu_rows,
+        per_category={k: float(v) for k, v in per_category.items()},
+        mmlu_by_round=sorted((int(r["round"]), _row_acc(run_dir, r)) for r in mmlu_rows),
+        mmlu_stderr=float(stderr) if mmlu is not None and stderr is not None else None,
     )
+
+
+def _row_acc(run_dir: Path, row: dict[str, Any]) -> float:
+    """An mmlu row's weighted accuracy; rows written before flora followed the harness call it
+    ``micro_accuracy`` (correct over questions: the same figure)."""
+    value = row.get("acc", row.get("micro_accuracy"))
+    if not isinstance(value, int | float):
+        where = f"{run_dir}/metrics.jsonl: the mmlu row of round {row.get('round')}"
+        raise FloraError(f"{where} has no acc; leave this run out")
+    return float(value)
