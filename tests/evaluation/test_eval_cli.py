@@ -1,5 +1,5 @@
-"""`flora eval` end to end on a tiny run, eval.json in lm-evaluation-harness's shape, and its
-one-line errors."""
+"""`flora eval` end to end on a tiny run, eval.json in lm-evaluation-harness's shape, its
+options' defaults, and its one-line errors."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def tiny_run(tmp_path_factory) -> Path:
         (["eval", "{tmp}", "--tasks", ""], "unknown task"),
         (["eval", "{tmp}"], "neither a flora run directory nor a model checkpoint"),
         (["eval", "smollm2", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["eval", "smollm2", "--limit-per-subject", "0"], "(--full scores every question)"),
         (["compare", "{tmp}/no-such-run"], "no such run directory"),
         (["compare", "{tmp}"], "no metrics.jsonl"),
     ],
@@ -110,3 +111,50 @@ def test_an_eval_json_of_the_old_shape_is_replaced(tiny_run, tmp_path):
     # Assert
     result = json.loads((out / "eval.json").read_text())
     assert "mmlu" not in result and "flora_heldout" in result["results"]
+
+
+def test_help_shows_every_default(capsys):
+    # Execute
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    # Assert: each option's help, joined across its wrapped lines, names its default
+    text = capsys.readouterr().out
+    options = text[text.index("options:") :].split("\n  -")[1:]
+    assert len(options) == 13, options
+    for option in options:
+        if not option.startswith("h, --help"):
+            assert "(default: " in " ".join(option.split()), option
+    flat = " ".join(text.split())
+    assert "(default: 20)" in flat and "--full" in flat and "(1,140 of 14,042" in flat
+
+
+def _captured_options(monkeypatch, argv):
+    """The EvalOptions `flora eval ARGV` hands to evaluate, nothing evaluated."""
+    import flora.evaluation
+
+    seen = []
+
+    def fake(target, options, out, *, quiet):
+        seen.append(options)
+        return {"config": {"model": target.model, "precision": "fp32", "device": "cpu"}}
+
+    monkeypatch.setattr(flora.evaluation, "evaluate", fake)
+    monkeypatch.setattr(flora.evaluation, "format_results", lambda result, tasks: "")
+    assert main(["eval", "tiny-llama", "--tasks", "mmlu", *argv]) == 0
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "limit"),
+    [([], 20), (["--full"], 0), (["--limit-per-subject", "3"], 3)],
+)
+def test_mmlu_is_limited_to_20_a_subject_unless_full(monkeypatch, tmp_path, argv, limit):
+    options = _captured_options(monkeypatch, [*argv, "--out", str(tmp_path)])
+    assert options.limit_per_subject == limit
+
+
+def test_full_and_a_limit_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "smollm2", "--full", "--limit-per-subject", "5"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

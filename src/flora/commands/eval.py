@@ -9,7 +9,10 @@ from flora.errors import FloraError
 
 __all__ = ["add_parser", "run"]
 
-_HELP = """\
+DEFAULT_LIMIT_PER_SUBJECT = 20  # see the help text: 1,140 questions, stderr ~1.3 points
+
+_N = DEFAULT_LIMIT_PER_SUBJECT
+_HELP = f"""\
 Evaluate a finished run (RUN_DIR/final/model) or a model (a checkpoint directory, a hub id, or
 smollm2 / tiny-llama). Results go to OUT/eval.json in lm-evaluation-harness's results shape
 (merged with an earlier eval of the same model) and a short table is printed.
@@ -22,6 +25,12 @@ tasks:
            standard error; also its 4 categories, each subject, and the mean over subjects
   samples  greedy answers to the first MT-Bench questions; for a run, beside the base model's
            (OUT/samples.json): flora_samples
+
+MMLU scores the first {_N} test questions of each of the 57 subjects by default ({57 * _N:,} of
+14,042, as the harness's --limit {_N} does; the headline's standard error is then near 1.3
+points at 25-35% accuracy); --full scores all of them (~2.5 h for SmolLM2-135M on a 2-core
+CPU). Every subject has at least 100 test questions, so with a limit of 100 or less each subject
+weighs the same and the weighted and macro figures are equal.
 """
 
 
@@ -37,11 +46,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--tasks", default="heldout,mmlu,samples", help="comma-separated (default: %(default)s)"
     )
     parser.add_argument("--out", help="output directory (default: RUN_DIR/eval or ./eval-NAME)")
-    parser.add_argument(
-        "--limit-per-subject", type=int, default=0, help="MMLU questions per subject (0: all)"
+    limit = parser.add_mutually_exclusive_group()
+    limit.add_argument(
+        "--limit-per-subject",
+        type=int,
+        default=DEFAULT_LIMIT_PER_SUBJECT,
+        help="MMLU test questions per subject, the first N (default: %(default)s)",
     )
-    parser.add_argument("--shots", type=int, default=5, help="MMLU dev examples in the prompt")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    limit.add_argument(
+        "--full", action="store_true", help="MMLU: every test question, 14,042 (default: off)"
+    )
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=5,
+        help="MMLU dev examples in the prompt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)"
+    )
     parser.add_argument(
         "--precision",
         help="fp32, bf16, fp16 or auto (default: the run's train.precision, else fp32)",
@@ -50,12 +73,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--device",
         help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device, else auto)",
     )
-    parser.add_argument("--num-samples", type=int, default=10, help="MT-Bench questions answered")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="per sample answer")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=10,
+        help="MT-Bench questions answered (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="per sample answer (default: %(default)s)"
+    )
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's; 1 can win on busy CPUs)"
     )
-    parser.add_argument("--quiet", action="store_true", help="print only the table")
+    parser.add_argument("--quiet", action="store_true", help="print only the table (default: off)")
     parser.set_defaults(handler=run)
 
 
@@ -63,9 +93,11 @@ def run(args: argparse.Namespace) -> int:
     from flora.evaluation import EvalOptions, evaluate, format_results, parse_tasks, resolve_target
 
     tasks = parse_tasks(args.tasks)
-    for name in ("limit_per_subject", "shots", "num_samples"):
+    for name in ("shots", "num_samples"):
         if getattr(args, name) < 0:
             raise FloraError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.limit_per_subject < 1:
+        raise FloraError("--limit-per-subject must be >= 1 (--full scores every question)")
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise FloraError(f"--{name.replace('_', '-')} must be >= 1")
@@ -79,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else target.default_out()
     options = EvalOptions(
         tasks=tasks,
-        limit_per_subject=args.limit_per_subject,
+        limit_per_subject=0 if args.full else args.limit_per_subject,
         shots=args.shots,
         batch_size=args.batch_size,
         precision=args.precision,
