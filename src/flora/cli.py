@@ -1,4 +1,4 @@
-"""flora's command line: `flora aggregate | run | eval | compare ...`."""
+"""flora's command line: `flora aggregate | run | eval | compare | configs ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from flora import __version__
-from flora.commands import aggregate, compare, flower_worker, run
+from flora.commands import aggregate, compare, configs, flower_worker, run
 from flora.commands import eval as eval_command
 from flora.errors import FloraError
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(subparsers)
     eval_command.add_parser(subparsers)
     compare.add_parser(subparsers)
+    configs.add_parser(subparsers)
     flower_worker.add_parser(subparsers)
     return parser
 

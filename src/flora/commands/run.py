@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from flora.config import RunConfig, load_config
 from flora.errors import FloraError
+from flora.packaged import config_path
 
 if TYPE_CHECKING:
     from flora.outputs import RunResult
@@ -26,7 +27,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "their data partitions, the server aggregates with the configured method, every round is "
         "checkpointed. Results: RUN_DIR/{config.json, metrics.jsonl, checkpoints/, final/}.",
     )
-    parser.add_argument("config", nargs="?", help="TOML config, e.g. configs/default.toml")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help="TOML config: a path, or a shipped config's name (`flora configs list`), e.g. tiny",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -77,11 +82,12 @@ def run(args: argparse.Namespace) -> int:
         result = simulate(config, run_dir, resume=True, quiet=args.quiet)
     else:
         if not args.config:
-            raise FloraError("give a CONFIG.toml (see configs/) or --resume RUN_DIR")
+            raise FloraError("give a CONFIG.toml or a shipped config's name (`flora configs "
+                             "list`), or --resume RUN_DIR")  # fmt: skip
         if args.rounds is not None:
             raise FloraError("--rounds extends a run: use it with --resume RUN_DIR (for a new "
                              "run, --set federation.rounds=N)")  # fmt: skip
-        config = load_config(args.config, args.overrides)
+        config = load_config(config_path(args.config), args.overrides)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{stamp}")
         result = simulate(config, run_dir, quiet=args.quiet)

@@ -3,7 +3,8 @@
 Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
 ``flwr run ... --run-config "config='/abs/tiny.toml' run-dir='/abs/runs/x'"``):
 
-- ``config``: the flora TOML (relative paths resolve against the SuperLink's working dir)
+- ``config``: the flora TOML (relative paths resolve against the SuperLink's working dir), or
+  a shipped config's name (default ``tiny``; ``flora configs list``)
 - ``set``: dotted overrides separated by ``;``, e.g. ``"federation.rounds=3;train.lr=1e-3"``
 - ``run-dir``: where config.json, metrics.jsonl, checkpoints/ and final/ go
 - ``state-dir``: the nodes' state (read by the ClientApp; a node's own node config wins)
@@ -46,6 +47,7 @@ from flora.flower.records import config_json, node_from_content
 from flora.flower.strategy import FloraStrategy
 from flora.io import atomic_write_json
 from flora.outputs import RunResult, finished
+from flora.packaged import config_path
 
 __all__ = ["app", "discover_partitions", "make_server_app", "run_server"]
 
@@ -94,7 +96,7 @@ def _settings(run_config: UserConfig) -> tuple[RunConfig, Path]:
     if not path:
         raise FloraError("run config 'config' is empty; pass --run-config 'config=\"PATH.toml\"'")
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    return load_config(path, overrides), Path(run_dir)
+    return load_config(config_path(path), overrides), Path(run_dir)
 
 
 def _run_key(run_dir: Path, resume: bool) -> str:
