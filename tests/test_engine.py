@@ -116,7 +116,7 @@ def test_methods_with_a_global_lora_save_a_peft_adapter(tmp_path, method, ranks)
     ]
     run_dir = tmp_path / method
     simulation.run(load_config(TINY, overrides), run_dir, quiet=True)
-    base = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "model")
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "base")  # the original
     PeftModel.from_pretrained(base, run_dir / "final" / "adapter")
     assert all(r["bytes_down"] > 0 for r in _rows(run_dir, "client"))
     config = json.loads((run_dir / "final" / "adapter" / "adapter_config.json").read_text())
@@ -217,3 +217,22 @@ def test_the_data_row_counts_what_truncation_kept(tiny_run):
     trained = {r["client"]: r["examples"] for r in clients if r["round"] == 1}
     kept = sum(c["whole"] + c["shortened"] for c in row["train"].values())
     assert sum(trained.values()) == kept
+
+
+def test_config_json_records_what_the_settings_resolved_to(tiny_run):
+    saved = json.loads((tiny_run / "config.json").read_text())
+    assert saved["lora"]["ranks"] == [8, 4, 2]
+    assert saved["model"]["target_modules"]  # the architecture's defaults, written out
+    recorded = saved["recorded"]
+    assert recorded["device"] == "cpu" and recorded["precision"] == "fp32"
+    assert set(recorded["versions"]) >= {"torch", "transformers", "peft", "flwr", "flora-lora"}
+    assert recorded["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def test_a_rank_profile_is_written_out(tmp_path):
+    config = load_config(TINY, ["lora.ranks='hetero-3'", "federation.rounds=1", "threads=1",
+                                "train.max_steps=1", "eval.samples=0"])  # fmt: skip
+    assert config.lora.ranks == "hetero-3"
+    simulation.run(config, tmp_path / "run", quiet=True)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["lora"]["ranks"] == [16, 8, 4]

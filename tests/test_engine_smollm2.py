@@ -30,3 +30,29 @@ def test_smollm2_round_on_dolly_lowers_the_heldout_loss(tmp_path):
     server = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "server"]
     assert server[0]["global_rank"] == 12 and server[0]["noise"] < 1e-5
     assert (tmp_path / "run" / "final" / "model" / "model.safetensors").is_file()
+
+
+def test_the_smollm2_adapter_loads_onto_the_real_base(tmp_path):
+    """final/adapter names the packaged SmolLM2 checkpoint; AutoPeftModelForCausalLM loads it
+    and gives final/model's logits."""
+    import json
+
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from flora.models import smollm2_checkpoint
+
+    overrides = ["federation.num_clients=2", "lora.ranks=[8, 4]", "federation.rounds=1",
+                 "data.limit=100", "data.heldout=8", "train.max_steps=2", "train.lr=1e-3",
+                 "eval.samples=0", "threads=1", "train.precision='fp32'"]  # fmt: skip
+    run(load_config("configs/default.toml", overrides), tmp_path / "run", quiet=True)
+    adapter = tmp_path / "run" / "final" / "adapter"
+    declared = json.loads((adapter / "adapter_config.json").read_text())
+    assert declared["base_model_name_or_path"] == str(smollm2_checkpoint().resolve())
+    ids = torch.arange(100, 132).reshape(2, 16)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
+        want = merged(input_ids=ids).logits
+        got = AutoPeftModelForCausalLM.from_pretrained(adapter)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -30,6 +30,7 @@ __all__ = [
     "PRECISIONS",
     "QUANTIZATIONS",
     "RANK_PROFILES",
+    "RECORDED",
     "DataConfig",
     "EvalConfig",
     "FederationConfig",
@@ -176,8 +177,8 @@ class LoraSpec:
 @dataclass
 class FederationConfig:
     method: str = "flora"  # any name in flora.aggregation.METHODS
-    num_clients: int = 10
-    rounds: int = 2
+    num_clients: int = 10  # clients in the federation; lora.ranks gives each its rank
+    rounds: int = 2  # each round samples clients, trains them locally and aggregates
     fraction: float = 1.0  # share of clients sampled each round
     min_clients: int = 1  # at least this many per round
     centralized: bool = False  # baseline: all training data on one client of rank max(ranks)
@@ -281,13 +282,13 @@ def _check(ok: bool, name: str, value: object, expected: str) -> None:
 @dataclass
 class EvalConfig:
     every: int = 0  # held-out loss every N rounds (0: only before and after)
-    batch_size: int = 8
+    batch_size: int = 8  # examples per forward pass for the held-out loss and MMLU
     samples: int = 1  # answers generated before and after for the first N held-out prompts
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # the length limit of each generated sample answer
     mmlu: bool = False  # k-shot MMLU of the global model before round 1 and after the last
     mmlu_every: int = 0  # ... and every N rounds (0: only before and after)
     mmlu_limit_per_subject: int = 10  # questions per subject (0: all 14,042)
-    mmlu_shots: int = 5
+    mmlu_shots: int = 5  # worked examples (from MMLU's dev split) before each question
 
     def __post_init__(self) -> None:
         _need(self.every >= 0, "eval.every", self.every, ">= 0")
@@ -360,6 +361,13 @@ class FlowerConfig:
 
 
 @dataclass
+class OutputConfig:
+    # final/model: the base with the whole update merged, a full copy of the model (517 MB at
+    # 135M, about 28 GB at 7B); false: final/adapter only, which PEFT loads onto the base
+    model: bool = True
+
+
+@dataclass
 class RunConfig:
     seed: int = 0  # all randomness (split, partition, sampling, init, data order) derives from it
     threads: int = 0  # torch CPU threads (0: torch's default); 1 is faster on a busy machine
@@ -371,6 +379,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
         _need(self.threads >= 0, "threads", self.threads, ">= 0 (0: torch's default)")
@@ -465,6 +474,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise FloraError(message) from None
 
 
+RECORDED = "recorded"
+"""config.json's block of what a run resolved (device, precision) and library versions."""
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig from nested dicts (TOML or JSON)."""
     return typing.cast(RunConfig, _build(RunConfig, data, ""))
@@ -488,6 +501,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise FloraError(f"{run_dir}: no config.json; is it a flora run directory?")
     data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop(RECORDED, None)  # what the settings resolved to, and versions: not settings
     federation = data.get("federation", {})
     if "tau" in federation or "weighting" in federation:  # written before federation.options
         method = METHODS.get(str(federation.get("method")))

@@ -22,9 +22,10 @@ from flora.checkpoint import Checkpoint, latest_round, load_checkpoint
 from flora.client import ClientData, ClientResult, evaluate_model
 from flora.config import RunConfig, config_fingerprint
 from flora.data.federated import FederatedData, run_data
+from flora.devices import resolve_device, resolve_precision
 from flora.errors import FloraError
 from flora.evaluation.during_run import mmlu_row
-from flora.models import load_run_model, run_precision, with_default_targets
+from flora.models import load_run_model, resolved_config, run_precision
 from flora.outputs import RunOutputs, RunResult
 from flora.protocol import ClientTask
 from flora.server import RoundOutcome, Server
@@ -82,9 +83,15 @@ class RunCore:
         device: str | None = None,
     ) -> None:
         """``device`` places the server's model (None: ``train.device``)."""
-        config = with_default_targets(config)  # the architecture's targets, in config.json too
+        config = resolved_config(config)  # targets and ranks written out, in config.json too
         self.config = config
-        self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint)
+        where = resolve_device(device or config.train.device, "train.device")
+        recorded = {
+            "device": str(where),
+            "precision": resolve_precision(config.train.precision, where, config.model.dtype),
+        }
+        self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint,
+                                       recorded=recorded)  # fmt: skip
         try:
             self.checkpoint: Checkpoint | None = None
             if resume and latest_round(run_dir) > 0:
@@ -164,5 +171,10 @@ class RunCore:
     def finish(self, seconds: float, runtime: str) -> RunResult:
         """final/model, final/adapter and summary.json."""
         return self.outputs.finish(
-            self.model.model, self.model.tokenizer, self.server.global_lora, seconds, runtime
+            self.model.model,
+            self.model.tokenizer,
+            self.server.global_lora,
+            self.server.history,
+            seconds,
+            runtime,
         )

@@ -9,7 +9,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "directory_mode", "file_mode"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: 0o666 less the process's umask
+    (mkstemp's own files are 0o600 whatever the umask)."""
+    return 0o666 & ~_umask()
+
+
+def directory_mode() -> int:
+    """The mode ``mkdir`` would give a new directory: 0o777 less the umask (mkdtemp: 0o700)."""
+    return 0o777 & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -22,6 +39,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
+            os.fchmod(handle.fileno(), file_mode())
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:

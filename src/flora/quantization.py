@@ -27,7 +27,7 @@ from flora.errors import FloraError
 
 __all__ = ["load_quantized", "require_bitsandbytes"]
 
-_INSTALL = "pip install 'bitsandbytes>=0.46.1' (or the flora[quant] extra)"
+_INSTALL = "pip install 'bitsandbytes>=0.46.1' (or the flora-lora[quant] extra)"
 
 
 def require_bitsandbytes(device: torch.device, bits: int = 4) -> ModuleType:

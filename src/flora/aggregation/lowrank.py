@@ -15,9 +15,11 @@ import torch
 from flora.adapters import LoraFactors
 
 __all__ = [
+    "exact_refactor",
     "fold",
     "frobenius",
     "lowrank_svd",
+    "numerical_rank",
     "stack",
     "stacked",
     "svd_truncate",
@@ -120,3 +122,17 @@ def frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
     gram_A = A64 @ A64.T  # (R, R)
     squared = float((gram_B * gram_A).sum())  # trace(G_B G_A) with both symmetric
     return max(squared, 0.0) ** 0.5
+
+
+def numerical_rank(S: torch.Tensor, rtol: float = 1e-7) -> int:
+    """Singular values above ``rtol`` of the largest (at least 1, so a zero update keeps a
+    zero component and a shape)."""
+    if not S.numel() or S[0] <= 0:
+        return 1
+    return max(1, int((S[0] * rtol < S).sum()))
+
+
+def exact_refactor(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> LoraFactors:
+    """B @ A re-factored at its numerical rank through :func:`lowrank_svd` (scaling 1)."""
+    U, S, Vh = lowrank_svd(B, A)
+    return svd_truncate(U, S, Vh, numerical_rank(S), dtype)

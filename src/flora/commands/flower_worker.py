@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         from flora.flower.worker import serve
     except ImportError as error:
         raise FloraError(
-            f"flower-worker needs Flower ({error}); install flora with pip install 'flora[flower]'"
+            f"flower-worker needs Flower ({error}); pip install 'flora-lora[flower]'"
         ) from None
     if args.threads < 0:
         raise FloraError(f"--threads must be >= 0, got {args.threads}")

@@ -1,0 +1,86 @@
+"""Every run leaves a PEFT adapter: loaded onto the original base with PeftModel /
+AutoPeftModelForCausalLM, it gives final/model's outputs (flora.export, outputs.save_final)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM
+
+from flora import simulation
+from flora.adapters import LoraFactors
+from flora.config import load_config
+from flora.export import cumulative_adapter
+from flora.protocol import RoundUpdate
+
+TINY = "configs/tiny.toml"
+FAST = ["train.max_steps=2", "eval.samples=0", "data.limit=60", "data.heldout=8",
+        "data.max_length=64", "threads=1"]  # fmt: skip
+
+
+def _factors(rank: int, out: int = 6, inp: int = 5, scaling: float = 1.0) -> LoraFactors:
+    return LoraFactors(torch.randn(rank, inp), torch.randn(out, rank), scaling)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_cumulative_update_is_exact(residual):
+    torch.manual_seed(0)
+    history = [
+        RoundUpdate(t, {"m": _factors(r)}, {"m": torch.randn(6, 5)} if residual else None)
+        for t, r in ((1, 2), (2, 3))
+    ]
+    lora = {"m": _factors(1, scaling=0.5)}
+    (out,) = cumulative_adapter(history, lora).values()  # type: ignore[union-attr]
+    want = sum(u.deltas()["m"] for u in history) + lora["m"].delta()
+    torch.testing.assert_close(out.delta(), want, rtol=0, atol=1e-5)
+    assert out.scaling == 1.0
+    assert out.rank == 5  # min(6, 5): the sum is full rank, with or without the residual
+
+
+def test_a_low_rank_sum_keeps_its_numerical_rank():
+    torch.manual_seed(1)
+    shared = _factors(2, out=40, inp=30)
+    history = [RoundUpdate(t, {"m": shared}) for t in (1, 2, 3)]  # the same rank-2 update thrice
+    (out,) = cumulative_adapter(history, None).values()  # type: ignore[union-attr]
+    assert out.rank == 2
+    torch.testing.assert_close(out.delta(), 3 * shared.delta(), rtol=0, atol=1e-4)
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(1, 33).reshape(2, 16)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+METHODS = [("flora", [8, 4, 2]), ("fedex-lora", [4, 4, 4]), ("fedit", [4, 4, 4]),
+           ("zero-padding", [8, 4, 2])]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "ranks"), METHODS)
+def test_the_adapter_on_the_original_base_gives_the_final_model(tmp_path, method, ranks):
+    run_dir = tmp_path / method
+    config = load_config(TINY, [*FAST, f"federation.method='{method}'", f"lora.ranks={ranks}"])
+    simulation.run(config, run_dir, quiet=True)
+    adapter = run_dir / "final" / "adapter"
+    declared = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(declared["base_model_name_or_path"]) == (run_dir / "final" / "base").resolve()
+    merged = _logits(AutoModelForCausalLM.from_pretrained(run_dir / "final" / "model"))
+    base = AutoModelForCausalLM.from_pretrained(declared["base_model_name_or_path"])
+    plain = _logits(base)
+    loaded = _logits(PeftModel.from_pretrained(base, adapter))
+    auto = _logits(AutoPeftModelForCausalLM.from_pretrained(adapter))
+    assert (merged - plain).abs().max() > 1e-4  # the run changed the model
+    torch.testing.assert_close(loaded, merged, rtol=0, atol=2e-5)
+    torch.testing.assert_close(auto, merged, rtol=0, atol=2e-5)
+
+
+def test_final_model_is_optional(tmp_path):
+    config = load_config(TINY, [*FAST, "output.model=false", "federation.rounds=1"])
+    simulation.run(config, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run" / "final" / "model").exists()
+    assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "summary.json").is_file()
