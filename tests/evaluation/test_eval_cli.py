@@ -63,6 +63,22 @@ def test_eval_of_a_run_reproduces_its_final_heldout_loss(tiny_run, capsys):
     assert "held-out  loss" in capsys.readouterr().out
 
 
+def test_a_run_without_final_model_is_evaluated_from_its_adapter(tmp_path):
+    """output.model = false: flora eval merges final/adapter into the run's base, and finds the
+    run's own final held-out loss."""
+    run_dir = tmp_path / "run"
+    overrides = ["federation.rounds=1", "train.max_steps=2", "eval.samples=0", "output.model=false"]
+    args = ["run", TINY, "--out", str(run_dir), "--quiet"]
+    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+    assert not (run_dir / "final" / "model").exists()
+    assert main(["eval", str(run_dir), "--tasks", "heldout", "--quiet"]) == 0
+    result = json.loads((run_dir / "eval" / "eval.json").read_text())
+    final = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("final"))
+    assert result["results"]["flora_heldout"]["loss,none"] == pytest.approx(
+        final["heldout_loss"], rel=1e-5
+    )
+
+
 def test_eval_mmlu_and_samples_merge_into_eval_json(tiny_run, tmp_path, torch_single_thread):
     if find_shared_data("mmlu/dev/abstract_algebra_dev.csv") is None:
         pytest.skip("shared MMLU copy not found (set FLORA_DATA_DIR)")

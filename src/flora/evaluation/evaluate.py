@@ -56,6 +56,7 @@ class Target:
     model: str  # what load_model is given
     config: RunConfig  # the run's config, or the defaults for a plain model
     run_dir: Path | None = None
+    adapter: Path | None = None  # a run without final/model: its final/adapter, merged on load
 
     def default_out(self) -> Path:
         return self.run_dir / "eval" if self.run_dir else Path(f"eval-{self.name}")
@@ -86,9 +87,13 @@ def resolve_target(spec: str) -> Target:
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "metrics.jsonl").is_file():
         config = load_run_config(path)
-        if not (path / "final" / "model" / "config.json").is_file():
-            raise FloraError(f"{path}: the run has no final/model yet; finish it with --resume")
-        return Target(path.resolve().name, str(path / "final" / "model"), config, path)
+        name, final = path.resolve().name, path / "final"
+        if (final / "model" / "config.json").is_file():
+            return Target(name, str(final / "model"), config, path)
+        if (final / "adapter" / "adapter_config.json").is_file():  # output.model = false
+            return Target(name, config.model.name, config, path, adapter=final / "adapter")
+        raise FloraError(f"{path}: the run has no final/model or final/adapter yet; finish it "
+                         "with flora run --resume")  # fmt: skip
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FloraError(f"{path}: neither a flora run directory nor a model checkpoint")
@@ -116,6 +121,10 @@ def evaluate(
     model, tokenizer = load_model(
         target.model, precision=precision, seed=config.seed, device=device
     )
+    if target.adapter is not None:  # the run's base plus its whole update
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, target.adapter).merge_and_unload()
     pad_id = int(tokenizer.pad_token_id)
     sections: list[dict[str, dict[str, Any]]] = []
     timings: dict[str, dict[str, float]] = {}
