@@ -50,6 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="with --resume: run until round N (extends a finished run)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config and print it resolved, the client data table and the bytes each "
+        "round sends per client, then exit without training or writing anything",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     parser.add_argument(
         "--runtime",
@@ -66,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from flora.outputs import finished
     from flora.simulation import run as simulate
 
+    if args.dry_run:
+        return _dry_run(args)
     if args.runtime == "flower-sim":
         simulate = _flower_sim()
     if args.resume:
@@ -87,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if args.rounds is not None:
             raise FloraError("--rounds extends a run: use it with --resume RUN_DIR (for a new "
                              "run, --set federation.rounds=N)")  # fmt: skip
-        config = load_config(config_path(args.config), args.overrides)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{stamp}")
+        config, run_dir = _new_run(args)
         result = simulate(config, run_dir, quiet=args.quiet)
     print(f"\nresults in {result.run_dir}/ (metrics.jsonl, final/model, checkpoints/)")
     print(
@@ -100,6 +106,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nprompt: {sample['instruction']}")
         print(f"before: {sample['before']}")
         print(f"after:  {sample['after']}")
+    return 0
+
+
+def _new_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """A new run's validated config and its run directory."""
+    config = load_config(config_path(args.config), args.overrides)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return config, Path(args.out or f"runs/{Path(args.config).stem}-{stamp}")
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from flora.dry_run import dry_run
+
+    if args.resume or args.rounds is not None:
+        raise FloraError("--dry-run checks a new run's config: drop --resume and --rounds")
+    if not args.config:
+        raise FloraError("--dry-run needs a CONFIG.toml or a shipped config's name")
+    config, run_dir = _new_run(args)
+    print(dry_run(config, run_dir))
     return 0
 
 
