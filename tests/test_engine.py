@@ -184,11 +184,10 @@ def test_a_larger_client_joining_later_gets_its_full_rank(tmp_path, method):
 def test_the_loss_curve_is_pinned(tmp_path):
     """The tiny run's logged losses equal the stored ones (rtol 1e-5), as torchtune's recipe
     tests pin theirs: a refactor that changes the numbers fails here, loudly. The values were
-    written by the run before the round-core refactor (tests/expected_tiny_losses.json), which
-    truncated examples at their end (data.truncation = "end" now)."""
+    written when partitioning moved to flwr-datasets (tests/expected_tiny_losses.json says
+    from which commit); the values before held from the round-core refactor until then."""
     tiny_run = tmp_path / "tiny"
-    assert main(["run", TINY, "--set", 'data.truncation="end"', "--out", str(tiny_run),
-                 "--quiet"]) == 0  # fmt: skip
+    assert main(["run", TINY, "--out", str(tiny_run), "--quiet"]) == 0
     expected = json.loads((Path(__file__).parent / "expected_tiny_losses.json").read_text())
     train = [[r["round"], r["client"], r["train_loss"]] for r in _rows(tiny_run, "client")]
     heldout = [[r["round"], r["heldout_loss"]] for r in _rows(tiny_run, "eval")]

@@ -115,7 +115,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "dolly"  # "dolly" (shared copy, else the hub), a .json/.jsonl path, or a hub id
+    # "dolly" (shared copy, else the hub), a .json/.jsonl/.csv/.parquet file, or a hub id
+    source: str = "dolly"
+    subset: str = ""  # the hub dataset's subset (config name); "" for none
+    split: str = "train"  # the hub dataset's split
+    # flora's fields -> the dataset's columns, e.g. {instruction = "question", response =
+    # "answer"} or {messages = "conversation"}; empty: detect flora/Dolly, Alpaca or chat
+    fields: dict[str, str] = field(default_factory=dict)
     template: str = "chat"  # "chat" (the tokenizer's chat template) or "alpaca"
     max_length: int = 256  # tokens per example (prompt and response)
     # a longer example keeps this many answer tokens (all, if fewer): its context is cut first,
@@ -124,10 +130,15 @@ class DataConfig:
     truncation: str = "keep-answer"  # or "end"
     limit: int = 0  # use a seeded random subset of this many rows (0: all)
     heldout: int = 200  # held-out examples for the loss before/after (seeded split)
-    partition: str = "iid"  # "iid", "dirichlet" (over label_column) or "shards"
-    label_column: str = "category"
+    # flwr-datasets' partitioners: "iid", "dirichlet", "shards" and "pathological" (over
+    # label_column), "natural-id" (one client per value of natural_id_column)
+    partition: str = "iid"
+    label_column: str = "category"  # any column; rows without one get the label "all"
     dirichlet_alpha: float = 0.5
+    min_partition_size: int = 1  # dirichlet: draw again until every client has this many rows
     shards_per_client: int = 2
+    classes_per_client: int = 2  # pathological: labels per client
+    natural_id_column: str = ""  # natural-id: e.g. "user_id" (one client per user)
 
     def __post_init__(self) -> None:
         _need(self.template in TEMPLATES, "data.template", self.template, f"one of {TEMPLATES}")
@@ -145,6 +156,13 @@ class DataConfig:
         _need(self.partition in SCHEMES, "data.partition", self.partition, f"one of {SCHEMES}")
         _need(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "> 0")
         _need(self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, ">= 1")
+        _need(self.min_partition_size >= 0, "data.min_partition_size", self.min_partition_size,
+              ">= 0")  # fmt: skip
+        _need(self.classes_per_client >= 1, "data.classes_per_client", self.classes_per_client,
+              ">= 1")  # fmt: skip
+        _need(self.partition != "natural-id" or bool(self.natural_id_column),
+              "data.natural_id_column", self.natural_id_column,
+              "a column name with data.partition = 'natural-id'")  # fmt: skip
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Partitions across clients: coverage, determinism, skew, and the held-out split."""
+"""Partitions across clients (flwr-datasets' partitioners behind flora's seeding): coverage,
+determinism, skew, natural ids, one-line errors, and the held-out split."""
 
 from __future__ import annotations
 
@@ -7,46 +8,49 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from flora.data import (
-    SCHEMES,
-    client_table,
-    partition,
-    partition_dirichlet,
-    partition_iid,
-    partition_shards,
-    split_heldout,
-)
+from flora.data import SCHEMES, client_table, partition, split_heldout
 from flora.errors import FloraError
 
 # 8 labels of unequal sizes, like Dolly's categories, in sorted order like Dolly's file
 SIZES = {"a": 300, "b": 180, "c": 170, "d": 140, "e": 140, "f": 120, "g": 100, "h": 50}
 LABELS = [label for label, size in SIZES.items() for _ in range(size)]
+USERS = [f"user{i % 7}" for i in range(len(LABELS))]  # natural ids: 7 users
+BY_LABEL = [s for s in SCHEMES if s != "natural-id"]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize(("num_clients", "seed"), [(1, 0), (5, 1), (10, 7), (40, 3)])
+def split(scheme: str, num_clients: int, seed: int, **options: object) -> list[list[int]]:
+    natural = {"natural_ids": USERS} if scheme == "natural-id" else {}
+    return partition(LABELS, scheme=scheme, num_clients=num_clients, seed=seed, **natural,
+                     **options)  # type: ignore[arg-type]  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", BY_LABEL)
+@pytest.mark.parametrize(("num_clients", "seed"), [(2, 0), (5, 1), (10, 7), (40, 3)])
 def test_every_index_exactly_once(scheme: str, num_clients: int, seed: int) -> None:
-    parts = partition(LABELS, scheme=scheme, num_clients=num_clients, seed=seed, alpha=1.0)
+    options = {"classes_per_client": 8} if scheme == "pathological" else {"alpha": 1.0}
+    parts = split(scheme, num_clients, seed, **options)
 
     assert len(parts) == num_clients
     assert sorted(i for part in parts for i in part) == list(range(len(LABELS)))
     assert all(part == sorted(part) and part for part in parts)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", BY_LABEL)
 def test_same_seed_same_split_other_seed_other_split(scheme: str) -> None:
-    first = partition(LABELS, scheme=scheme, num_clients=6, seed=11)
-    again = partition(LABELS, scheme=scheme, num_clients=6, seed=11)
-    other = partition(LABELS, scheme=scheme, num_clients=6, seed=12)
+    first = split(scheme, 10, 11)
+    again = split(scheme, 10, 11)
+    other = split(scheme, 10, 12)
 
     assert first == again
     assert first != other
 
 
-def test_iid_sizes_differ_by_at_most_one() -> None:
-    sizes = [len(part) for part in partition_iid(1003, 10, seed=0)]
+def test_iid_sizes_differ_by_at_most_one_and_are_shuffled() -> None:
+    parts = split("iid", 10, 0)
+    sizes = [len(part) for part in parts]
 
     assert max(sizes) - min(sizes) <= 1
+    assert len({LABELS[i] for i in parts[0]}) == len(SIZES)  # not a contiguous block of "a"
 
 
 def label_share_spread(parts: list[list[int]]) -> float:
@@ -56,65 +60,69 @@ def label_share_spread(parts: list[list[int]]) -> float:
 
 @pytest.mark.parametrize(("alpha", "low", "high"), [(0.05, 0.5, 1.0), (1000.0, 0.0, 0.3)])
 def test_dirichlet_skew_follows_alpha(alpha: float, low: float, high: float) -> None:
-    parts = partition_dirichlet(LABELS, num_clients=8, alpha=alpha, seed=0)
+    parts = split("dirichlet", 8, 0, alpha=alpha)
 
     assert low <= label_share_spread(parts) <= high
 
 
-def test_dirichlet_large_alpha_gives_near_equal_sizes() -> None:
-    parts = partition_dirichlet(LABELS, num_clients=4, alpha=1000.0, seed=0)
-
-    sizes = [len(part) for part in parts]
-    assert max(sizes) - min(sizes) <= 0.1 * len(LABELS) / 4
-
-
-def test_dirichlet_min_size_is_respected() -> None:
-    parts = partition_dirichlet(LABELS, num_clients=10, alpha=0.5, seed=0, min_size=20)
+def test_dirichlet_min_partition_size_is_respected() -> None:
+    parts = split("dirichlet", 10, 0, alpha=0.5, min_partition_size=20)
 
     assert min(len(part) for part in parts) >= 20
 
 
-def test_dirichlet_gives_up_with_advice() -> None:
-    with pytest.raises(FloraError, match=r"raise data\.alpha or lower data\.num_clients"):
-        partition_dirichlet(LABELS, num_clients=100, alpha=0.01, seed=0, min_size=10)
+def test_dirichlet_gives_up_with_advice_naming_real_keys() -> None:
+    with pytest.raises(FloraError, match=r"raise data\.dirichlet_alpha.*federation\.num_clients"):
+        split("dirichlet", 100, 0, alpha=0.01, min_partition_size=10)
 
 
 @pytest.mark.parametrize(("num_clients", "shards_per_client"), [(4, 2), (8, 1), (2, 4)])
 def test_shards_bound_labels_per_client(num_clients: int, shards_per_client: int) -> None:
-    # Prepare: equal label blocks that are whole multiples of the shard size
-    labels = [label for label in "abcdefgh" for _ in range(25)]
+    labels = [label for label in "abcdefgh" for _ in range(25)]  # blocks a multiple of a shard
 
-    # Execute
-    parts = partition_shards(labels, num_clients, shards_per_client, seed=3)
+    parts = partition(labels, scheme="shards", num_clients=num_clients, seed=3,
+                      shards_per_client=shards_per_client)  # fmt: skip
 
-    # Assert
     assert all(len({labels[i] for i in part}) <= shards_per_client for part in parts)
     assert {len(part) for part in parts} == {len(labels) // num_clients}
 
 
-def test_shards_straddle_at_most_one_boundary_per_shard() -> None:
-    parts = partition_shards(LABELS, num_clients=10, shards_per_client=2, seed=0)
+def test_pathological_gives_each_client_its_labels() -> None:
+    parts = split("pathological", 12, 0, classes_per_client=2)
 
-    assert all(len({LABELS[i] for i in part}) <= 2 * 2 for part in parts)
+    assert all(len({LABELS[i] for i in part}) <= 2 for part in parts)
+
+
+def test_natural_id_gives_one_client_per_id() -> None:
+    parts = split("natural-id", 7, 0)
+
+    assert [sorted({USERS[i] for i in part}) for part in parts] == [[f"user{k}"] for k in range(7)]
+    assert sum(len(part) for part in parts) == len(LABELS)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("scheme", "kwargs", "message"),
     [
-        ({"scheme": "random"}, r"one of \['iid', 'dirichlet', 'shards'\]"),
-        ({"scheme": "iid", "num_clients": 0}, "num_clients must be >= 1"),
-        ({"scheme": "iid", "num_clients": 10_000}, r"lower data\.num_clients"),
-        ({"scheme": "dirichlet", "alpha": 0.0}, "alpha must be > 0"),
-        ({"scheme": "shards", "shards_per_client": 0}, "shards_per_client must be >= 1"),
-        ({"scheme": "shards", "num_clients": 700}, "cannot fill"),
-        ({"scheme": "iid", "seed": -1}, "seed must be a non-negative integer"),
+        ("random", {}, r"one of \['iid', 'dirichlet', 'shards', 'pathological', 'natural-id'\]"),
+        ("iid", {"num_clients": 0}, r"federation\.num_clients must be >= 1"),
+        ("iid", {"num_clients": 10_000}, r"lower federation\.num_clients or raise data\.limit"),
+        ("shards", {"num_clients": 700}, "cannot fill"),
+        ("iid", {"seed": -1}, "seed must be a non-negative integer"),
+        ("natural-id", {"num_clients": 4}, r"set federation\.num_clients = 7"),
+        ("pathological", {"num_clients": 2, "classes_per_client": 1}, "every label is dealt"),
     ],
 )
-def test_bad_arguments_are_flora_errors(kwargs: dict[str, object], message: str) -> None:
+def test_bad_arguments_are_flora_errors(scheme: str, kwargs: dict[str, object],
+                                        message: str) -> None:  # fmt: skip
     arguments: dict[str, object] = {"num_clients": 4, "seed": 0, **kwargs}
 
     with pytest.raises(FloraError, match=message):
-        partition(LABELS, **arguments)  # type: ignore[arg-type]
+        split(scheme, **arguments)  # type: ignore[arg-type]
+
+
+def test_label_schemes_need_several_labels() -> None:
+    with pytest.raises(FloraError, match=r"set data\.label_column"):
+        partition(["all"] * 50, scheme="dirichlet", num_clients=2, seed=0)
 
 
 @pytest.mark.parametrize(

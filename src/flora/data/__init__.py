@@ -7,10 +7,8 @@ from typing import TYPE_CHECKING, Any
 from flora.data.partition import (
     SCHEMES,
     client_table,
+    natural_clients,
     partition,
-    partition_dirichlet,
-    partition_iid,
-    partition_shards,
     split_heldout,
 )
 from flora.data.prompts import (
@@ -60,10 +58,8 @@ __all__ = [
     "find_shared_data",
     "format_prompt",
     "load_records",
+    "natural_clients",
     "partition",
-    "partition_dirichlet",
-    "partition_iid",
-    "partition_shards",
     "split_heldout",
 ]
 

@@ -61,21 +61,33 @@ def prepare_data(
     shards_per_client: int = 2,
     min_response: int = 32,
     truncation: str = "keep-answer",
+    subset: str = "",
+    split: str = "train",
+    fields: dict[str, str] | None = None,
+    natural_id_column: str = "",
+    min_partition_size: int = 1,
+    classes_per_client: int = 2,
 ) -> FederatedData:
     """Seeded end to end: the same arguments give the same clients and held-out set."""
-    records = load_records(source)
+    records = load_records(
+        source,
+        subset=subset,
+        split=split,
+        fields=fields,
+        label_column=label_column,
+        natural_id_column=natural_id_column,
+    )
     if limit and limit < len(records):
         keep = sorted(make_rng(seed, 1).permutation(len(records))[:limit].tolist())
         records = [records[i] for i in keep]
     if heldout >= len(records):
         raise FloraError(f"data.heldout={heldout} leaves no training rows of {len(records)}")
     train_idx, held_idx = split_heldout(len(records), heldout / len(records), seed)
-    # the partition label travels as each example's "category"
-    labelled = [dict(r, category=str(r.get(label_column) or "all")) for r in records]
     options = {"template": template, "max_length": max_length, "min_response": min_response,
                "truncation": truncation}  # fmt: skip
-    train = encode_records([labelled[i] for i in train_idx], tokenizer, **options)  # type: ignore[arg-type]
-    held = encode_records([labelled[i] for i in held_idx], tokenizer, **options)  # type: ignore[arg-type]
+    train_records = [records[i] for i in train_idx]  # each record's "category" is its label
+    train = encode_records(train_records, tokenizer, **options)  # type: ignore[arg-type]
+    held = encode_records([records[i] for i in held_idx], tokenizer, **options)  # type: ignore[arg-type]
     labels = [example["category"] for example in train.examples]
     if len(train.examples) < num_clients:
         raise FloraError(
@@ -87,7 +99,12 @@ def prepare_data(
         num_clients=num_clients,
         seed=seed,
         alpha=dirichlet_alpha,
+        min_partition_size=min_partition_size,
         shards_per_client=shards_per_client,
+        classes_per_client=classes_per_client,
+        natural_ids=[train_records[i]["natural_id"] for i in train.kept]
+        if natural_id_column
+        else (),
     )
     return FederatedData(
         clients=[[train.examples[i] for i in part] for part in parts],
@@ -128,4 +145,10 @@ def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Federated
         shards_per_client=config.data.shards_per_client,
         min_response=config.data.min_response_tokens,
         truncation=config.data.truncation,
+        subset=config.data.subset,
+        split=config.data.split,
+        fields=config.data.fields,
+        natural_id_column=config.data.natural_id_column,
+        min_partition_size=config.data.min_partition_size,
+        classes_per_client=config.data.classes_per_client,
     )

@@ -1,103 +1,38 @@
-"""Splitting row indices across clients (IID, Dirichlet label skew, label shards).
+"""Splitting training rows across clients with flwr-datasets' partitioners, and the seeded
+held-out split.
 
-Every function is pure and seeded: the same arguments give the same split on any machine.
-Each returns one sorted list of row indices per client, every index assigned exactly once.
-Split off the held-out rows first (``split_heldout``), then partition the training rows' labels
-and map the returned positions back through the training indices.
+``partition`` hands the rows' labels (and natural ids) to the partitioner a scheme names, as a
+``datasets.Dataset``, seeded by the run's seed, and returns one sorted list of row positions per
+client, every row in exactly one:
+
+- ``iid``: ``IidPartitioner`` over the rows shuffled with the seed
+- ``dirichlet``: ``DirichletPartitioner``, label skew (Hsu et al. 2019); ``dirichlet_alpha``,
+  ``min_partition_size``
+- ``shards``: ``ShardPartitioner`` (McMahan et al. 2017); ``shards_per_client``
+- ``pathological``: ``PathologicalPartitioner``, a few labels per client; ``classes_per_client``
+- ``natural-id``: ``NaturalIdPartitioner``, one client per user, source or site;
+  ``natural_id_column``
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
-
-import numpy as np
+from typing import Any
 
 from flora.data._seed import make_rng
 from flora.errors import FloraError
 
-__all__ = [
-    "SCHEMES",
-    "client_table",
-    "partition",
-    "partition_dirichlet",
-    "partition_iid",
-    "partition_shards",
-    "split_heldout",
-]
+__all__ = ["SCHEMES", "client_table", "natural_clients", "partition", "split_heldout"]
 
-SCHEMES = ("iid", "dirichlet", "shards")
-_DIRICHLET_TRIES = 100
+SCHEMES = ("iid", "dirichlet", "shards", "pathological", "natural-id")
+LABEL_SCHEMES = ("dirichlet", "shards", "pathological")
 
 
-def partition_iid(n: int, num_clients: int, seed: int) -> list[list[int]]:
-    """Shuffle ``range(n)`` and cut it into ``num_clients`` parts whose sizes differ by <= 1."""
-    _check_clients(n, num_clients, min_size=1)
-    order = make_rng(seed).permutation(n)
-    return _sorted_parts(np.array_split(order, num_clients))
-
-
-def partition_dirichlet(
-    labels: Sequence[str], num_clients: int, alpha: float, seed: int, min_size: int = 1
-) -> list[list[int]]:
-    """Label skew: each label's rows go to clients in proportions drawn from Dir(alpha).
-
-    Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
-    Visual Classification" (2019), https://arxiv.org/abs/1909.06335. Small alpha gives each
-    client few labels; large alpha approaches IID. Draws again until every client holds at
-    least ``min_size`` rows, at most 100 times.
-    """
-    n = len(labels)
-    if not alpha > 0:
-        raise FloraError(f"data.alpha must be > 0 for the dirichlet scheme, got {alpha}")
-    if min_size < 0:
-        raise FloraError(f"data.min_size must be >= 0, got {min_size}")
-    _check_clients(n, num_clients, min_size=max(min_size, 1))
-    rng = make_rng(seed)
-    by_label = _indices_by_label(labels)
-    for _ in range(_DIRICHLET_TRIES):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for rows in by_label:
-            shuffled = rng.permutation(rows)
-            shares = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(shuffled)).astype(int)
-            for client, chunk in enumerate(np.split(shuffled, cuts)):
-                parts[client].extend(chunk.tolist())
-        if min(len(part) for part in parts) >= min_size:
-            return [sorted(part) for part in parts]
-    raise FloraError(
-        f"partition_dirichlet: no draw in {_DIRICHLET_TRIES} gave each of {num_clients} clients "
-        f">= {min_size} rows with alpha={alpha}; raise data.alpha or lower data.num_clients"
-    )
-
-
-def partition_shards(
-    labels: Sequence[str], num_clients: int, shards_per_client: int, seed: int
-) -> list[list[int]]:
-    """Pathological non-IID: sort rows by label, cut into shards, deal each client some shards.
-
-    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data"
-    (2017), https://arxiv.org/abs/1602.05629. Rows are shuffled within each label first. A shard
-    is contiguous in label order, so it may straddle a label boundary: a client holds at most
-    ``shards_per_client`` labels only when label counts are multiples of the shard size.
-    """
-    n = len(labels)
-    if shards_per_client < 1:
-        raise FloraError(f"data.shards_per_client must be >= 1, got {shards_per_client}")
-    num_shards = num_clients * shards_per_client
-    _check_clients(n, num_clients, min_size=1)
-    if n < num_shards:
-        raise FloraError(
-            f"partition_shards: {n} rows cannot fill {num_clients} x {shards_per_client} shards; "
-            f"lower data.shards_per_client or data.num_clients"
-        )
-    rng = make_rng(seed)
-    codes = _label_codes(labels)
-    shuffled = rng.permutation(n)
-    by_label = shuffled[np.argsort(codes[shuffled], kind="stable")]
-    shards = np.array_split(by_label, num_shards)
-    dealt = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
-    return _sorted_parts([np.concatenate([shards[s] for s in row]) for row in dealt])
+def natural_clients(natural_ids: Sequence[str]) -> int:
+    """How many clients ``natural-id`` makes of these ids: one per distinct value."""
+    return len(set(natural_ids))
 
 
 def partition(
@@ -107,16 +42,86 @@ def partition(
     num_clients: int,
     seed: int,
     alpha: float = 0.5,
+    min_partition_size: int = 1,
     shards_per_client: int = 2,
+    classes_per_client: int = 2,
+    natural_ids: Sequence[str] = (),
 ) -> list[list[int]]:
-    """Dispatch to ``partition_<scheme>``; ``alpha`` and ``shards_per_client`` apply to one each."""
+    """Row positions per client (sorted), from the flwr-datasets partitioner ``scheme`` names."""
+    if scheme not in SCHEMES:
+        raise FloraError(f"data.partition must be one of {list(SCHEMES)}, got {scheme!r}")
+    n = len(labels)
+    if num_clients < 1:
+        raise FloraError(f"federation.num_clients must be >= 1, got {num_clients}")
+    if n < num_clients:
+        raise FloraError(f"{n} training rows cannot give {num_clients} clients a row each; "
+                         "lower federation.num_clients or raise data.limit")  # fmt: skip
+    if scheme in LABEL_SCHEMES and len(set(labels)) < 2:
+        raise FloraError(f"data.partition = {scheme!r} splits by label, but the rows hold one "
+                         f"label ({labels[0]!r}); set data.label_column to a column with "
+                         "several values, or use 'iid'")  # fmt: skip
+    import datasets  # deferred: importing datasets costs seconds
+    from flwr_datasets import partitioner as fp
+
+    columns: dict[str, Any] = {"row": list(range(n)), "label": list(labels)}
+    if scheme == "natural-id":
+        if len(natural_ids) != n:
+            raise FloraError("data.partition = 'natural-id' needs data.natural_id_column")
+        found = natural_clients(natural_ids)
+        if found != num_clients:
+            raise FloraError(f"data.natural_id_column holds {found} distinct ids, so 'natural-id' "
+                             f"makes {found} clients: set federation.num_clients = {found} "
+                             f"and give lora.ranks {found} ranks")  # fmt: skip
+        columns["natural_id"] = list(natural_ids)
+    dataset = datasets.Dataset.from_dict(columns)
+    made: Any
     if scheme == "iid":
-        return partition_iid(len(labels), num_clients, seed)
-    if scheme == "dirichlet":
-        return partition_dirichlet(labels, num_clients, alpha, seed)
-    if scheme == "shards":
-        return partition_shards(labels, num_clients, shards_per_client, seed)
-    raise FloraError(f"data.partition must be one of {list(SCHEMES)}, got {scheme!r}")
+        made = fp.IidPartitioner(num_clients)
+        dataset = dataset.select(make_rng(seed).permutation(n).tolist())
+    elif scheme == "dirichlet":
+        made = fp.DirichletPartitioner(
+            num_clients, "label", alpha=alpha, min_partition_size=min_partition_size, seed=seed
+        )
+    elif scheme == "shards":
+        if n < num_clients * shards_per_client:
+            raise FloraError(f"{n} rows cannot fill {num_clients} x {shards_per_client} shards; "
+                             "lower data.shards_per_client or federation.num_clients")  # fmt: skip
+        made = fp.ShardPartitioner(num_clients, "label", num_shards_per_partition=shards_per_client,
+                                   keep_incomplete_shard=True, seed=seed)  # fmt: skip
+    elif scheme == "pathological":
+        made = fp.PathologicalPartitioner(  # client k's first label is label k: all are dealt
+            num_clients, "label", num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic", seed=seed,
+        )  # fmt: skip
+    else:
+        made = fp.NaturalIdPartitioner("natural_id")
+    made.dataset = dataset
+    try:
+        with warnings.catch_warnings():  # its retry notices: the outcome is checked below
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [sorted(made.load_partition(k)["row"]) for k in range(num_clients)]
+    except ValueError as error:
+        raise FloraError(f"data.partition = {scheme!r} with {num_clients} clients over {n} rows: "
+                         f"{error} ({_hint(scheme)})") from None  # fmt: skip
+    used = sum(len(part) for part in parts)
+    if used != n:  # e.g. a label no client was dealt: refuse rather than drop rows silently
+        raise FloraError(f"data.partition = {scheme!r} placed {used} of {n} rows; "
+                         f"{_hint(scheme)}")  # fmt: skip
+    empty = [k for k, part in enumerate(parts) if not part]
+    if empty:
+        raise FloraError(f"data.partition = {scheme!r} left client(s) {empty} without rows; "
+                         f"{_hint(scheme)}")  # fmt: skip
+    return parts
+
+
+def _hint(scheme: str) -> str:
+    return {
+        "dirichlet": "raise data.dirichlet_alpha, lower data.min_partition_size or "
+                     "federation.num_clients, or raise data.limit",
+        "shards": "lower data.shards_per_client or federation.num_clients",
+        "pathological": "use at least as many clients as labels, or raise "
+                        "data.classes_per_client, so that every label is dealt to a client",
+    }.get(scheme, "lower federation.num_clients or raise data.limit")  # fmt: skip
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -146,29 +151,3 @@ def client_table(parts: Sequence[Sequence[int]], labels: Sequence[str], top: int
     total = sum(len(part) for part in parts)
     lines.append(f"{'total':>6}  {total:>7}  {len(set(labels))} labels")
     return "\n".join(lines)
-
-
-def _check_clients(n: int, num_clients: int, *, min_size: int) -> None:
-    if num_clients < 1:
-        raise FloraError(f"data.num_clients must be >= 1, got {num_clients}")
-    if n < num_clients * min_size:
-        raise FloraError(
-            f"{n} rows cannot give {num_clients} clients {min_size} row(s) each; "
-            f"lower data.num_clients or use more data"
-        )
-
-
-def _label_codes(labels: Sequence[str]) -> np.ndarray:
-    """Integer code per row, codes in sorted label order (independent of row order)."""
-    names = sorted(set(labels))
-    index = {name: code for code, name in enumerate(names)}
-    return np.array([index[label] for label in labels], dtype=np.int64)
-
-
-def _indices_by_label(labels: Sequence[str]) -> list[np.ndarray]:
-    codes = _label_codes(labels)
-    return [np.flatnonzero(codes == code) for code in range(int(codes.max(initial=-1)) + 1)]
-
-
-def _sorted_parts(parts: Sequence[np.ndarray]) -> list[list[int]]:
-    return [sorted(part.tolist()) for part in parts]

@@ -85,6 +85,7 @@ class EncodedRecords(NamedTuple):
 
     examples: list[Example]
     counts: dict[str, KeptCounts]
+    kept: list[int]  # each example's position among the records given
 
     @property
     def dropped(self) -> int:
@@ -175,8 +176,9 @@ def encode_records(
     """Encode every record (cutting context, then instruction, to keep ``min_response`` answer
     tokens), dropping those where even that fails; counts per category."""
     kept: list[Example] = []
+    positions: list[int] = []
     counts: dict[str, Counter[str]] = {}
-    for record in records:
+    for position, record in enumerate(records):
         encoded = encode_example(record, tokenizer, template=template, max_length=max_length,
                                  min_response=min_response, truncation=truncation)  # fmt: skip
         category = counts.setdefault(str(record.get("category", "all")), Counter())
@@ -184,10 +186,10 @@ def encode_records(
             category["dropped"] += 1
             continue
         kept.append(encoded.example)
+        positions.append(position)
         category["shortened" if encoded.shortened else "whole"] += 1
-    result = EncodedRecords(
-        kept, {k: KeptCounts(c["whole"], c["shortened"], c["dropped"]) for k, c in counts.items()}
-    )
+    tally = {k: KeptCounts(c["whole"], c["shortened"], c["dropped"]) for k, c in counts.items()}
+    result = EncodedRecords(kept, tally, positions)
     if result.dropped and not kept:
         raise FloraError(
             f"data.max_length={max_length} leaves no response token in any of {result.dropped} "

@@ -1,40 +1,37 @@
-"""Instruction records from the shared data folder, a local JSON/JSONL file, or a dataset hub.
-
-A record is a plain ``dict[str, str]`` with the keys ``instruction``, ``context``, ``response``
-and ``category``. Only ``instruction`` and ``response`` are required in the source; a missing or
-null ``context`` becomes ``""`` and a missing ``category`` becomes ``"all"``.
+"""Instruction records from the shared data folder, a local file, or a dataset hub, read
+through ``datasets`` (JSON, JSON lines, CSV, Parquet; a hub id with its subset and split), each
+row mapped to a record by its layout (flora.data.layouts: flora/Dolly, Alpaca, chat messages,
+or the columns ``data.fields`` names).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flora.data.layouts import Record, detect_layout, to_record
 from flora.errors import FloraError
 
 __all__ = [
     "DATA_DIR_ENV",
     "DOLLY_FILE",
     "DOLLY_HUB_ID",
+    "FILE_BUILDERS",
     "Record",
     "find_shared_data",
     "load_hub_split",
     "load_records",
 ]
 
-Record = dict[str, str]
-
 DATA_DIR_ENV = "FLORA_DATA_DIR"
 """Environment variable naming a data folder that holds e.g. ``dolly-15k/dolly-15k.jsonl``."""
 DOLLY_FILE = "dolly-15k/dolly-15k.jsonl"
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
-
-_REQUIRED = ("instruction", "response")
-_DEFAULTS = {"context": "", "category": "all"}
-_LOCAL_SUFFIXES = (".json", ".jsonl")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+"""A local file's suffix -> the ``datasets`` builder that reads it."""
 
 
 def find_shared_data(relative: str) -> Path | None:
@@ -58,64 +55,117 @@ def find_shared_data(relative: str) -> Path | None:
     return None
 
 
-def load_records(source: str = "dolly", *, limit: int | None = None) -> list[Record]:
-    """Load instruction records from ``source``, in the source's own order.
+def load_records(
+    source: str = "dolly",
+    *,
+    limit: int | None = None,
+    subset: str = "",
+    split: str = "train",
+    fields: Mapping[str, str] | None = None,
+    label_column: str = "category",
+    natural_id_column: str = "",
+) -> list[Record]:
+    """Records from ``source``, in the source's own order.
 
     ``source`` is ``"dolly"`` (the shared Dolly-15k file, else the hub id
-    ``databricks/databricks-dolly-15k``), a path ending in ``.json`` or ``.jsonl``, or any
-    other dataset hub id (its ``train`` split). ``limit`` keeps the first ``limit`` records;
-    Dolly's file is sorted by category, so shuffle (see ``flora.data.partition``) rather than
-    rely on a prefix for a category mix.
+    ``databricks/databricks-dolly-15k``), a local ``.json``/``.jsonl``/``.csv``/``.parquet``
+    file, or a dataset hub id (its ``subset``, its ``split``). ``limit`` keeps the first
+    ``limit`` records. ``fields``, ``label_column`` and ``natural_id_column`` are the data
+    config's (flora.data.layouts).
     """
     if limit is not None and limit < 1:
         raise FloraError(f"data.limit must be a positive integer or None, got {limit}")
+    lines: list[int]
     if source == "dolly":
         path = find_shared_data(DOLLY_FILE)
         if path is None:
-            return _load_hub(DOLLY_HUB_ID, limit)
-        return _load_file(path, limit)
-    if source.endswith(_LOCAL_SUFFIXES) or Path(source).is_file():
-        return _load_file(Path(source), limit)
-    return _load_hub(source, limit)
+            rows, unit, lines = _hub_rows(DOLLY_HUB_ID, "", split), "row", []
+        else:
+            rows, unit, lines = _file_rows(path)
+    elif Path(source).suffix in FILE_BUILDERS or Path(source).is_file():
+        rows, unit, lines = _file_rows(Path(source))
+    else:
+        rows, unit, lines = _hub_rows(source, subset, split), "row", []
+    where = source
+    columns = list(getattr(rows, "column_names", None) or _first_keys(rows))
+    layout = detect_layout(columns, dict(fields or {}), f"data.source {where!r}")
+    if natural_id_column and natural_id_column not in columns:
+        raise FloraError(f"data.natural_id_column {natural_id_column!r} is not a column of "
+                         f"{where!r}; its columns: {sorted(columns)}")  # fmt: skip
+    records: list[Record] = []
+    for number, row in enumerate(rows, start=1):
+        if limit is not None and len(records) >= limit:
+            break
+        place = f"line {lines[number - 1]}" if lines else f"{unit} {number}"
+        records.append(to_record(row, layout, f"{where}: {place}", label_column,
+                                 natural_id_column))  # fmt: skip
+    return records
 
 
-def _load_file(path: Path, limit: int | None) -> list[Record]:
+def _first_keys(rows: Iterable[Any]) -> list[str]:
+    for row in rows:
+        return list(row) if isinstance(row, Mapping) else []
+    return []
+
+
+def _file_rows(path: Path) -> tuple[Any, str, list[int]]:
+    """A local file's rows through ``datasets``, what a row is called in errors, and for JSON
+    lines each row's line number (a JSON file is checked first, so an error names the line)."""
     if not path.is_file():
         raise FloraError(
-            f"data.source: file {str(path)!r} does not exist; give an existing .json/.jsonl path, "
-            f"'dolly', or a dataset hub id"
+            f"data.source: file {str(path)!r} does not exist; give an existing .json, .jsonl, "
+            ".csv or .parquet path, 'dolly', or a dataset hub id"
         )
-    with path.open(encoding="utf-8") as handle:
-        text = handle.read()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return _take(_json_array(text, path), limit)
-    return _take(_json_lines(text, path), limit)
+    builder = FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise FloraError(f"data.source {str(path)!r}: unknown file type {path.suffix!r}; use one "
+                         f"of {sorted(FILE_BUILDERS)}")  # fmt: skip
+    import datasets  # deferred: importing datasets costs seconds
 
-
-def _json_array(text: str, path: Path) -> Iterator[Record]:
+    unit, lines = "row", list[int]()
+    if builder == "json":
+        unit, lines = _first_bad_json(path)
     try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
+        return datasets.load_dataset(builder, data_files=str(path), split="train"), unit, lines
+    except Exception as exc:  # datasets raises many types: one line, with its own words
         raise FloraError(
-            f"data.source {str(path)!r}: not valid JSON at line {exc.lineno} ({exc.msg}); "
-            f"fix the file or save it as JSON lines"
-        ) from exc
-    for number, row in enumerate(rows, start=1):
-        yield _to_record(row, f"{path}: record {number}")
+            f"data.source {str(path)!r}: datasets could not read it as {builder} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
 
 
-def _json_lines(text: str, path: Path) -> Iterator[Record]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+def _first_bad_json(path: Path) -> tuple[str, list[int]]:
+    """Raise a FloraError naming the first line (JSON lines) or record (a JSON array) that is
+    not a JSON object; otherwise return which of the two a row is, and the rows' line numbers
+    (JSON lines)."""
+    text = path.read_text(encoding="utf-8")
+    where = f"data.source {str(path)!r}"
+    if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            row = json.loads(line)
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
+            fix = "fix the file or save it as JSON lines"
             raise FloraError(
-                f"data.source {str(path)!r}: line {number} is not valid JSON ({exc.msg}); "
-                f"each line must hold one JSON object"
-            ) from exc
-        yield _to_record(row, f"{path}: line {number}")
+                f"{where}: not valid JSON at line {exc.lineno} ({exc.msg}); {fix}"
+            ) from None
+        places, unit = [(f"record {n}", row) for n, row in enumerate(rows, start=1)], "record"
+    else:
+        unit = "line"
+        places = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                places.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                fix = "each line must hold one JSON object"
+                raise FloraError(
+                    f"{where}: line {number} is not valid JSON ({exc.msg}); {fix}"
+                ) from None
+    for place, row in places:
+        if not isinstance(row, dict):
+            raise FloraError(f"{where}: {place}: expected a JSON object, got {type(row).__name__}")
+    return unit, [int(place.split()[1]) for place, _ in places] if unit == "line" else []
 
 
 def load_hub_split(
@@ -134,39 +184,7 @@ def load_hub_split(
         ) from exc
 
 
-def _load_hub(hub_id: str, limit: int | None) -> list[Record]:
-    fix = f"give a local .json/.jsonl path, or set {DATA_DIR_ENV} to a folder holding {DOLLY_FILE}"
-    rows = load_hub_split(hub_id, "train", what="data.source", fix=fix)
-    return _take(
-        (_to_record(row, f"{hub_id}: row {n}") for n, row in enumerate(rows, start=1)), limit
-    )
-
-
-def _take(records: Iterable[Record], limit: int | None) -> list[Record]:
-    out: list[Record] = []
-    for record in records:
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(record)
-    return out
-
-
-def _to_record(row: Any, where: str) -> Record:
-    """Check one raw row and fill in the optional fields."""
-    if not isinstance(row, Mapping):
-        raise FloraError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    missing = [key for key in _REQUIRED if row.get(key) is None]
-    if missing:
-        raise FloraError(
-            f"{where}: missing field(s) {missing} (found {sorted(row)}); every record needs "
-            f"'instruction' and 'response' ('context' and 'category' are optional)"
-        )
-    record: Record = {}
-    for key in (*_REQUIRED, *_DEFAULTS):
-        value = row.get(key)
-        if value is None:
-            value = _DEFAULTS[key]
-        if not isinstance(value, str):
-            raise FloraError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-        record[key] = value
-    return record
+def _hub_rows(hub_id: str, subset: str, split: str) -> Any:
+    fix = (f"give a local .json/.jsonl/.csv/.parquet path, or set {DATA_DIR_ENV} to a folder "
+           f"holding {DOLLY_FILE}")  # fmt: skip
+    return load_hub_split(hub_id, split, what="data.source", fix=fix, config=subset or None)
