@@ -61,7 +61,7 @@ def test_no_private_name_crosses_modules():
 
 @pytest.mark.parametrize(
     "argv", [["--help"], ["run", "--help"], ["aggregate", "--help"], ["eval", "--help"],
-             ["compare", "--help"], ["flower-worker", "--help"]],
+             ["compare", "--help"], ["flower-worker", "--help"], ["configs", "--help"]],
 )  # fmt: skip
 def test_cli_help_imports_no_torch(argv):
     probe = (

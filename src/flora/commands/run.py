@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from flora.config import RunConfig, load_config
 from flora.errors import FloraError
+from flora.flower.home import own_flower_home
 from flora.packaged import config_path
+from flora.quiet import quieted
 
 if TYPE_CHECKING:
     from flora.outputs import RunResult
@@ -56,7 +59,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="check the config and print it resolved, the client data table and the bytes each "
         "round sends per client, then exit without training or writing anything",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or tables, and no third-party progress bars, warnings or banners "
+        "(transformers, the hub, datasets, Flower, Ray): only the result lines",
+    )
     parser.add_argument(
         "--runtime",
         choices=("embedded", "flower-sim"),
@@ -68,12 +76,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # before anything heavy is imported: the libraries read these switches when imported
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(quieted(args.quiet))
+        if args.dry_run:
+            return _dry_run(args)
+        if args.runtime == "flower-sim":
+            stack.enter_context(own_flower_home())
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from flora.config import load_run_config
     from flora.outputs import finished
     from flora.simulation import run as simulate
 
-    if args.dry_run:
-        return _dry_run(args)
     if args.runtime == "flower-sim":
         simulate = _flower_sim()
     if args.resume:

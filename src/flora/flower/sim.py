@@ -4,7 +4,8 @@
 ``partition-id`` = client index) and runs the ClientApp on a pool of Ray actors, each using
 ``cpus_per_client`` cores. The node state (each partition's base snapshots and data) lives in
 ``RUN_DIR/nodes/`` and is removed when the run succeeds; ``resume`` continues a run that stopped
-after a checkpoint, its nodes going on from the state they kept there.
+after a checkpoint, its nodes going on from the state they kept there. Flower's own state goes
+to a temporary FLWR_HOME, with its telemetry off (flora.flower.home).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flwr.simulation import run_simulation
 from flora.config import RunConfig
 from flora.errors import FloraError
 from flora.flower.client_app import make_client_app
+from flora.flower.home import own_flower_home
 from flora.flower.server_app import make_server_app
 from flora.outputs import RunResult
 
@@ -78,18 +80,21 @@ def simulate(
     options = {"round-timeout": round_timeout, "resume": resume}
     server_app = make_server_app(config, run_dir, options)  # type: ignore[arg-type]
     backend = backend_config(config, cpus_per_client)
+    if quiet:  # no output from the ClientApp actors (their errors come back in the replies)
+        backend["init_args"]["log_to_driver"] = False
     logger = logging.getLogger("flwr")
     level = logger.level
-    if quiet:
-        logger.setLevel(logging.WARNING)
+    if quiet:  # not even Flower's deprecation banner
+        logger.setLevel(logging.ERROR)
     try:
-        run_simulation(
-            server_app,
-            make_client_app(nodes),
-            num_supernodes=1 if fed.centralized else fed.num_clients,
-            backend_config=backend,
-            verbose_logging=False,
-        )
+        with own_flower_home():  # flora run entered it before flwr's import (telemetry) too
+            run_simulation(
+                server_app,
+                make_client_app(nodes),
+                num_supernodes=1 if fed.centralized else fed.num_clients,
+                backend_config=backend,
+                verbose_logging=False,
+            )
     except FloraError:
         raise
     except Exception as error:  # the ServerApp's own exception, re-raised by run_simulation
