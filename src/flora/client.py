@@ -25,7 +25,7 @@ from flora.data.prompts import Example
 from flora.generation import generate_answer
 from flora.models import run_precision
 from flora.protocol import ClientTask
-from flora.training import evaluate_loss, train_client
+from flora.training import category_losses, train_client
 from flora.weights import applied
 
 __all__ = ["Base", "ClientData", "ClientResult", "client_round", "evaluate_model"]
@@ -85,11 +85,12 @@ def evaluate_model(
     data: ClientData,
     config: RunConfig,
     lora: Adapter | None,
-) -> tuple[float, list[dict[str, str]]]:
-    """Held-out loss and sample answers of ``model`` with ``lora`` applied (restored after)."""
+) -> tuple[float, list[dict[str, str]], dict[str, float]]:
+    """Held-out loss, sample answers and the loss per category of ``model`` with ``lora``
+    applied (restored after)."""
     precision = run_precision(config, model)
     with applied(model, lora):
-        loss = evaluate_loss(
+        loss, losses = category_losses(
             model,
             data.heldout,
             batch_size=config.eval.batch_size,
@@ -111,7 +112,7 @@ def evaluate_model(
             }
             for record in data.heldout_records[: config.eval.samples]
         ]
-    return loss, samples
+    return loss, samples, {k: v[0] for k, v in losses.items()}
 
 
 def client_round(
@@ -158,7 +159,7 @@ def client_round(
             )
             result.peak_rss_mib, result.peak_cuda_mib = local.peak_rss_mib, local.peak_cuda_mib
         if evaluate:
-            result.heldout_loss, result.samples = evaluate_model(
+            result.heldout_loss, result.samples, _ = evaluate_model(
                 base.model, base.tokenizer, data, config, lora
             )
     except Exception as error:  # one client's failure is reported, never raised

@@ -59,8 +59,10 @@ class GlobalModel:
         data = self.data
         return ClientData(data.clients[client], data.heldout, data.heldout_records)
 
-    def evaluate(self, lora: Adapter | None) -> tuple[float, list[dict[str, str]]]:
-        """Held-out loss and sample answers of the global model."""
+    def evaluate(
+        self, lora: Adapter | None
+    ) -> tuple[float, list[dict[str, str]], dict[str, float]]:
+        """Held-out loss, sample answers and the loss per category of the global model."""
         heldout = ClientData([], self.data.heldout, self.data.heldout_records)
         return evaluate_model(self.model, self.tokenizer, heldout, self.config, lora)
 
@@ -128,8 +130,8 @@ class RunCore:
         """The server's eval and mmlu rows after ``round``, where the schedule asks for them."""
         eval_config, last = self.config.eval, self.config.federation.rounds
         if eval_config.heldout_at(round, last):
-            loss, samples = self.model.evaluate(self.server.global_lora)
-            self.outputs.eval_row(round, loss, samples)
+            loss, samples, per_category = self.model.evaluate(self.server.global_lora)
+            self.outputs.eval_row(round, loss, samples, per_category=per_category)
         if eval_config.mmlu_at(round, last):
             self.outputs.write(self.model.mmlu(round, self.server.global_lora))
 

@@ -187,11 +187,18 @@ class RunOutputs:
         self.metrics.write(row | extra)
 
     def eval_row(
-        self, round: int, loss: float, samples: list[dict[str, str]], client: int | None = None
+        self,
+        round: int,
+        loss: float,
+        samples: list[dict[str, str]],
+        client: int | None = None,
+        per_category: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """An ``eval`` row of the global model: the server's own, or ``client``'s."""
         row: dict[str, Any] = {"kind": "eval", "round": round, "heldout_loss": loss,
                                "perplexity": math.exp(loss), "samples": samples}  # fmt: skip
+        if per_category:
+            row["per_category"] = dict(sorted(per_category.items()))
         if client is not None:
             row["client"] = client
         if round == self.config.federation.rounds:

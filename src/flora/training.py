@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LocalResult",
     "TrainConfig",
+    "category_losses",
     "evaluate_loss",
     "train_client",
 ]
@@ -347,3 +348,33 @@ def evaluate_loss(
     if count == 0:
         raise FloraError("evaluate_loss: no example has a response token; check the labels")
     return total / count
+
+
+def category_losses(
+    model: PreTrainedModel,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    precision: str = "fp32",
+) -> tuple[float, dict[str, tuple[float, int, int]]]:
+    """:func:`evaluate_loss` per ``category`` (each batched on its own, one pass over the
+    examples): the overall token-weighted loss, and per category (loss, examples, tokens)."""
+    groups: dict[str, list[Example]] = {}
+    for example in examples:
+        groups.setdefault(example["category"], []).append(example)
+    per_category: dict[str, tuple[float, int, int]] = {}
+    total, count = 0.0, 0
+    for category in sorted(groups):
+        members = groups[category]
+        tokens = sum(_supervised(torch.tensor(e["labels"])[None]) for e in members)
+        if tokens == 0:
+            continue
+        loss = evaluate_loss(
+            model, members, batch_size=batch_size, pad_id=pad_id, precision=precision
+        )
+        per_category[category] = (loss, len(members), tokens)
+        total, count = total + loss * tokens, count + tokens
+    if count == 0:
+        raise FloraError("held-out set: no example has a response token; raise data.max_length")
+    return total / count, per_category

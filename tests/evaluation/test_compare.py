@@ -10,6 +10,7 @@ import pytest
 from matplotlib.image import imread
 
 from flora.cli import main
+from flora.evaluation.report import segments
 from flora.evaluation.runs import format_ranks, summarize_run
 
 
@@ -18,9 +19,14 @@ def _write_run(
 ) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    config = {"seed": 0, "lora": {"ranks": ranks}, "federation": {"method": method}}
+    federation = {"method": method, "centralized": extra.get("centralized", False)}
+    config = {"seed": 0, "lora": {"ranks": ranks}, "federation": federation,
+              "model": {"name": "smollm2", "target_modules": ["q_proj"]}}  # fmt: skip
     (run / "config.json").write_text(json.dumps(config))
+    categories = extra.get("categories")
     rows = [{"kind": "eval", "round": 0, "heldout_loss": losses[0]}]
+    if categories:
+        rows[0]["per_category"] = {c: before for c, (before, _) in categories.items()}
     for t, loss in enumerate(losses[1:], start=1):
         for client in range(2):
             rows.append(
@@ -39,6 +45,8 @@ def _write_run(
     rows.append(
         {"kind": "eval", "round": len(losses) - 1, "heldout_loss": losses[-1], "final": True}
     )
+    if categories:
+        rows[-1]["per_category"] = {c: after for c, (_, after) in categories.items()}
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if "seconds" in extra:
         (run / "summary.json").write_text(json.dumps({"seconds": extra["seconds"]}))
@@ -62,7 +70,8 @@ def runs(tmp_path) -> list[Path]:
     }
     return [
         _write_run(
-            tmp_path, "flora-run", "flora", [4, 2], [3.0, 2.5, 2.2], seconds=42.0, eval=evaluation
+            tmp_path, "flora-run", "flora", [4, 2], [3.0, 2.5, 2.2], seconds=42.0, eval=evaluation,
+            categories={"open_qa": (3.1, 2.0), "summarization": (2.9, 2.5)},
         ),
         _write_run(tmp_path, "fedit-run", "fedit", "homo-16", [3.0, 2.8, 2.7, 2.6]),
     ]
@@ -101,17 +110,35 @@ def test_compare_writes_reports_with_non_blank_plots(runs, tmp_path, capsys):
         assert pixels.ndim == 3 and float(np.var(pixels)) > 0, png
     markdown = (out / "report.md").read_text()
     assert (
-        "| flora-run | flora | 4,2 | 2.2000 | 31.0% ± 1.2 | 600 B | 6.0 kB | 42 s | 1.50e-01 |"
-        in markdown
+        "| flora-run | flora | 4,2 | 2.2000 | -0.8000 | 31.0% ± 1.2 | 0.001 | 0.006 | 42 s | "
+        "1.50e-01 |" in markdown
     )
-    assert "| fedit-run | fedit | 10x16 | 2.6000 | – |" in markdown
+    assert "| fedit-run | fedit | 10x16 | 2.6000 | -0.4000 | – |" in markdown
     assert "![loss_round](loss_round.png)" in markdown
+    assert "flora-run: flora eval, ? questions" in markdown
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>fedit-run</td>" in page
+    assert "¹ MMLU: lm-evaluation-harness" in page and "smollm2 (q_proj)" in page  # notes, setup
     assert "flora-run" in capsys.readouterr().out
 
 
-def test_per_category_plot_is_left_out_without_eval_json(runs, tmp_path):
+def test_a_centralized_run_shows_no_communication_and_labels_name_runs(runs, tmp_path):
+    central = _write_run(tmp_path, "c", "flora", [16], [3.0, 2.4], centralized=True)
+    out = tmp_path / "report"
+    assert main(["compare", str(runs[0]), "--label", f"all data={central}", "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "| all data | centralized | 16 (centralized) | 2.4000 | -0.6000 | – | n/a | n/a |" in (
+        markdown
+    )
+    assert "centralized run, which communicates nothing" in markdown
+
+
+def test_lines_join_consecutive_rounds_only():
+    assert segments([(0, 1.0), (2, 0.9)], [0, 2]) == [[0], [1]]  # eval.every = 0: two points
+    assert segments([(0, 1.0), (1, 0.9), (2, 0.8), (4, 0.7)], [0, 1, 2, 4]) == [[0, 1, 2], [3]]
+
+
+def test_per_category_plot_is_left_out_without_per_category_rows(runs, tmp_path):
     out = tmp_path / "report"
     assert main(["compare", str(runs[1]), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["loss_downlink.png", "loss_round.png"]

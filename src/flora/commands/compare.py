@@ -15,11 +15,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="compare runs: table and plots in report.md / report.html",
         description="Compare run directories: one table row per run (method, ranks, final "
-        "held-out loss, MMLU from RUN_DIR/eval/eval.json, bytes up and down, wall time, mean "
-        "aggregation noise) and PNG plots (held-out loss by round, against cumulative downlink "
-        "bytes, per category), written as OUT/report.md and OUT/report.html.",
+        "held-out loss and its change against the base model, MMLU with its source, MB up and "
+        "down, wall time, mean aggregation noise), footnotes, each run's setup, and PNG plots "
+        "(held-out loss by round, against cumulative downlink MB, its per-category change "
+        "against the base model, MMLU by round), written as OUT/report.md and OUT/report.html.",
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories")
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="a run under a name of your choosing (repeatable; with or without RUN_DIRs)",
+    )
     parser.add_argument("--out", default="compare", help="output directory (default: %(default)s)")
     parser.set_defaults(handler=run)
 
@@ -35,10 +43,19 @@ def run(args: argparse.Namespace) -> int:
     from flora.evaluation.report import COLUMNS, table_rows
 
     paths = [Path(p) for p in args.runs]
+    names = _names(paths)
+    for label in args.label:
+        name, sep, path = label.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise FloraError(f"--label {label!r}: expected NAME=RUN_DIR, e.g. flora=runs/demo")
+        paths.append(Path(path.strip()))
+        names.append(name.strip())
+    if not paths:
+        raise FloraError("give run directories to compare (RUN_DIR ... or --label NAME=RUN_DIR)")
     missing = [str(p) for p in paths if not p.is_dir()]
     if missing:
         raise FloraError(f"no such run directory: {', '.join(missing)}")
-    runs = [summarize_run(p, name) for p, name in zip(paths, _names(paths), strict=True)]
+    runs = [summarize_run(p, name) for p, name in zip(paths, names, strict=True)]
     out = Path(args.out)
     written = write_report(runs, out)
     rows = [COLUMNS, *table_rows(runs)]

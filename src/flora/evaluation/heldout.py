@@ -11,8 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flora.config import RunConfig
 from flora.data.federated import FederatedData, run_data
 from flora.data.prompts import IGNORE_INDEX, Example
-from flora.errors import FloraError
-from flora.training import evaluate_loss
+from flora.training import category_losses
 
 __all__ = ["heldout_data", "heldout_report", "supervised_tokens"]
 
@@ -44,21 +43,9 @@ def heldout_report(
     Each category is evaluated on its own; the overall loss is their token-weighted mean, which
     equals evaluate_loss over all examples (the same token-weighted mean, batched differently).
     """
-    groups: dict[str, list[Example]] = {}
-    for example in examples:
-        groups.setdefault(example["category"], []).append(example)
-    per_category: dict[str, dict[str, Any]] = {}
-    total, count = 0.0, 0
-    for category in sorted(groups):
-        members = groups[category]
-        tokens = sum(supervised_tokens(e) for e in members)
-        if tokens == 0:
-            continue
-        loss = evaluate_loss(
-            model, members, batch_size=batch_size, pad_id=pad_id, precision=precision
-        )
-        per_category[category] = _entry(loss, len(members), tokens)
-        total, count = total + loss * tokens, count + tokens
-    if count == 0:
-        raise FloraError("held-out set: no example has a response token; raise data.max_length")
-    return _entry(total / count, len(examples), count) | {"per_category": per_category}
+    overall, losses = category_losses(
+        model, examples, batch_size=batch_size, pad_id=pad_id, precision=precision
+    )
+    per_category = {k: _entry(loss, n, tokens) for k, (loss, n, tokens) in losses.items()}
+    count = sum(tokens for _, _, tokens in losses.values())
+    return _entry(overall, len(examples), count) | {"per_category": per_category}

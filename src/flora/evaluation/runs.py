@@ -39,6 +39,12 @@ class RunSummary:
     per_category: dict[str, float] = field(default_factory=dict)  # from eval/eval.json
     mmlu_by_round: list[tuple[int, float]] = field(default_factory=list)  # the run's mmlu rows
     mmlu_stderr: float | None = None  # the standard error of ``mmlu`` (None: "N/A" or none)
+    mmlu_source: str = ""  # where ``mmlu`` comes from, and on how many questions
+    centralized: bool = False  # one client: no communication, no aggregation
+    before_loss: float | None = None  # the round-0 held-out loss (the base model)
+    # per category: (base model's loss, final model's loss), from the run's eval rows
+    category_change: dict[str, tuple[float, float]] = field(default_factory=dict)
+    setup: str = ""  # a one-line summary of the config
 
 
 def format_ranks(ranks: list[int]) -> str:
@@ -109,13 +115,25 @@ def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
     mmlu_rows = [r for r in rows if r.get("kind") == "mmlu"]
     mmlu = metric(evaluation, "mmlu", "acc")
     stderr = metric(evaluation, "mmlu", "acc_stderr")
-    if mmlu is None and mmlu_rows:
-        mmlu, stderr = _row_acc(run_dir, mmlu_rows[-1]), mmlu_rows[-1].get("acc_stderr")
+    source = ""
+    if mmlu is not None:
+        source = f"flora eval, {_questions(evaluation)} questions"
+    elif mmlu_rows:
+        last = mmlu_rows[-1]
+        mmlu, stderr = _row_acc(run_dir, last), last.get("acc_stderr")
+        count = last.get("questions", "?")
+        source = f"in-run eval.mmlu after round {last.get('round')}, {count} questions"
     results = evaluation.get("results", {})
     per_category = {results[n]["alias"]: results[n]["loss,none"]
                     for n in evaluation.get("group_subtasks", {}).get(HELDOUT, [])}  # fmt: skip
     by_round, by_bytes = _curves(rows)
     federation = config.get("federation", {})
+    first = next((r for r in evals if int(r["round"]) == 0), None)
+    change = {}
+    if first and final and first.get("per_category") and final.get("per_category"):
+        after = final["per_category"]
+        change = {k: (float(v), float(after[k])) for k, v in first["per_category"].items()
+                  if k in after}  # fmt: skip
     return RunSummary(
         name=name or run_dir.resolve().name,
         method="centralized" if federation.get("centralized") else federation.get("method", "?"),
@@ -131,7 +149,42 @@ def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
         per_category={k: float(v) for k, v in per_category.items()},
         mmlu_by_round=sorted((int(r["round"]), _row_acc(run_dir, r)) for r in mmlu_rows),
         mmlu_stderr=float(stderr) if mmlu is not None and stderr is not None else None,
+        mmlu_source=source,
+        centralized=bool(federation.get("centralized")),
+        before_loss=float(first["heldout_loss"]) if first else None,
+        category_change=change,
+        setup=_setup(config),
     )
+
+
+def _questions(evaluation: dict[str, Any]) -> str:
+    """MMLU questions scored in an eval.json (its n-samples), or "?"."""
+    samples = evaluation.get("n-samples", {})
+    counts = [v.get("effective") for k, v in samples.items() if k.startswith("mmlu_")]
+    return f"{sum(counts):,}" if counts and all(isinstance(c, int) for c in counts) else "?"
+
+
+def _setup(config: dict[str, Any]) -> str:
+    """'smollm2 (q_proj,v_proj), 10 clients, 2 rounds x 5 steps, batch 4, lr 0.0005, dirichlet
+    alpha 1.0, max_length 160, 2000 rows'."""
+    if not config:
+        return ""
+    model, data = config.get("model", {}), config.get("data", {})
+    federation, train = config.get("federation", {}), config.get("train", {})
+    targets = ",".join(model.get("target_modules") or []) or "default targets"
+    clients = "1 client (centralized)" if federation.get("centralized") else \
+        f"{federation.get('num_clients', '?')} clients"  # fmt: skip
+    fraction = federation.get("fraction", 1.0)
+    if fraction not in (None, 1.0):
+        clients += f" ({fraction:.0%} a round)"
+    scheme = data.get("partition", "?")
+    if scheme == "dirichlet":
+        scheme += f" alpha {data.get('dirichlet_alpha')}"
+    rows = data.get("limit") or "all"
+    return (f"{model.get('name', '?')} ({targets}), {clients}, {federation.get('rounds', '?')} "
+            f"rounds x {train.get('max_steps', '?')} steps, batch {train.get('batch_size', '?')}, "
+            f"lr {train.get('lr', '?')}, {scheme}, max_length {data.get('max_length', '?')}, "
+            f"{rows} rows")  # fmt: skip
 
 
 def _row_acc(run_dir: Path, row: dict[str, Any]) -> float:
