@@ -108,6 +108,7 @@ def evaluate_model(
                     template=config.data.template,  # type: ignore[arg-type]
                     max_new_tokens=config.eval.max_new_tokens,
                     precision=precision,
+                    no_repeat_ngram_size=config.eval.no_repeat_ngram_size,
                 ),
             }
             for record in data.heldout_records[: config.eval.samples]

@@ -303,6 +303,9 @@ class EvalConfig:
     batch_size: int = 8  # examples per forward pass for the held-out loss and MMLU
     samples: int = 1  # answers generated before and after for the first N held-out prompts
     max_new_tokens: int = 48  # the length limit of each generated sample answer
+    # greedy samples never repeat an n-gram of this many tokens (ends the loops small models fall
+    # into); 0: plain greedy
+    no_repeat_ngram_size: int = 3
     mmlu: bool = False  # k-shot MMLU of the global model before round 1 and after the last
     mmlu_every: int = 0  # ... and every N rounds (0: only before and after)
     mmlu_limit_per_subject: int = 10  # questions per subject (0: all 14,042)
@@ -313,6 +316,8 @@ class EvalConfig:
         _need(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _need(self.samples >= 0, "eval.samples", self.samples, ">= 0")
         _need(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
+        _need(self.no_repeat_ngram_size >= 0, "eval.no_repeat_ngram_size",
+              self.no_repeat_ngram_size, ">= 0 (0: plain greedy)")  # fmt: skip
         _need(self.mmlu_every >= 0, "eval.mmlu_every", self.mmlu_every, ">= 0")
         needs = "0 unless eval.mmlu = true (set eval.mmlu = true to score MMLU in the run)"
         _need(self.mmlu_every == 0 or self.mmlu, "eval.mmlu_every", self.mmlu_every, needs)

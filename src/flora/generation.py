@@ -1,4 +1,10 @@
-"""Greedy answers to instruction prompts, for before/after samples."""
+"""Greedy answers to instruction prompts, for before/after samples.
+
+Plain greedy decoding sends a 135M model into loops ("The Shawshanner" five times, before and
+after training alike), which hides what training changed. Answers are greedy with transformers'
+``no_repeat_ngram_size`` (no 3-gram twice, by default): on SmolLM2 it ends the loops and leaves
+loop-free answers as greedy gives them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flora.data.prompts import Template, encode_prompt
 from flora.devices import autocast_context
 
-__all__ = ["generate_answer"]
+__all__ = ["NO_REPEAT_NGRAM", "generate_answer"]
+
+NO_REPEAT_NGRAM = 3
 
 
 def generate_answer(
@@ -20,8 +28,10 @@ def generate_answer(
     template: Template = "chat",
     max_new_tokens: int = 48,
     precision: str = "fp32",
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
 ) -> str:
-    """The model's greedy answer to one prompt, decoded without special tokens."""
+    """The model's greedy answer to one prompt (no n-gram of ``no_repeat_ngram_size`` tokens
+    twice; 0: plain greedy), decoded without special tokens."""
     device = next(model.parameters()).device
     ids = torch.tensor([encode_prompt(instruction, context, tokenizer, template)], device=device)
     was_training = model.training
@@ -32,6 +42,7 @@ def generate_answer(
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            no_repeat_ngram_size=no_repeat_ngram_size,
             pad_token_id=tokenizer.pad_token_id,
         )
     model.train(was_training)
