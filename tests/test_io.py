@@ -22,3 +22,12 @@ def test_an_atomic_write_gets_the_umasks_mode(tmp_path, umask, mode):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"a.txt": mode, "b.json": mode, "c.txt": mode}
+
+
+def test_answer_change_is_zero_for_equal_answers_and_grows_with_the_edit():
+    from flora.outputs import answer_change
+
+    assert answer_change("Paris.", "Paris.") == 0.0
+    small = answer_change("The capital is Paris.", "The capital is Paris!")
+    large = answer_change("The capital is Paris.", "Bananas are yellow fruit.")
+    assert 0 < small < large <= 1

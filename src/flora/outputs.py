@@ -63,7 +63,7 @@ class RunResult:
     run_dir: Path
     loss_before: float
     loss_after: float
-    samples: list[dict[str, str]]
+    samples: list[dict[str, Any]]  # before/after answers, the most changed first
     seconds: float
 
 
@@ -84,6 +84,14 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def answer_change(before: str, after: str) -> float:
+    """How much an answer changed: 1 - difflib's similarity ratio of the two texts (0: the
+    same text, 1: nothing in common)."""
+    import difflib
+
+    return round(1.0 - difflib.SequenceMatcher(None, before, after).ratio(), 4)
 
 
 class RunOutputs:
@@ -249,9 +257,11 @@ class RunOutputs:
             raise FloraError(f"the held-out evaluation before or after failed; see {self.run_dir}")
         before, after = evals[0], evals[rounds]
         samples = [
-            {"instruction": b["instruction"], "before": b["answer"], "after": a["answer"]}
+            {"instruction": b["instruction"], "before": b["answer"], "after": a["answer"],
+             "change": answer_change(b["answer"], a["answer"])}
             for b, a in zip(before.get("samples", []), after.get("samples", []), strict=False)
-        ]
+        ]  # fmt: skip
+        samples.sort(key=lambda sample: -float(sample["change"]))  # most changed first
         result = RunResult(
             self.run_dir, before["heldout_loss"], after["heldout_loss"], samples, seconds
         )
