@@ -15,6 +15,7 @@ import pytest
 from flora.cli import main
 from flora.errors import FloraError
 from flora.packaged import CONFIG_DIR, FLOWER_APP_DIR, config_path, shipped_configs
+from flora.tiny_tokenizer import TOKENIZER_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def test_the_wheel_s_package_data_globs_cover_every_shipped_file():
     ]["flora"]
     package = ROOT / "src" / "flora"
     covered = {p.resolve() for pattern in globs for p in package.glob(pattern)}
-    shipped = [*CONFIG_DIR.glob("*.toml"), *FLOWER_APP_DIR.iterdir()]
+    shipped = [*CONFIG_DIR.glob("*.toml"), *FLOWER_APP_DIR.iterdir(), TOKENIZER_FILE]
     assert shipped and {p.resolve() for p in shipped} <= covered
 
 
@@ -105,7 +106,11 @@ def test_an_unpacked_wheel_finds_its_configs_without_the_checkout(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     listed = subprocess.run([sys.executable, "-m", "flora.cli", "configs", "list"], cwd=elsewhere,
                             env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    probe = "from flora.tiny_tokenizer import tiny_tokenizer as t; print(len(t()))"
+    tokenizer = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env,
+                               capture_output=True, text=True, check=True)  # fmt: skip
     # Assert
     assert {f"flora/configs/{n}.toml" for n in shipped_configs()} <= set(names)
-    assert "flora/flower_app/pyproject.toml" in names
+    assert {"flora/flower_app/pyproject.toml", "flora/tiny_tokenizer.json"} <= set(names)
     assert "tiny " in listed.stdout and str(tmp_path / "site" / "flora") in listed.stdout
+    assert tokenizer.stdout.split() == ["4096"]

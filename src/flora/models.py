@@ -54,6 +54,7 @@ from flora.devices import (
 from flora.errors import FloraError
 from flora.io import directory_mode
 from flora.paths import CACHE_ENV, cache_root
+from flora.tiny_tokenizer import tiny_tokenizer
 
 __all__ = [
     "CACHE_ENV",
@@ -317,8 +318,9 @@ def load_model(
 
     ``spec`` is ``"smollm2"`` (the packaged SmolLM2-135M-Instruct, cached after the first
     conversion), ``"gemma3-270m"`` (the packaged Gemma 3 270M base model), ``"tiny-llama"``,
-    ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random, seeded by ``seed``, with the
-    SmolLM2 tokenizer: :func:`tiny_model`), or a transformers checkpoint directory / hub id.
+    ``"tiny-qwen2"``, ``"tiny-gemma"`` or ``"tiny-gpt2"`` (random, seeded by ``seed``, with
+    flora's shipped tiny tokenizer, flora.tiny_tokenizer: :func:`tiny_model`), or a
+    transformers checkpoint directory / hub id.
     The weights are held in ``dtype`` ("fp32", "bf16", "fp16") on
     ``device``, or quantised to ``quantization`` bits (4: NF4, 8: LLM.int8) with ``precision`` as
     the compute dtype; the modules whose leaf name is in ``keep_fp32`` stay fp32 (and
@@ -330,13 +332,14 @@ def load_model(
         raise FloraError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
     compute = resolve_precision(precision, device, dtype)
-    if spec in _BUILTIN_SPECS:
+    if spec in _BUILTIN_SPECS and spec.startswith("tiny-"):
+        tokenizer: PreTrainedTokenizerBase = tiny_tokenizer()  # shipped: no download, no package
+        model = tiny_model(spec.removeprefix("tiny-"), tokenizer, seed)
+    elif spec in _BUILTIN_SPECS:
         packaged = gemma3_checkpoint if spec == "gemma3-270m" else smollm2_checkpoint
         checkpoint = packaged(cache_dir)
         tokenizer = load_tokenizer(checkpoint)
-        if spec.startswith("tiny-"):
-            model = tiny_model(spec.removeprefix("tiny-"), tokenizer, seed)
-        elif not quantization:
+        if not quantization:
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     else:
         path = _checkpoint_path(spec)

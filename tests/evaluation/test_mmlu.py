@@ -183,11 +183,11 @@ def test_shared_mmlu_copy_loads_every_subject():
     assert test["abstract_algebra"][0].subject == "abstract_algebra"
 
 
-def test_a_bf16_base_scores_mmlu_like_the_fp32_one(tokenizer, torch_single_thread):
+def test_a_bf16_base_scores_mmlu_like_the_fp32_one(torch_single_thread):
     """model.dtype = "bf16" holds the head in bf16: its rows are upcast to fp32 for the scores."""
     from flora.models import load_model
 
-    fp32, _ = load_model("tiny-llama")
+    fp32, tokenizer = load_model("tiny-llama")  # the tiny models' own (shipped) tokenizer
     bf16, _ = load_model("tiny-llama", dtype="bf16", precision="bf16")
     test, shots = {"physics": TEST}, {"physics": SHOTS}
     scores = {

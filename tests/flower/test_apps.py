@@ -84,14 +84,20 @@ def test_every_method_with_partial_participation_matches_the_embedded_runtime(tm
 
 
 def test_svd_catch_up_gives_the_embedded_updates_to_float_precision(tmp_path):
+    # rank 24: two missed rounds stack 48 rows, more than v_proj's 32, so the exact re-factoring
+    # is smaller than the replay whatever training gives (at ranks 8, 4, 2 the 18 stacked rows fit
+    # every layer: it was smaller only by the one row of numerical-rank deficiency that SmolLM2's
+    # tokenizer's data happened to give, and the tiny tokenizer's does not)
     overrides = [*FAST, "federation.fraction=0.34", "federation.rounds=3",
-                 "federation.catch_up='svd'"]  # fmt: skip
+                 "federation.catch_up='svd'", "lora.ranks=[24, 24, 24]"]  # fmt: skip
     # one client a round: client 0 trains in rounds 2 and 3, missing round 1
     config = load_config(TINY, overrides)
     flower = run_flower(config, tmp_path)
     simulation.run(config, tmp_path / "embedded", quiet=True)
     assert max(r["catch_up_rounds"] for r in rows(flower, "client")) == 1  # 2 rounds in 1
-    assert_same_rounds(flower, tmp_path / "embedded", 3, atol=1e-6)
+    # the re-factored base differs from the replayed one in its last bits; a training step
+    # carries that to ~2e-6 of factor entries up to 0.13
+    assert_same_rounds(flower, tmp_path / "embedded", 3, atol=1e-5)
 
 
 def test_a_failed_client_is_left_out_and_catches_up_next_round(tmp_path, fail_client):
