@@ -114,3 +114,12 @@ def test_an_unpacked_wheel_finds_its_configs_without_the_checkout(tmp_path):
     assert {"flora/flower_app/pyproject.toml", "flora/tiny_tokenizer.json"} <= set(names)
     assert "tiny " in listed.stdout and str(tmp_path / "site" / "flora") in listed.stdout
     assert tokenizer.stdout.split() == ["4096"]
+
+
+def test_the_flower_app_s_default_config_is_a_shipped_one(tmp_path, monkeypatch):
+    """The packaged Flower app names its default config by bare name, so `flwr run` of the app
+    inside an installed wheel finds it whatever the SuperLink's working directory."""
+    app = tomllib.loads((FLOWER_APP_DIR / "pyproject.toml").read_text())
+    monkeypatch.chdir(tmp_path)
+    default = app["tool"]["flwr"]["app"]["config"]["config"]
+    assert config_path(default) == shipped_configs()["tiny"]

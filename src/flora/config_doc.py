@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import io
 import json
+import re
 import tokenize
 import typing
 from typing import Any
@@ -98,7 +99,8 @@ def _section(cls: type, title: str, comments: dict[tuple[str, str], str]) -> lis
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             continue  # a section of its own
-        kind = str(f.type).replace("dict[str, Any]", "table")
+        kind = re.sub(r"dict\[str, (\w+)\]", r"table of \1", str(f.type))
+        kind = kind.replace("table of Any", "table")
         row = [f"`{f.name}`", f"`{kind}`", f"`{_toml(_default(f))}`",
                comments.get((cls.__name__, f.name), "")]  # fmt: skip
         lines.append("| " + " | ".join(_cell(cell) for cell in row) + " |")
