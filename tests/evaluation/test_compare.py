@@ -70,7 +70,13 @@ def runs(tmp_path) -> list[Path]:
     }
     return [
         _write_run(
-            tmp_path, "flora-run", "flora", [4, 2], [3.0, 2.5, 2.2], seconds=42.0, eval=evaluation,
+            tmp_path,
+            "flora-run",
+            "flora",
+            [4, 2],
+            [3.0, 2.5, 2.2],
+            seconds=42.0,
+            eval=evaluation,
             categories={"open_qa": (3.1, 2.0), "summarization": (2.9, 2.5)},
         ),
         _write_run(tmp_path, "fedit-run", "fedit", "homo-16", [3.0, 2.8, 2.7, 2.6]),

@@ -119,7 +119,11 @@ def _run(args: argparse.Namespace) -> int:
         f"held-out loss: before {result.loss_before:.4f} -> after {result.loss_after:.4f} "
         f"({config.federation.method}, {config.federation.rounds} rounds, {result.seconds:.0f} s)"
     )
-    for sample in result.samples[:1]:
+    shown = result.samples[:3]  # summary.json holds them all, the most changed first
+    if shown:
+        print(f"\nthe {len(shown)} of {len(result.samples)} held-out sample answers that changed "
+              "most (greedy, no 3-gram twice):")  # fmt: skip
+    for sample in shown:
         print(f"\nprompt: {sample['instruction']}")
         print(f"before: {sample['before']}")
         print(f"after:  {sample['after']}")
