@@ -37,8 +37,10 @@ def _quiet_run(tmp_path: Path, *runtime: str) -> tuple[subprocess.CompletedProce
 
 def _assert_only_flora_lines(done: subprocess.CompletedProcess) -> None:
     # the result lines, in order; the sample answers (random tokens) may span lines
-    pattern = (r"\nresults in .*\nheld-out loss: before .*\n\nthe 1 of 1 held-out sample answers "
-               r"that changed most .*\n\nprompt: .*\nbefore: (.|\n)*after:  ")
+    pattern = (
+        r"\nresults in .*\nheld-out loss: before .*\n\nthe 1 of 1 held-out sample answers "
+        r"that changed most .*\n\nprompt: .*\nbefore: (.|\n)*after:  "
+    )
     assert re.fullmatch(pattern + r"(.|\n)*", done.stdout), done.stdout
     assert done.stderr == "", done.stderr[-2000:]  # no progress bar, warning or banner
 
