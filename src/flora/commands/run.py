@@ -114,7 +114,8 @@ def _run(args: argparse.Namespace) -> int:
                              "run, --set federation.rounds=N)")  # fmt: skip
         config, run_dir = _new_run(args)
         result = simulate(config, run_dir, quiet=args.quiet)
-    print(f"\nresults in {result.run_dir}/ (metrics.jsonl, final/model, checkpoints/)")
+    saved = "final/adapter, final/model" if config.output.model else "final/adapter"
+    print(f"\nresults in {result.run_dir}/ (metrics.jsonl, {saved}, checkpoints/)")
     print(
         f"held-out loss: before {result.loss_before:.4f} -> after {result.loss_after:.4f} "
         f"({config.federation.method}, {config.federation.rounds} rounds, {result.seconds:.0f} s)"
