@@ -46,14 +46,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--tasks", default="heldout,mmlu,samples", help="comma-separated (default: %(default)s)"
     )
     parser.add_argument("--out", help="output directory (default: RUN_DIR/eval or ./eval-NAME)")
-    limit = parser.add_mutually_exclusive_group()
-    limit.add_argument(
+    parser.add_argument(
         "--limit-per-subject",
         type=int,
-        default=DEFAULT_LIMIT_PER_SUBJECT,
-        help="MMLU test questions per subject, the first N (default: %(default)s)",
+        default=None,
+        help=f"MMLU test questions per subject, the first N (default: {DEFAULT_LIMIT_PER_SUBJECT})",
     )
-    limit.add_argument(
+    parser.add_argument(
         "--full", action="store_true", help="MMLU: every test question, 14,042 (default: off)"
     )
     parser.add_argument(
@@ -96,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("shots", "num_samples"):
         if getattr(args, name) < 0:
             raise FloraError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.full and args.limit_per_subject is not None:
+        raise FloraError("--full scores every question: drop --limit-per-subject, or --full")
+    if args.limit_per_subject is None:
+        args.limit_per_subject = DEFAULT_LIMIT_PER_SUBJECT
     if args.limit_per_subject < 1:
         raise FloraError("--limit-per-subject must be >= 1 (--full scores every question)")
     for name in ("batch_size", "max_new_tokens"):
