@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -17,3 +20,16 @@ def alive_in_groups(groups: set[int]) -> list[str]:
         if pgrp in groups and state != "Z":
             alive.append(stat.parent.name)
     return alive
+
+
+def deploy(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """scripts/flower-deploy.sh with ``args`` into ``tmp/run``, this venv's tools first on PATH
+    and its temporary directory (FLWR_HOME, keys, certificates) under ``tmp``."""
+    run_dir = tmp / "run"
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp),
+    }
+    command = ["bash", "scripts/flower-deploy.sh", *args, "-o", str(run_dir), "-t", "240"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return done, run_dir

@@ -367,7 +367,7 @@ def category_losses(
     total, count = 0.0, 0
     for category in sorted(groups):
         members = groups[category]
-        tokens = sum(_supervised(torch.tensor(e["labels"])[None]) for e in members)
+        tokens = sum(label != IGNORE_INDEX for e in members for label in e["labels"][1:])
         if tokens == 0:
             continue
         loss = evaluate_loss(

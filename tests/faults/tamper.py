@@ -32,8 +32,14 @@ def tamper(partition: int, round: int, change: Change) -> Callable[[], None]:
             return change(result)
         return result
 
-    flora.client.client_round = tampered  # type: ignore[assignment]
-    flora.simulation.client_round = tampered  # type: ignore[assignment]
+    return _install(tampered)
+
+
+def _install(replacement: Callable[..., ClientResult]) -> Callable[[], None]:
+    """Put ``replacement`` where both runtimes call ``client_round``; return what undoes it."""
+    real = flora.client.client_round
+    flora.client.client_round = replacement  # type: ignore[assignment]
+    flora.simulation.client_round = replacement  # type: ignore[assignment]
 
     def undo() -> None:
         flora.client.client_round = real  # type: ignore[assignment]
@@ -126,11 +132,4 @@ def crash_in_training(partition: int, round: int) -> Callable[[], None]:
         finally:
             flora.training.response_loss = real_loss
 
-    flora.client.client_round = tampered  # type: ignore[assignment]
-    flora.simulation.client_round = tampered  # type: ignore[assignment]
-
-    def undo() -> None:
-        flora.client.client_round = real_round  # type: ignore[assignment]
-        flora.simulation.client_round = real_round  # type: ignore[assignment]
-
-    return undo
+    return _install(tampered)

@@ -8,18 +8,16 @@ never receives a message. TLS is on (``--auth`` implies ``--tls``).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr", reason="the Flower tests need `pip install -e '.[flower]'`")
 
-from tests.processes import alive_in_groups
+from tests.processes import alive_in_groups, deploy
 
 from flora.metrics import read_metrics
 
@@ -31,17 +29,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    tmp = tmp_path_factory.mktemp("auth")
-    run_dir = tmp / "run"
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "TMPDIR": str(tmp),
-    }
     overrides = "federation.num_clients=2;lora.ranks=[8, 4];federation.rounds=1"
-    command = ["bash", "scripts/flower-deploy.sh", "--auth", "--intruder", "-n", "2",
-               "-s", overrides, "-o", str(run_dir), "-t", "240"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    return done, run_dir
+    tmp = tmp_path_factory.mktemp("auth")
+    return deploy(tmp, "--auth", "--intruder", "-n", "2", "-s", overrides)
 
 
 def test_registered_nodes_train_over_tls(deployment):

@@ -7,7 +7,6 @@ ports, FLWR_HOME in a temporary directory, every process stopped by the script (
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ pytest.importorskip("flwr", reason="the Flower tests need `pip install -e '.[flo
 
 import torch
 from safetensors.torch import load_file
-from tests.processes import alive_in_groups
+from tests.processes import alive_in_groups, deploy
 
 from flora import simulation
 from flora.cli import main
@@ -97,17 +96,8 @@ def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, monkey
 def deployment(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """A 2-node loopback deployment, 2 rounds; partition 1's ClientApp fails in round 1."""
     tmp = tmp_path_factory.mktemp("deploy")
-    run_dir = tmp / "run"
-    bin_dir = str(Path(sys.executable).parent)
-    env = os.environ | {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "TMPDIR": str(tmp),
-    }
     faulty_worker = f"{sys.executable} {Path(__file__).parent / 'faults.py'} 1@1"  # 1 fails in 1
-    command = ["bash", "scripts/flower-deploy.sh", "-n", "2", "-s", ";".join(TWO_CLIENTS),
-               "-o", str(run_dir), "-t", "240", "-w", faulty_worker]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    return done, run_dir
+    return deploy(tmp, "-n", "2", "-s", ";".join(TWO_CLIENTS), "-w", faulty_worker)
 
 
 def test_a_loopback_deployment_runs_and_stops_everything_it_started(deployment):

@@ -148,24 +148,25 @@ def _first_bad_json(path: Path) -> tuple[str, list[int]]:
             raise FloraError(
                 f"{where}: not valid JSON at line {exc.lineno} ({exc.msg}); {fix}"
             ) from None
-        places, unit = [(f"record {n}", row) for n, row in enumerate(rows, start=1)], "record"
+        unit, numbers = "record", list(range(1, len(rows) + 1))
     else:
-        unit = "line"
-        places = []
+        unit, numbers, rows = "line", [], []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                places.append((f"line {number}", json.loads(line)))
+                rows.append(json.loads(line))
+                numbers.append(number)
             except json.JSONDecodeError as exc:
                 fix = "each line must hold one JSON object"
                 raise FloraError(
                     f"{where}: line {number} is not valid JSON ({exc.msg}); {fix}"
                 ) from None
-    for place, row in places:
+    for number, row in zip(numbers, rows, strict=True):
         if not isinstance(row, dict):
-            raise FloraError(f"{where}: {place}: expected a JSON object, got {type(row).__name__}")
-    return unit, [int(place.split()[1]) for place, _ in places] if unit == "line" else []
+            kind = type(row).__name__
+            raise FloraError(f"{where}: {unit} {number}: expected a JSON object, got {kind}")
+    return unit, numbers if unit == "line" else []
 
 
 def load_hub_split(

@@ -12,6 +12,7 @@ file travels alone; both carry the footnotes and each run's setup.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,8 +214,6 @@ def _downlink_plot(runs: Sequence[RunSummary], path: Path) -> Path | None:
 
 
 def _without_curves(run: RunSummary) -> RunSummary:
-    import dataclasses
-
     return dataclasses.replace(run, loss_by_downlink=[])
 
 
