@@ -22,8 +22,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flora.adapters import Adapter
 from flora.config import RunConfig
 from flora.data.prompts import Example
+from flora.errors import FloraError
 from flora.generation import generate_answer
 from flora.models import run_precision
+from flora.privacy.accounting import dp_sgd_plan
+from flora.privacy.client_level import clip_update
 from flora.protocol import ClientTask
 from flora.training import category_losses, train_client
 from flora.weights import applied
@@ -147,9 +150,16 @@ def client_round(
                 init=task.init,
                 freeze_A=task.freeze_A,
                 use_rslora=config.lora.use_rslora,
+                privacy=dp_sgd_plan(config, len(data.examples), task.client),
             )
+            factors = local.factors
+            if config.privacy.mode == "client-level":  # clipped here: the server never sees more
+                if task.init is None:
+                    raise FloraError("privacy.mode = 'client-level' needs a global LoRA task")
+                factors, _ = clip_update(factors, task.init, config.privacy.update_norm,
+                                         task.freeze_A)  # fmt: skip
             result.factors, result.examples, result.tokens = (
-                local.factors,
+                factors,
                 local.examples,
                 local.tokens,
             )

@@ -24,6 +24,7 @@ from flora.aggregation.registry import METHODS
 from flora.data.partition import SCHEMES
 from flora.data.prompts import TEMPLATES, TRUNCATIONS
 from flora.errors import FloraError
+from flora.privacy.config import PrivacyConfig
 
 __all__ = [
     "BASE_DTYPES",
@@ -37,6 +38,7 @@ __all__ = [
     "FlowerConfig",
     "LoraSpec",
     "ModelConfig",
+    "PrivacyConfig",
     "RunConfig",
     "ScreeningConfig",
     "TrainConfig",
@@ -225,6 +227,8 @@ class FederationConfig:
 
 
 SCHEDULES = ("linear", "cosine")
+SAMPLINGS = ("auto", "shuffle", "poisson")
+LOSS_WEIGHTINGS = ("auto", "tokens", "examples")
 
 
 @dataclass
@@ -238,7 +242,9 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps per round; when > 0 it overrides local_epochs
     warmup_ratio: float = 0.0  # fraction of the steps spent ramping the lr up linearly
     schedule: str = "linear"  # decay after warmup: "linear" or "cosine"
-    max_grad_norm: float = 1.0  # global grad-norm clip over the LoRA params; 0 disables it
+    # global grad-norm clip over the LoRA params; 0 disables it (DP-SGD clips every example's
+    # gradient to privacy.max_grad_norm instead, and this one is not used)
+    max_grad_norm: float = 1.0
     weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA factors
     lora_dropout: float = 0.05  # dropout on the LoRA branch's input
     precision: str = "fp32"  # autocast: "fp32", "bf16", "fp16" (with a grad scaler) or "auto"
@@ -249,6 +255,13 @@ class TrainConfig:
     # recompute the activations in the backward pass instead of keeping them: less memory for
     # more compute, the same loss and gradients (transformers' non-reentrant checkpointing)
     gradient_checkpointing: bool = False
+    # a step's batch: "shuffle" (batch_size x grad_accum examples of each epoch's shuffle) or
+    # "poisson" (each example with probability batch_size x grad_accum / n, as DP-SGD's
+    # accountant assumes); "auto": poisson with privacy.mode = "dp-sgd", else shuffle
+    sampling: str = "auto"
+    # a step's loss: "tokens" (the mean over all its response tokens) or "examples" (the mean of
+    # each example's own mean, which DP-SGD clips); "auto": examples with dp-sgd, else tokens
+    loss_weighting: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number >= 0")
@@ -279,6 +292,19 @@ class TrainConfig:
             self.device,
             "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
         )
+        _check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"one of {SAMPLINGS}")
+        _check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", self.loss_weighting,
+               f"one of {LOSS_WEIGHTINGS}")  # fmt: skip
+
+    def resolved(self, private: bool) -> tuple[str, str]:
+        """(sampling, loss weighting), "auto" resolved for a DP-SGD (``private``) run or not."""
+        sampling = self.sampling
+        if sampling == "auto":
+            sampling = "poisson" if private else "shuffle"
+        weighting = self.loss_weighting
+        if weighting == "auto":
+            weighting = "examples" if private else "tokens"
+        return sampling, weighting
 
     def total_steps(self, num_examples: int) -> int:
         """Optimizer steps for a client holding ``num_examples`` examples."""
@@ -403,9 +429,11 @@ class RunConfig:
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _need(self.threads >= 0, "threads", self.threads, ">= 0 (0: torch's default)")
+        self._check_privacy()
         ranks = self.lora.rank_list()
         if not self.federation.centralized:
             _need(
@@ -428,6 +456,43 @@ class RunConfig:
                 f"passes run in the base's precision; set train.precision = {dtype!r} (or "
                 "'auto'), or model.dtype = 'fp32'"
             )
+
+    def _check_privacy(self) -> None:
+        privacy, train, method = self.privacy, self.train, METHODS[self.federation.method]
+        if privacy.mode == "dp-sgd":
+            for key, value, needed in (
+                ("sampling", train.sampling, "poisson"),
+                ("loss_weighting", train.loss_weighting, "examples"),
+            ):
+                if value not in ("auto", needed):
+                    raise FloraError(
+                        f"train.{key} = {value!r} with privacy.mode = 'dp-sgd': DP-SGD's "
+                        f"accounting needs {needed!r}; set train.{key} = 'auto'"
+                    )
+            if train.gradient_checkpointing:
+                raise FloraError(
+                    "train.gradient_checkpointing with privacy.mode = 'dp-sgd': opacus' "
+                    "per-example hooks would see each recomputed forward twice; set "
+                    "train.gradient_checkpointing = false"
+                )
+            if train.precision == "fp16":
+                raise FloraError(
+                    "train.precision = 'fp16' with privacy.mode = 'dp-sgd': the gradient "
+                    "scaler's loss scale would be clipped with the gradients; use 'bf16', "
+                    "'fp32' or 'auto'"
+                )
+        if privacy.mode == "client-level":
+            if not method.client_dp:
+                raise FloraError(
+                    f"privacy.mode = 'client-level' with federation.method = {method.name!r}: "
+                    f"{method.client_dp_refusal}; use privacy.mode = 'dp-sgd' (sample-level, "
+                    "every method) or federation.method = 'fedit' or 'ffa-lora'"
+                )
+            if self.federation.centralized:
+                raise FloraError(
+                    "privacy.mode = 'client-level' with federation.centralized: one client "
+                    "has no others to hide among; use privacy.mode = 'dp-sgd'"
+                )
 
     def client_ranks(self) -> list[int]:
         ranks = self.lora.rank_list()

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from flora.data.prompts import IGNORE_INDEX
 
-__all__ = ["HEAD_ONLY_TYPES", "response_loss"]
+__all__ = ["HEAD_ONLY_TYPES", "response_loss", "response_losses"]
 
 # model_type values whose CausalLM forward is exactly lm_head(decoder(...)) before the loss
 HEAD_ONLY_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -39,3 +39,28 @@ def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
     keep = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][keep]).float()  # (N, V), N = response tokens
     return F.cross_entropy(logits, targets[keep])
+
+
+def response_losses(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's own mean next-token cross-entropy over its response tokens, (B,).
+
+    What DP-SGD clips (an example's gradient may depend on that example alone) and what
+    ``train.loss_weighting = "examples"`` averages. An example without a response token gets 0.
+    """
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    keep = targets != IGNORE_INDEX
+    if getattr(model.config, "model_type", None) in HEAD_ONLY_TYPES:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        logits = head(hidden[:, :-1][keep]).float()  # (N, V)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False)  # fmt: skip
+        logits = out.logits[:, :-1][keep].float()
+    token_losses = F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+    rows = keep.nonzero()[:, 0]  # the example of every response token
+    sums = torch.zeros(keep.shape[0], dtype=token_losses.dtype, device=token_losses.device)
+    sums = sums.index_add(0, rows, token_losses)
+    return sums / keep.sum(dim=1).clamp_min(1)

@@ -166,7 +166,9 @@ class RunOutputs:
         else:  # a failed round: what they sent, though nothing was aggregated
             bytes_up = [adapter_bytes(r.factors) if r.factors else 0 for _, r in done]
         for (task, result), up in zip(done, bytes_up, strict=True):
-            self.metrics.write(_client_row(task, result, up))
+            self.metrics.write(
+                _client_row(task, result, up) | server.ledger.client_fields(task.client)
+            )
         failed = {r.client: r.error or "no upload" for r in results if not r.ok}
         for client, reason in sorted(failed.items()):  # one row per left-out client
             stage = "screening" if reason.startswith("rejected: ") else "client"
@@ -192,6 +194,7 @@ class RunOutputs:
                 "aggregate_seconds": outcome.seconds,
                 "train_seconds": sum(r.seconds for _, r in done),
             }
+        row |= server.ledger.server_fields()
         self.metrics.write(row | extra)
 
     def eval_row(

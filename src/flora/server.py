@@ -33,6 +33,8 @@ from flora.aggregation.lowrank import truncate
 from flora.aggregation.screen import Screened, ScreenRules, Upload, screen
 from flora.config import RunConfig
 from flora.errors import FloraError
+from flora.privacy.client_level import noise_average, noise_generator, update_norm
+from flora.privacy.ledger import Ledger
 from flora.protocol import (
     ClientTask,
     RoundUpdate,
@@ -100,6 +102,8 @@ class Server:
         self.shortfall: str | None = None  # why the last aggregate() failed its round
         if self.method.keeps_global_lora:
             self.global_lora = initial_lora(shapes, max(self.ranks), config.seed)
+        # privacy: each client's spend; refuses an epsilon target that cannot be met
+        self.ledger = Ledger(config, self.sizes, len(self.sample(1)))
 
     @property
     def num_clients(self) -> int:
@@ -168,10 +172,31 @@ class Server:
             uploads.append(Upload(r.client, r.factors, float(r.examples), task.rank, known,
                                   frozen))  # fmt: skip
         screened = screen(uploads, self.shapes, self.rules)
+        if self.config.privacy.mode == "client-level":
+            self._check_clipped(tasks, screened)
         for r in results:
             if r.client in screened.rejected:
                 r.error = f"rejected: {screened.rejected[r.client]}"
         return screened
+
+    def _check_clipped(self, tasks: Sequence[ClientTask], screened: Screened) -> None:
+        """Client-level DP: reject an upload whose update exceeds privacy.update_norm (its
+        client did not clip, and its noise would not cover it)."""
+        bound = self.config.privacy.update_norm
+        starts = {t.client: t for t in tasks}
+        kept = []
+        for upload in screened.accepted:
+            task = starts[upload.client]
+            assert task.init is not None  # client-level DP runs only with a global LoRA
+            norm = update_norm(upload.factors, task.init, task.freeze_A)
+            if norm > bound * (1 + 1e-4):
+                screened.rejected[upload.client] = (
+                    f"its update's norm {norm:.4g} exceeds privacy.update_norm = {bound:g} "
+                    "(not clipped on the client)"
+                )
+            else:
+                kept.append(upload)
+        screened.accepted = kept
 
     def aggregate(
         self, round: int, tasks: Sequence[ClientTask], results: Sequence[ClientResult]
@@ -180,6 +205,9 @@ class Server:
         fewer than ``federation.min_clients`` remain or the realised update is not finite
         (``self.shortfall`` says why): the round failed."""
         screened = self.screen(tasks, results)
+        self.ledger.record([(t.client, r.examples, r.steps)
+                            for t, r in zip(tasks, results, strict=True)
+                            if r.factors is not None])  # fmt: skip
         self.shortfall = None
         need = self.config.federation.min_clients
         if len(screened.accepted) < need:
@@ -190,6 +218,9 @@ class Server:
         factors = [u.factors for u in screened.accepted]
         options = self.config.federation.options
         examples = [u.examples for u in screened.accepted]
+        private = self.ledger.clients is not None  # client-level DP: equal weights, then noise
+        if private:
+            examples = [1.0] * len(examples)
         result = aggregate(self.method.name, factors, examples, **options)
         if not result.is_finite():
             self.shortfall = "the realised update is not finite (the accepted uploads overflow)"
@@ -197,10 +228,18 @@ class Server:
         report = measure(factors, result.weights, result)
         update = None
         if self.global_lora is not None:
+            average = result.global_factors
+            if private:
+                assert self.ledger.clients is not None
+                privacy = self.config.privacy
+                std = self.ledger.clients.noise_multiplier * privacy.update_norm / len(factors)
+                generator = noise_generator(self.config.seed, round, privacy.reproducible_noise)
+                average = noise_average(average, std, generator, self.method.freezes_A)
+                self.ledger.noised()
             # Keep the global LoRA at the largest rank of ALL clients: a round's participants may
             # all be small, and a larger client joining later must get its full rank (zero-padded).
             width = max(self.ranks)
-            self.global_lora = {m: truncate(f, width) for m, f in result.global_factors.items()}
+            self.global_lora = {m: truncate(f, width) for m, f in average.items()}
         else:
             update = RoundUpdate(round, result.global_factors, result.residual)
             self.history.append(update)
@@ -208,12 +247,17 @@ class Server:
 
     def state(self) -> dict[str, Any]:
         """JSON-ready scalar state (tensors are checkpointed separately)."""
-        return {"synced": list(self.synced), "history_rounds": [u.round for u in self.history]}
+        return {
+            "synced": list(self.synced),
+            "history_rounds": [u.round for u in self.history],
+            "privacy": self.ledger.state(),
+        }
 
     def restore(
         self, state: dict[str, Any], history: list[RoundUpdate], lora: Adapter | None
     ) -> None:
         self.synced = [int(v) for v in state["synced"]]
+        self.ledger.restore(state.get("privacy"))
         self.history = history
         if self.method.keeps_global_lora:
             self.global_lora = lora

@@ -54,6 +54,14 @@ class Method:
     summary: str  # one line for `flora aggregate --help`
     freezes_A: bool = False  # clients train B only, over the shared A of the global LoRA
     options: tuple[Option, ...] = ()
+    # why client-level DP (privacy.mode = "client-level") does not apply; "" where it does: the
+    # methods that average one global LoRA, whose clipped updates' mean takes Gaussian noise
+    client_dp_refusal: str = ""
+
+    @property
+    def client_dp(self) -> bool:
+        """Client-level DP (clip each update, noise on the equal-weight mean) applies."""
+        return not self.client_dp_refusal
 
     @property
     def merges_into_base(self) -> bool:
@@ -102,6 +110,11 @@ _ENERGY = Option(
     "energy", str, "sum", "florist: energy of sigma_i: 'sum' (sigma) or 'squared' (sigma^2)",
     choices=("sum", "squared"),
 )  # fmt: skip
+_STACKING = ("the server stacks every client's own factors unnoised and sends them all to every "
+             "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
+             "secure aggregation either")  # fmt: skip
+_SUMMED = ("the server takes each client's product B_k A_k into an SVD and sends every client its "
+           "own truncation, so there is no one average to add calibrated noise to")  # fmt: skip
 _WEIGHTING = Option(
     "weighting", str, "examples", "zero-padding: client weights, 'examples' (p_k) or HetLoRA's "
     "'norm' (||s_k B_k A_k||_F)", choices=("examples", "norm"),
@@ -111,22 +124,28 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("flora", "flora", True, True, False, "Wang et al., NeurIPS 2024",
-               "stacking, exact, mixed ranks; global rank = sum of client ranks"),
+               "stacking, exact, mixed ranks; global rank = sum of client ranks",
+               client_dp_refusal=_STACKING),
         Method("fedit", "fedit", False, False, True, "Zhang et al., ICASSP 2024",
                "FedAvg of A and B separately; equal ranks; not exact"),
         Method("zero-padding", "zero_padding", False, True, True, "Cho et al., EMNLP 2024",
                "HetLoRA: pad to max rank, average, truncate per client (writes clients/)",
-               options=(_WEIGHTING,)),
+               options=(_WEIGHTING,),
+               client_dp_refusal="it pads and weights factors of different ranks (by examples "
+               "or by norm), which flora's equal-weight client-level accounting does not cover"),
         Method("flexlora", "flexlora", False, True, True, "Bai et al., NeurIPS 2024",
-               "SVD of the exact sum, truncated per client (writes clients/)"),
+               "SVD of the exact sum, truncated per client (writes clients/)",
+               client_dp_refusal=_SUMMED),
         Method("ffa-lora", "ffa_lora", True, False, True, "Sun et al., ICLR 2024",
                "shared frozen A, averaged B; equal ranks; exact given the shared A",
                freezes_A=True),
         Method("fedex-lora", "fedex_lora", True, False, False, "Singhal et al., 2025",
-               "FedIT plus a dense residual for the base weights (writes residual.safetensors)"),
+               "FedIT plus a dense residual for the base weights (writes residual.safetensors)",
+               client_dp_refusal="its dense residual is computed from every client's own "
+               "factors and merged into the base unnoised"),
         Method("florist", "florist", False, True, False, "Ramesh and Dass, 2025",
                "stacking + singular value thresholding at tau; exact at tau=1",
-               options=(_TAU, _ENERGY)),
+               options=(_TAU, _ENERGY), client_dp_refusal=_STACKING),
     )
 }  # fmt: skip
 

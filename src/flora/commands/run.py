@@ -159,6 +159,13 @@ def _extended(config: RunConfig, rounds: int | None) -> RunConfig:
             f"--rounds {rounds}: the run already has {config.federation.rounds} rounds; give a "
             "larger N to extend it"
         )
+    if rounds > config.federation.rounds and config.privacy.epsilon > 0:
+        raise FloraError(
+            f"--rounds {rounds}: this run's noise was set to spend privacy.epsilon = "
+            f"{config.privacy.epsilon:g} over {config.federation.rounds} rounds, and more rounds "
+            "would spend more; start a new run (or one with privacy.noise_multiplier and "
+            "privacy.epsilon = 0, whose rows report the epsilon spent)"
+        )
     federation = dataclasses.replace(config.federation, rounds=rounds)
     return dataclasses.replace(config, federation=federation)
 
