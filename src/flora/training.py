@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, LoraModel
@@ -33,8 +34,10 @@ from flora.devices import autocast_context, grad_scaler
 from flora.errors import FloraError
 from flora.loss import response_loss, response_losses
 from flora.memory import peak_memory
-from flora.privacy.dp_sgd import DPSGD, empty_step, poisson_indices, private_optimizer
 from flora.weights import fan_in_fan_out
+
+if TYPE_CHECKING:
+    from flora.privacy.dp_sgd import DPSGD
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -174,6 +177,8 @@ def _windows(
     DP-SGD's accountant assumes, cut into micro-batches of at most batch_size (the divisor: the
     expected batch, so the mean stays unbiased; a sample may be empty)."""
     if sampling == "poisson":
+        from flora.privacy.dp_sgd import poisson_indices  # opacus: imported where it is used
+
         expected = config.batch_size * config.grad_accum
         if expected > len(examples):
             raise FloraError(
@@ -330,6 +335,8 @@ def _run_steps(
     with ExitStack() as stack:
         dp = None
         if privacy is not None:
+            from flora.privacy.dp_sgd import empty_step, private_optimizer
+
             dp = stack.enter_context(private_optimizer(model, optimizer, privacy, seed + 2))
         for window, divisor in _windows(examples, config, seed, total, sampling):
             batches_ = [collate(b, pad_id) for b in window]

@@ -198,3 +198,12 @@ def test_the_flower_apps_give_the_embedded_private_rounds_bitwise(tmp_path, mode
         keys = ("epsilon", "noise_multiplier", "private_steps", "noised_rounds")
         pick = [{k: r.get(k) for k in keys} for r in rows(flower, kind)]
         assert pick == [{k: r.get(k) for k in keys} for r in rows(tmp_path / "embedded", kind)]
+
+
+def test_the_dry_run_prints_every_clients_noise_and_budget(capsys):
+    assert main(["run", TINY, "--dry-run", "--set", 'privacy.mode="dp-sgd"', "--set",
+                 "privacy.epsilon=8", "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    lines = out.split("DP-SGD per client")[1].strip().splitlines()[2:5]
+    assert [int(line.split()[0]) for line in lines] == [0, 1, 2]
+    assert all(7.9 < float(line.split()[-1]) <= 8.0 for line in lines)

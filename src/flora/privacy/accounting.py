@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from typing import TYPE_CHECKING
 
 from flora.config import FederationConfig, RunConfig, TrainConfig
 from flora.errors import FloraError
 from flora.privacy.config import PrivacyConfig
-from flora.privacy.dp_sgd import DPSGD
+
+if TYPE_CHECKING:
+    from flora.privacy.dp_sgd import DPSGD
 
 __all__ = [
     "Budget",
@@ -61,6 +61,8 @@ def epsilon_spent(
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    from opacus.accountants import create_accountant  # opacus loads in ~0.6 s: only when used
+
     engine = create_accountant(mechanism=accountant)
     engine.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():  # "optimal order is the largest alpha": a loose bound, kept
@@ -76,10 +78,15 @@ def noise_for(
 ) -> float:
     """The smallest noise multiplier (to opacus' tolerance) that spends at most ``epsilon``
     over ``steps`` steps; ``what`` names the party and its steps in the refusal."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant))  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "optimal order is the largest alpha"
+            noise = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                         sample_rate=sample_rate, steps=steps,
+                                         accountant=accountant)  # fmt: skip
+        return float(noise)
     except ValueError:
         raise FloraError(
             f"privacy.epsilon = {epsilon:g} at delta {delta:.3g} cannot be met for {what}: even "
@@ -132,6 +139,8 @@ def dp_sgd_plan(config: RunConfig, examples: int, client: int) -> DPSGD | None:
     privacy = config.privacy
     if privacy.mode != "dp-sgd":
         return None
+    from flora.privacy.dp_sgd import DPSGD
+
     budget = sample_budget(privacy, config.train, examples, config.federation.rounds, client)
     expected = config.train.batch_size * config.train.grad_accum
     return DPSGD(budget.noise_multiplier, privacy.max_grad_norm, expected,

@@ -93,6 +93,29 @@ class Ledger:
             "noised_rounds": self.rounds,
         }
 
+    def plan(self, sizes: Sequence[int]) -> str:
+        """The run's privacy before it starts (``flora run --dry-run``): each client's noise,
+        rate, delta, steps and the epsilon after the last round if it trains every round."""
+        rounds = self.config.federation.rounds
+        if self.clients is not None:
+            c = self.clients
+            return (f"client-level DP: noise multiplier {c.noise_multiplier:.4g} (std "
+                    f"{c.noise_multiplier * self.config.privacy.update_norm:.4g} / m on the "
+                    f"average), clients sampled at rate {c.sample_rate:.3g}, delta {c.delta:.3g}: "
+                    f"epsilon {c.epsilon(rounds):.3f} after {rounds} rounds")  # fmt: skip
+        if self.mode != "dp-sgd":
+            return "privacy: none (privacy.mode = 'none')"
+        lines = ["DP-SGD per client (epsilon after the last round, taking part in every round)",
+                 f"{'client':>6} {'examples':>9} {'noise':>8} {'rate':>7} {'delta':>9} "
+                 f"{'steps':>6} {'epsilon':>8}"]  # fmt: skip
+        for client, examples in enumerate(sizes):
+            b = self.budget(client, examples)
+            steps = b.steps_per_round * rounds
+            lines.append(f"{client:>6} {examples:>9} {b.noise_multiplier:>8.4g} "
+                         f"{b.sample_rate:>7.3g} {b.delta:>9.3g} {steps:>6} "
+                         f"{b.epsilon(steps):>8.3f}")  # fmt: skip
+        return "\n".join(lines)
+
     def state(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "examples": list(self.examples), "rounds": self.rounds}
 
