@@ -26,7 +26,7 @@ def aggregate(
     """
     spec = get_method(method)
     resolved = spec.resolve(options)
-    check_clients(clients)
+    check_clients(clients, values=not spec.checks_values)
     p = normalize_weights(weights, len(clients))
     result = spec.run(list(clients), p, **resolved)
     return dataclasses.replace(result, weights=p)

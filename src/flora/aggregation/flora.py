@@ -17,16 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flora.adapters import Adapter
+from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.lowrank import stacked
+from flora.aggregation.lowrank import fold, stack_finite
+from flora.aggregation.validate import not_finite
 
 __all__ = ["aggregate"]
 
 
+def _stacked(module: str, factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """One module stacked, its values checked in the same pass (the registry's
+    ``checks_values``: flora.aggregation.aggregate skips its own pass over them)."""
+    A, B, bad = stack_finite([f.A for f in factors], [f.B for f in factors],
+                             fold(factors, weights))  # fmt: skip
+    if bad is not None:
+        raise not_finite(bad[0], module, f"lora_{bad[1]}")
+    return LoraFactors(A, B, 1.0)
+
+
 def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
     """Stack every module; every client downloads the same global factors."""
-    global_factors = {m: stacked([c[m] for c in clients], weights) for m in clients[0]}
+    global_factors = {m: _stacked(m, [c[m] for c in clients], weights) for m in clients[0]}
     down = adapter_bytes(global_factors)
     return AggregationResult(
         method="flora",

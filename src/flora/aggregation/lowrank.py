@@ -8,6 +8,7 @@ instead of O(out in R).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "lowrank_svd",
     "numerical_rank",
     "stack",
+    "stack_finite",
     "stacked",
     "svd_truncate",
     "truncate",
@@ -83,6 +85,39 @@ def stack(
         B[:, row : row + r].copy_(b)
         row += r
     return A, B
+
+
+def stack_finite(
+    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], coeffs: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, str] | None]:
+    """:func:`stack`, checking each written block for NaN or inf while it is still in cache (a
+    finite sum proves a block finite): one read of the inputs and one write of the outputs, no
+    separate validation pass. Also returns the first input block that holds NaN or inf,
+    (client, "A" or "B"), or None. (A block c_k A_k that overflows though A_k is finite is not
+    an input's fault: it stays in the output, for the caller's finiteness check of the result.)
+    """
+    total = sum(int(a.shape[0]) for a in As)
+    dtype = torch.promote_types(As[0].dtype, torch.float32)
+    A = torch.empty(total, As[0].shape[1], dtype=dtype)  # (sum r, in)
+    B = torch.empty(Bs[0].shape[0], total, dtype=dtype)  # (out, sum r)
+    row, bad = 0, None
+    for k, (a, b, c) in enumerate(zip(As, Bs, coeffs, strict=True)):
+        r = int(a.shape[0])
+        block_A, block_B = A[row : row + r], B[:, row : row + r]
+        torch.mul(a, c, out=block_A)
+        block_B.copy_(b)
+        if bad is None:
+            if not _finite(block_A) and not _finite(a):
+                bad = (k, "A")
+            elif not _finite(block_B):
+                bad = (k, "B")
+        row += r
+    return A, B, bad
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf: a finite sum proves it; an overflowing sum needs the elementwise check."""
+    return math.isfinite(float(tensor.sum())) or bool(tensor.isfinite().all())
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:

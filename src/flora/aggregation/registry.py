@@ -57,6 +57,9 @@ class Method:
     # why client-level DP (privacy.mode = "client-level") does not apply; "" where it does: the
     # methods that average one global LoRA, whose clipped updates' mean takes Gaussian noise
     client_dp_refusal: str = ""
+    # its aggregate checks the uploads' values for NaN/inf itself, in its one pass over them
+    # (flora.aggregation.aggregate then checks only their structure)
+    checks_values: bool = False
 
     @property
     def client_dp(self) -> bool:
@@ -125,7 +128,7 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("flora", "flora", True, True, False, "Wang et al., NeurIPS 2024",
                "stacking, exact, mixed ranks; global rank = sum of client ranks",
-               client_dp_refusal=_STACKING),
+               client_dp_refusal=_STACKING, checks_values=True),
         Method("fedit", "fedit", False, False, True, "Zhang et al., ICASSP 2024",
                "FedAvg of A and B separately; equal ranks; not exact"),
         Method("zero-padding", "zero_padding", False, True, True, "Cho et al., EMNLP 2024",

@@ -20,6 +20,7 @@ __all__ = [
     "check_module",
     "check_shared_A",
     "normalize_weights",
+    "not_finite",
 ]
 
 
@@ -52,8 +53,9 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def check_clients(clients: Sequence[Adapter]) -> None:
-    """Same module set, shapes that fit each module's rank and each other, finite values."""
+def check_clients(clients: Sequence[Adapter], values: bool = True) -> None:
+    """Same module set, shapes that fit each module's rank and each other, finite values (unless
+    ``values`` is false: for a method that checks them in its own pass over the bytes)."""
     if not clients:
         raise FloraError("no clients to aggregate: pass at least one adapter")
     reference = clients[0]
@@ -69,7 +71,7 @@ def check_clients(clients: Sequence[Adapter]) -> None:
                 "0); every client must adapt the same target modules"
             )
         for module, factors in client.items():
-            check_module(index, module, factors.A, factors.B, factors.scaling)
+            check_module(index, module, factors.A, factors.B, factors.scaling, values)
             ref = reference[module]
             if (factors.in_features, factors.out_features) != (ref.in_features, ref.out_features):
                 raise FloraError(
@@ -79,9 +81,21 @@ def check_clients(clients: Sequence[Adapter]) -> None:
                 )
 
 
-def check_module(index: int, module: str, A: torch.Tensor, B: torch.Tensor, s: float) -> None:
+def not_finite(index: int, module: str, name: str) -> FloraError:
+    """The error for client ``index``'s ``name`` (lora_A or lora_B) of ``module`` holding NaN or
+    inf."""
+    return FloraError(
+        f"client {index}, module '{module}': {name} holds NaN or inf; the client's training "
+        "diverged: drop or retrain it"
+    )
+
+
+def check_module(
+    index: int, module: str, A: torch.Tensor, B: torch.Tensor, s: float, values: bool = True
+) -> None:
     """One module's factors: matrices of one rank >= 1, a positive finite scaling, floating
-    point, finite values; a FloraError naming client ``index`` and the module otherwise."""
+    point, finite values (with ``values``); a FloraError naming client ``index`` and the module
+    otherwise."""
     where = f"client {index}, module '{module}'"
     if A.ndim != 2 or B.ndim != 2:
         raise FloraError(f"{where}: lora_A and lora_B must be matrices; got {A.ndim}-D, {B.ndim}-D")
@@ -95,11 +109,8 @@ def check_module(index: int, module: str, A: torch.Tensor, B: torch.Tensor, s: f
     for name, tensor in (("lora_A", A), ("lora_B", B)):
         if not tensor.is_floating_point():
             raise FloraError(f"{where}: {name} has dtype {tensor.dtype}; expected floating point")
-        if not _all_finite(tensor):
-            raise FloraError(
-                f"{where}: {name} holds NaN or inf; the client's training diverged: drop or "
-                "retrain it"
-            )
+        if values and not _all_finite(tensor):
+            raise not_finite(index, module, name)
 
 
 def check_equal_ranks(clients: Sequence[Adapter], method: str) -> None:
