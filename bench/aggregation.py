@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -80,7 +81,7 @@ def worker(method: str, layers: int, dim: int, repeats: int, report: bool) -> di
     return row | {"input_bytes": input_bytes}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(["copy", *METHODS]))
     parser.add_argument("--report", action="store_true", help="also time the noise report")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="write the figures here (make bench)")
+    args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.layers, args.dim, args.repeats, args.report)))
         return
@@ -137,6 +139,19 @@ def main() -> None:
         f"goal: flora <= 2.0x copy in time: {'met' if flora_time <= 2.0 else 'NOT met'} "
         f"({flora_time:.2f}x)"
     )
+    if args.json:
+        figures = {
+            f"{method} time": {"value": row["seconds"] / copy["seconds"], "unit": "x",
+                               "baseline": "a plain copy of the same tensors",
+                               "goal": "<= 2.0" if method == "flora" else None}
+            for method, row in rows.items() if method != "copy"
+        }  # fmt: skip
+        for method, row in rows.items():
+            if method != "copy":
+                figures[f"{method} peak memory"] = {
+                    "value": row["peak_bytes"] / max(copy["peak_bytes"], 1), "unit": "x",
+                    "baseline": "a plain copy of the same tensors", "goal": None}  # fmt: skip
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

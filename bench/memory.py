@@ -77,7 +77,7 @@ def worker(model: str, k: int, threads: int) -> dict[str, Any]:
     return {"model": model, "k": k, **stages, "peak": peak_mib()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
     parser.add_argument("--ks", nargs="+", type=int, default=[2, 5, 10])
@@ -85,12 +85,14 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "k", "settings"], default="all")
     parser.add_argument("--length", type=int, default=512, help="part 2: tokens per example")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "K"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="write the figures here (make bench)")
+    args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.threads)))
         return
+    figures: dict[str, dict[str, object]] = {}
     if args.part in ("all", "k"):
-        by_k(args)
+        figures |= by_k(args)
     if args.part in ("all", "settings"):
         sys.path.insert(0, str(Path(__file__).parent))
         import memory_settings
@@ -98,13 +100,17 @@ def main() -> None:
         print()
         rows = memory_settings.measure(list(memory_settings.SETTINGS), args.length, args.threads)
         memory_settings.report(rows, args.length)
+        figures |= memory_settings.figures(rows)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
-def by_k(args: argparse.Namespace) -> None:
+def by_k(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     print(
         f"{'model':<8} {'K':>3} {'before train':>13} {'after round 1':>13} {'peak MiB':>9} "
         f"{'peak / K=' + str(args.ks[0]):>10}"
     )
+    figures: dict[str, dict[str, object]] = {}
     for model in args.models:
         base = None
         for k in args.ks:
@@ -122,6 +128,11 @@ def by_k(args: argparse.Namespace) -> None:
                 f"{row['peak']:>9.0f} {row['peak'] / base:>10.3f}",
                 flush=True,
             )
+            if k == args.ks[-1] and k != args.ks[0]:
+                figures[f"{model} peak memory at K = {k}"] = {
+                    "value": row["peak"] / base, "unit": "x", "goal": "flat in K",
+                    "baseline": f"the same run with K = {args.ks[0]} clients"}  # fmt: skip
+    return figures
 
 
 if __name__ == "__main__":

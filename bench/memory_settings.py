@@ -21,6 +21,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -80,6 +81,17 @@ def measure(settings: list[str], length: int, threads: int) -> list[dict[str, An
     return rows
 
 
+def figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each setting's peak resident memory and step time as ratios to the first (fp32)."""
+    base, out = rows[0], {}
+    for row in rows[1:]:
+        for key, label in (("peak_rss_mib", "peak memory"), ("seconds_per_step", "step time")):
+            out[f"{row['setting']} {label}"] = {
+                "value": row[key] / base[key], "unit": "x", "goal": None,
+                "baseline": f"the {base['setting']} base, same training"}  # fmt: skip
+    return out
+
+
 def report(rows: list[dict[str, Any]], length: int) -> None:
     base = rows[0]
     print(f"SmolLM2-135M, LoRA r=16 on q,v, batch 4 x {length} tokens, 2 steps; "
@@ -97,17 +109,21 @@ def report(rows: list[dict[str, Any]], length: int) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--worker", choices=list(SETTINGS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="write the figures here (make bench)")
+    args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.length, args.threads)))
         return
-    report(measure(args.settings, args.length, args.threads), args.length)
+    rows = measure(args.settings, args.length, args.threads)
+    report(rows, args.length)
+    if args.json:
+        args.json.write_text(json.dumps(figures(rows), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ the batched baseline, the same predictions for all.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -100,7 +102,7 @@ def _agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
     return sum(x == y for x, y in pairs) / len(pairs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit-per-subject", type=int, default=2)
     parser.add_argument("--subjects", type=int, default=0, help="N evenly spaced (0: all 57)")
@@ -110,7 +112,8 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=8, help="batched baseline's tokens")
     parser.add_argument("--ref-tokens", type=int, default=32, help="reference's new tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="write the figures here (make bench)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision)
@@ -158,6 +161,18 @@ def main() -> None:
             totals[name][1].update(predictions)
             totals[name] = (totals[name][0], totals[name][1], totals[name][2] + seconds)
     _print(totals, n)
+    if args.json:
+        names = list(totals)
+        reference, batched = totals[names[-1]][2], totals[names[-2]][2]
+        figures = {
+            f"MMLU scoring speed, {names[0]}": {
+                "value": reference / totals[names[0]][2], "unit": "x", "goal": None,
+                "baseline": f"{names[-1]} (generate and parse, lm-eval style), questions/s"},
+            f"MMLU scoring speed against batched generation, {names[0]}": {
+                "value": batched / totals[names[0]][2], "unit": "x", "goal": None,
+                "baseline": f"{names[-2]}, questions/s"},
+        }  # fmt: skip
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def _print(totals: dict[str, Scored], n: int) -> None:

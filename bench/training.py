@@ -35,11 +35,13 @@ slower than with 1 thread and the ratios are noise, so use --threads 1 there.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -198,7 +200,7 @@ def measure(
     return wall, cpu, sum(step_tokens) / seconds, fixed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=4, help="measured steps per call")
@@ -206,7 +208,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="write the figures here (make bench)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.precision = resolve_precision(args.precision)
@@ -254,9 +257,14 @@ def main() -> None:
         print(f"{name:<10} {wall:>12.1f} {cpu:>16.1f} {call:>11.1f} {fixed:>13.2f}")
     ratio_head = ("median ratio", "steps", "CPU", "call", "goal", "per repeat: steps | CPU")
     print("\n{:<16} {:>6} {:>6} {:>6} {:>5}       {}".format(*ratio_head))
+    figures = {}
     for other, goal in (("bare", 0.95), ("trainer", 1.0)):
         each = [[row["flora"][i] / row[other][i] for row in rows] for i in range(3)]
         wall, cpu, call = (statistics.median(values) for values in each)
+        label = "a bare PEFT + torch loop" if other == "bare" else "transformers.Trainer"
+        figures[f"client training throughput against {other}"] = {
+            "value": cpu, "unit": "x", "goal": f">= {goal}",
+            "baseline": f"{label}, tokens per CPU second of the steps"}  # fmt: skip
         verdict = "ok" if cpu >= goal else "MISS"
         print(
             f"flora/{other:<10} {wall:>6.3f} {cpu:>6.3f} {call:>6.3f} {goal:>5.2f} {verdict:<5} "
@@ -264,6 +272,9 @@ def main() -> None:
             + " | "
             + " ".join(f"{x:.2f}" for x in each[1])
         )
+
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":
