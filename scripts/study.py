@@ -1,0 +1,171 @@
+"""The method comparison of docs/results.md: every run, resumable, and its paired differences.
+
+    python scripts/study.py --jobs 2                 # every run not yet finished, two side by side
+    python scripts/study.py --jobs 2 --max-runs 4    # four more runs (one sitting's worth)
+    python scripts/study.py --report                 # the tables from the finished runs only
+
+Settings (configs/study/homogeneous.toml and heterogeneous.toml): SmolLM2-135M-Instruct, Dolly
+with the truncation that keeps answers, 10 clients over a Dirichlet(0.5) split by category, LoRA
+on q and v, 3 rounds of 10 local steps of batch 4 at max_length 256. The centralized baseline
+trains one client of the largest rank on all the training data for 10 x 10 steps a round: the
+same training tokens as the federation, not the same number of steps.
+
+Runs: homogeneous r = 16 (flora, fedit, centralized: seeds 0, 1, 2; ffa-lora, fedex-lora,
+flexlora, florist: seed 0), heterogeneous [64, 32, 16, 16, 8, 8, 4, 4, 4, 4] (flora,
+zero-padding, flexlora, centralized: seeds 0, 1, 2; florist: seed 0). A seed fixes the split,
+the partition and every init, so runs of one seed see the same data: each comparison is the
+paired difference of held-out loss per seed, with a 95% t-interval over the seeds.
+
+Each finished run's metrics.jsonl and summary.json are copied to docs/results/study/<run>/
+(never a model), so the study can span sittings: a run with a summary is never run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results" / "study"
+KEY_SEEDS, ONE_SEED = (0, 1, 2), (0,)
+STEPS, CLIENTS = 10, 10  # configs/study/*.toml: train.max_steps, federation.num_clients
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str  # "homogeneous" or "heterogeneous"
+    method: str  # an aggregation method, or "centralized"
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting[:5]}-{self.method}-seed{self.seed}"
+
+    def overrides(self) -> list[str]:
+        sets = [f"seed={self.seed}"]
+        if self.method == "centralized":
+            sets += ["federation.centralized=true", f"train.max_steps={STEPS * CLIENTS}"]
+        else:
+            sets += [f"federation.method='{self.method}'"]
+        return sets
+
+
+def matrix() -> list[Run]:
+    """The key comparisons' three seeds first (seed by seed), then the one-seed runs."""
+    key = {"homogeneous": ("flora", "fedit", "centralized"),
+           "heterogeneous": ("flora", "zero-padding", "flexlora", "centralized")}  # fmt: skip
+    once = {"homogeneous": ("ffa-lora", "fedex-lora", "flexlora", "florist"),
+            "heterogeneous": ("florist",)}  # fmt: skip
+    runs = [Run(s, m, seed) for seed in KEY_SEEDS for s, methods in key.items() for m in methods]
+    return runs + [Run(s, m, seed) for s, methods in once.items() for m in methods
+                   for seed in ONE_SEED]  # fmt: skip
+
+
+COMPARISONS = [  # (setting, a, b): a - b per seed
+    ("homogeneous", "flora", "fedit"),
+    ("homogeneous", "flora", "centralized"),
+    ("heterogeneous", "flora", "zero-padding"),
+    ("heterogeneous", "flora", "flexlora"),
+    ("heterogeneous", "flora", "centralized"),
+]
+
+# two-sided 95% quantiles of Student's t for n - 1 degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences and its 95% t-interval (nan bounds for one pair)."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    half = T95[len(differences) - 1] * statistics.stdev(differences) / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
+def run_one(run: Run, out: Path, threads: int) -> Path:
+    run_dir = out / run.name
+    if (run_dir / "summary.json").is_file():
+        return run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # unfinished in an earlier sitting: start it again
+    config = ROOT / "configs" / "study" / f"{run.setting}.toml"
+    command = [sys.executable, "-m", "flora.cli", "run", str(config), "--out", str(run_dir),
+               "--quiet", "--set", f"threads={threads}"]  # fmt: skip
+    for item in run.overrides():
+        command += ["--set", item]
+    subprocess.run(command, check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)},
+                   cwd=ROOT)  # fmt: skip
+    keep = RESULTS / run.name
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        shutil.copyfile(run_dir / name, keep / name)
+    return run_dir
+
+
+def finished() -> dict[str, dict]:
+    """Every committed run's summary, by name."""
+    out = {}
+    for path in sorted(RESULTS.glob("*/summary.json")):
+        out[path.parent.name] = json.loads(path.read_text())
+    return out
+
+
+def report() -> str:
+    done = finished()
+    lines = ["| setting | method | seeds | held-out loss after (mean) | change from before |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for setting in ("homogeneous", "heterogeneous"):
+        methods = sorted({r.method for r in matrix() if r.setting == setting})
+        for method in methods:
+            runs = [done[r.name] for r in matrix() if (r.setting, r.method) == (setting, method)
+                    and r.name in done]  # fmt: skip
+            if not runs:
+                continue
+            after = statistics.fmean(s["loss_after"] for s in runs)
+            change = statistics.fmean(s["loss_after"] - s["loss_before"] for s in runs)
+            lines.append(f"| {setting} | {method} | {len(runs)} | {after:.4f} | {change:+.4f} |")
+    lines += ["", "| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for setting, a, b in COMPARISONS:
+        pairs = [(done.get(Run(setting, a, s).name), done.get(Run(setting, b, s).name))
+                 for s in KEY_SEEDS]  # fmt: skip
+        diffs = [x["loss_after"] - y["loss_after"] for x, y in pairs if x and y]
+        if not diffs:
+            continue
+        mean, low, high = paired_interval(diffs)
+        interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
+        lines.append(f"| {setting} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (1 thread each)")
+    parser.add_argument("--max-runs", type=int, default=0, help="at most this many (0: all)")
+    parser.add_argument("--report", action="store_true", help="only the tables")
+    args = parser.parse_args(argv)
+    if not args.report:
+        todo = [r for r in matrix() if not (RESULTS / r.name / "summary.json").is_file()]
+        todo = todo[: args.max_runs] if args.max_runs else todo
+        threads = 1 if args.jobs > 1 else 2
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda run: run_one(run, args.out, threads), todo))
+    text = report()
+    (RESULTS / "tables.md").parent.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tables.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
