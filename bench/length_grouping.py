@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from flora.data import Example, batches, encode_records, load_records
-from flora.data._seed import make_rng
-from flora.models import load_model, resolve_precision
+from client_data import smollm2_client  # bench/: run as a script, its folder is on sys.path
+from flora.data import Example, batches
+from flora.models import resolve_precision
 from flora.training import TrainConfig, train_client
 
 SEED = 0
@@ -54,12 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision)
-    model, tokenizer = load_model("smollm2", precision=precision)
-    records = load_records("dolly")
-    order = make_rng(SEED, 7).permutation(len(records)).tolist()
-    encoded = encode_records([records[i] for i in order[: args.examples * 2]], tokenizer,
-                             template="chat", max_length=args.max_length)  # fmt: skip
-    examples = encoded.examples[: args.examples]
+    model, tokenizer, examples = smollm2_client(args.examples, args.max_length, precision, 7)
     print(
         f"SmolLM2-135M, {precision}, {len(examples)} examples, batch {args.batch_size}, "
         f"max_length {args.max_length}, 1 epoch, torch threads {torch.get_num_threads()}"
