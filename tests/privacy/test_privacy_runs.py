@@ -207,3 +207,25 @@ def test_the_dry_run_prints_every_clients_noise_and_budget(capsys):
     lines = out.split("DP-SGD per client")[1].strip().splitlines()[2:5]
     assert [int(line.split()[0]) for line in lines] == [0, 1, 2]
     assert all(7.9 < float(line.split()[-1]) <= 8.0 for line in lines)
+
+
+def test_flower_sims_nodes_train_with_dp_sgd_and_match_the_embedded_run(tmp_path):
+    # Flower's own simulation runtime (Ray, the ClientApp in its workers): the nodes run DP-SGD
+    # themselves and the accounting and the update match the embedded runtime's
+    pytest.importorskip("flwr")
+    extra = [*FAST, *DP_SGD, "privacy.reproducible_noise=true", "federation.num_clients=2",
+             "lora.ranks=[8, 4]"]  # fmt: skip
+    flags = [f for item in extra for f in ("--set", item)]
+    sim = tmp_path / "sim"
+    assert main(["run", TINY, *flags, "--runtime", "flower-sim", "--out", str(sim),
+                 "--quiet"]) == 0  # fmt: skip
+    simulation.run(load_config(TINY, extra), tmp_path / "embedded", quiet=True)
+    keys = ("client", "round", "epsilon", "private_steps", "noise_multiplier")
+    ours = [{k: r[k] for k in keys} for r in rows(sim, "client")]
+    assert ours == [{k: r[k] for k in keys} for r in rows(tmp_path / "embedded", "client")]
+    assert all(7.9 < r["epsilon"] <= 8.0 for r in ours if r["round"] == 2)
+    for t in (1, 2):
+        name = f"checkpoints/round_{t:04d}/update.safetensors"
+        a, b = load_file(sim / name), load_file(tmp_path / "embedded" / name)
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
