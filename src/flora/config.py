@@ -23,7 +23,7 @@ from typing import Any
 from flora.aggregation.registry import METHODS
 from flora.data.partition import SCHEMES
 from flora.data.prompts import TEMPLATES, TRUNCATIONS
-from flora.errors import FloraError
+from flora.errors import FloraError, need
 from flora.privacy.config import PrivacyConfig
 
 __all__ = [
@@ -71,11 +71,6 @@ MOVED = {
 }
 
 
-def _need(ok: bool, key: str, value: object, expected: str) -> None:
-    if not ok:
-        raise FloraError(f"{key} must be {expected}, got {value!r}")
-
-
 @dataclass
 class ModelConfig:
     # "smollm2" (packaged), "tiny-llama" / "tiny-qwen2" / "tiny-gemma" / "tiny-gpt2" (random, for
@@ -94,9 +89,9 @@ class ModelConfig:
     exact_merge: bool = True
 
     def __post_init__(self) -> None:
-        _need(bool(self.name), "model.name", self.name, "a model spec such as 'smollm2'")
-        _need(self.dtype in BASE_DTYPES, "model.dtype", self.dtype, f"one of {BASE_DTYPES}")
-        _need(
+        need(bool(self.name), "model.name", self.name, "a model spec such as 'smollm2'")
+        need(self.dtype in BASE_DTYPES, "model.dtype", self.dtype, f"one of {BASE_DTYPES}")
+        need(
             self.quantization in QUANTIZATIONS,
             "model.quantization",
             self.quantization,
@@ -143,26 +138,26 @@ class DataConfig:
     natural_id_column: str = ""  # natural-id: e.g. "user_id" (one client per user)
 
     def __post_init__(self) -> None:
-        _need(self.template in TEMPLATES, "data.template", self.template, f"one of {TEMPLATES}")
-        _need(self.max_length >= 16, "data.max_length", self.max_length, "an integer >= 16")
-        _need(
+        need(self.template in TEMPLATES, "data.template", self.template, f"one of {TEMPLATES}")
+        need(self.max_length >= 16, "data.max_length", self.max_length, "an integer >= 16")
+        need(
             1 <= self.min_response_tokens < self.max_length,
             "data.min_response_tokens",
             self.min_response_tokens,
             f"an integer from 1 to data.max_length - 1 = {self.max_length - 1}",
         )
-        _need(self.truncation in TRUNCATIONS, "data.truncation", self.truncation,
+        need(self.truncation in TRUNCATIONS, "data.truncation", self.truncation,
               f"one of {TRUNCATIONS}")  # fmt: skip
-        _need(self.limit >= 0, "data.limit", self.limit, ">= 0 (0: all rows)")
-        _need(self.heldout >= 1, "data.heldout", self.heldout, "an integer >= 1")
-        _need(self.partition in SCHEMES, "data.partition", self.partition, f"one of {SCHEMES}")
-        _need(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "> 0")
-        _need(self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, ">= 1")
-        _need(self.min_partition_size >= 0, "data.min_partition_size", self.min_partition_size,
+        need(self.limit >= 0, "data.limit", self.limit, ">= 0 (0: all rows)")
+        need(self.heldout >= 1, "data.heldout", self.heldout, "an integer >= 1")
+        need(self.partition in SCHEMES, "data.partition", self.partition, f"one of {SCHEMES}")
+        need(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "> 0")
+        need(self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, ">= 1")
+        need(self.min_partition_size >= 0, "data.min_partition_size", self.min_partition_size,
               ">= 0")  # fmt: skip
-        _need(self.classes_per_client >= 1, "data.classes_per_client", self.classes_per_client,
+        need(self.classes_per_client >= 1, "data.classes_per_client", self.classes_per_client,
               ">= 1")  # fmt: skip
-        _need(self.partition != "natural-id" or bool(self.natural_id_column),
+        need(self.partition != "natural-id" or bool(self.natural_id_column),
               "data.natural_id_column", self.natural_id_column,
               "a column name with data.partition = 'natural-id'")  # fmt: skip
 
@@ -175,20 +170,20 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, str):
-            _need(
+            need(
                 self.ranks in RANK_PROFILES,
                 "lora.ranks",
                 self.ranks,
                 f"a list of ints or a profile: {', '.join(RANK_PROFILES)}",
             )
         else:
-            _need(
+            need(
                 bool(self.ranks) and all(isinstance(r, int) and r >= 1 for r in self.ranks),
                 "lora.ranks",
                 self.ranks,
                 "a non-empty list of integers >= 1",
             )
-        _need(self.alpha_ratio > 0, "lora.alpha_ratio", self.alpha_ratio, "> 0")
+        need(self.alpha_ratio > 0, "lora.alpha_ratio", self.alpha_ratio, "> 0")
 
     def rank_list(self) -> list[int]:
         return list(RANK_PROFILES[self.ranks]) if isinstance(self.ranks, str) else list(self.ranks)
@@ -210,17 +205,17 @@ class FederationConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _need(self.method in METHODS, "federation.method", self.method, f"one of {list(METHODS)}")
-        _need(self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1")
-        _need(self.rounds >= 1, "federation.rounds", self.rounds, ">= 1")
-        _need(0 < self.fraction <= 1, "federation.fraction", self.fraction, "in (0, 1]")
-        _need(
+        need(self.method in METHODS, "federation.method", self.method, f"one of {list(METHODS)}")
+        need(self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1")
+        need(self.rounds >= 1, "federation.rounds", self.rounds, ">= 1")
+        need(0 < self.fraction <= 1, "federation.fraction", self.fraction, "in (0, 1]")
+        need(
             1 <= self.min_clients <= self.num_clients,
             "federation.min_clients",
             self.min_clients,
             f"between 1 and num_clients ({self.num_clients})",
         )
-        _need(
+        need(
             self.catch_up in CATCH_UPS, "federation.catch_up", self.catch_up, f"one of {CATCH_UPS}"
         )
         self.options = METHODS[self.method].resolve(self.options, "federation.options.")
@@ -338,18 +333,18 @@ class EvalConfig:
     mmlu_shots: int = 5  # worked examples (from MMLU's dev split) before each question
 
     def __post_init__(self) -> None:
-        _need(self.every >= 0, "eval.every", self.every, ">= 0")
-        _need(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
-        _need(self.samples >= 0, "eval.samples", self.samples, ">= 0")
-        _need(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
-        _need(self.no_repeat_ngram_size >= 0, "eval.no_repeat_ngram_size",
+        need(self.every >= 0, "eval.every", self.every, ">= 0")
+        need(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        need(self.samples >= 0, "eval.samples", self.samples, ">= 0")
+        need(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
+        need(self.no_repeat_ngram_size >= 0, "eval.no_repeat_ngram_size",
               self.no_repeat_ngram_size, ">= 0 (0: plain greedy)")  # fmt: skip
-        _need(self.mmlu_every >= 0, "eval.mmlu_every", self.mmlu_every, ">= 0")
+        need(self.mmlu_every >= 0, "eval.mmlu_every", self.mmlu_every, ">= 0")
         needs = "0 unless eval.mmlu = true (set eval.mmlu = true to score MMLU in the run)"
-        _need(self.mmlu_every == 0 or self.mmlu, "eval.mmlu_every", self.mmlu_every, needs)
-        _need(self.mmlu_limit_per_subject >= 0, "eval.mmlu_limit_per_subject",
+        need(self.mmlu_every == 0 or self.mmlu, "eval.mmlu_every", self.mmlu_every, needs)
+        need(self.mmlu_limit_per_subject >= 0, "eval.mmlu_limit_per_subject",
               self.mmlu_limit_per_subject, ">= 0 (0: every question)")  # fmt: skip
-        _need(self.mmlu_shots >= 0, "eval.mmlu_shots", self.mmlu_shots, ">= 0")
+        need(self.mmlu_shots >= 0, "eval.mmlu_shots", self.mmlu_shots, ">= 0")
 
     def heldout_at(self, round: int, last: int) -> bool:
         """Whether the run measures the held-out loss after ``round`` (0: before training)."""
@@ -380,13 +375,13 @@ class ScreeningConfig:
     max_examples: int = 0
 
     def __post_init__(self) -> None:
-        _need(self.max_update_norm >= 0, "screening.max_update_norm", self.max_update_norm,
+        need(self.max_update_norm >= 0, "screening.max_update_norm", self.max_update_norm,
               ">= 0 (0: no absolute bound)")  # fmt: skip
-        _need(self.norm_multiple == 0 or self.norm_multiple >= 1, "screening.norm_multiple",
+        need(self.norm_multiple == 0 or self.norm_multiple >= 1, "screening.norm_multiple",
               self.norm_multiple, "0 (off) or >= 1")  # fmt: skip
-        _need(self.norm_action in ("reject", "clip"), "screening.norm_action", self.norm_action,
+        need(self.norm_action in ("reject", "clip"), "screening.norm_action", self.norm_action,
               "'reject' or 'clip'")  # fmt: skip
-        _need(self.max_examples >= 0, "screening.max_examples", self.max_examples, ">= 0")
+        need(self.max_examples >= 0, "screening.max_examples", self.max_examples, ">= 0")
 
 
 @dataclass
@@ -400,8 +395,8 @@ class FlowerConfig:
     client_gpus: float | None = None
 
     def __post_init__(self) -> None:
-        _need(self.client_cpus >= 1, "flower.client_cpus", self.client_cpus, "an integer >= 1")
-        _need(
+        need(self.client_cpus >= 1, "flower.client_cpus", self.client_cpus, "an integer >= 1")
+        need(
             self.client_gpus is None or self.client_gpus >= 0,
             "flower.client_gpus",
             self.client_gpus,
@@ -432,11 +427,11 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
-        _need(self.threads >= 0, "threads", self.threads, ">= 0 (0: torch's default)")
+        need(self.threads >= 0, "threads", self.threads, ">= 0 (0: torch's default)")
         self._check_privacy()
         ranks = self.lora.rank_list()
         if not self.federation.centralized:
-            _need(
+            need(
                 len(ranks) == self.federation.num_clients,
                 "lora.ranks",
                 ranks,

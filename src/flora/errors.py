@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FloraError"]
+__all__ = ["FloraError", "need"]
 
 
 class FloraError(ValueError):
@@ -10,3 +10,9 @@ class FloraError(ValueError):
 
     Messages name the client, the module or field, and the fix.
     """
+
+
+def need(ok: bool, key: str, value: object, expected: str) -> None:
+    """Raise ``<key> must be <expected>, got <value>`` unless ``ok``: the configs' one check."""
+    if not ok:
+        raise FloraError(f"{key} must be {expected}, got {value!r}")

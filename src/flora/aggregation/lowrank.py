@@ -72,31 +72,8 @@ def stack(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [c_1 A_1; ...; c_K A_K] (sum r, in) and columns [B_1 ... B_K] (out, sum r).
 
-    Then B @ A = sum_k c_k B_k @ A_k. Written into preallocated outputs: one pass over the bytes.
-    """
-    total = sum(int(a.shape[0]) for a in As)
-    dtype = torch.promote_types(As[0].dtype, torch.float32)
-    A = torch.empty(total, As[0].shape[1], dtype=dtype)  # (sum r, in)
-    B = torch.empty(Bs[0].shape[0], total, dtype=dtype)  # (out, sum r)
-    row = 0
-    for a, b, c in zip(As, Bs, coeffs, strict=True):
-        r = int(a.shape[0])
-        torch.mul(a, c, out=A[row : row + r])
-        B[:, row : row + r].copy_(b)
-        row += r
-    return A, B
-
-
-def stack_finite(
-    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], coeffs: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, str] | None]:
-    """:func:`stack` with the inputs' values checked for NaN or inf through the outputs: one
-    read of the inputs, one write of the outputs and one read of the outputs (a finite sum
-    proves a tensor finite; only a non-finite output is traced back to its client), instead of
-    a separate validation pass over every input first. Also returns the first client whose input
-    holds NaN or inf, (client, "A" or "B"), or None. (A block c_k A_k that overflows though A_k
-    is finite is not an input's fault: it stays in the output, for the caller's check of the
-    result.) bench/aggregation.py measures it against a plain copy.
+    Then B @ A = sum_k c_k B_k @ A_k. One pass over the bytes: A's blocks multiplied into a
+    preallocated output, B by one concatenation (faster than column-block copies).
     """
     total = sum(int(a.shape[0]) for a in As)
     dtype = torch.promote_types(As[0].dtype, torch.float32)
@@ -105,14 +82,21 @@ def stack_finite(
     for a, c in zip(As, coeffs, strict=True):
         torch.mul(a, c, out=A[row : row + int(a.shape[0])])
         row += int(a.shape[0])
-    if all(b.dtype == dtype for b in Bs):
-        B = torch.cat(list(Bs), dim=1)  # (out, sum r): faster than column-block copies
-    else:
-        B = torch.empty(Bs[0].shape[0], total, dtype=dtype)
-        row = 0
-        for b in Bs:
-            B[:, row : row + int(b.shape[1])].copy_(b)
-            row += int(b.shape[1])
+    B = torch.cat([b.to(dtype) for b in Bs], dim=1)  # (out, sum r); .to is a no-op at dtype
+    return A, B
+
+
+def stack_finite(
+    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], coeffs: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, str] | None]:
+    """:func:`stack` with the inputs' values checked for NaN or inf through the outputs (a
+    finite sum proves a tensor finite; only a non-finite output is traced back to its client),
+    instead of a separate validation pass over every input first. Also returns the first client
+    whose input holds NaN or inf, (client, "A" or "B"), or None. (A block c_k A_k that overflows
+    though A_k is finite is not an input's fault: it stays in the output, for the caller's check
+    of the result.) bench/aggregation.py measures it against a plain copy.
+    """
+    A, B = stack(As, Bs, coeffs)
     bad = None
     if not _finite(A):
         bad = next(((k, "A") for k, a in enumerate(As) if not _finite(a)), None)

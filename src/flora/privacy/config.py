@@ -24,17 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flora.errors import FloraError
+from flora.errors import need
 
 __all__ = ["ACCOUNTANTS", "PRIVACY_MODES", "PrivacyConfig"]
 
 PRIVACY_MODES = ("none", "dp-sgd", "client-level")
 ACCOUNTANTS = ("rdp", "prv")  # opacus' Renyi DP and privacy-loss-random-variable accountants
-
-
-def _need(ok: bool, key: str, value: object, expected: str) -> None:
-    if not ok:
-        raise FloraError(f"privacy.{key} must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -60,14 +55,14 @@ class PrivacyConfig:
     reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
-        _need(self.mode in PRIVACY_MODES, "mode", self.mode, f"one of {PRIVACY_MODES}")
-        _need(self.epsilon >= 0, "epsilon", self.epsilon, "> 0 (a target), or 0 (no target)")
-        _need(self.noise_multiplier >= 0, "noise_multiplier", self.noise_multiplier, ">= 0")
-        _need(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
-        _need(self.update_norm > 0, "update_norm", self.update_norm, "> 0")
-        _need(0 <= self.delta < 1, "delta", self.delta, "in [0, 1) (0: 1/n)")
-        _need(self.accountant in ACCOUNTANTS, "accountant", self.accountant,
-              f"one of {ACCOUNTANTS}")  # fmt: skip
+        need(self.mode in PRIVACY_MODES, "privacy.mode", self.mode, f"one of {PRIVACY_MODES}")
+        need(self.epsilon >= 0, "privacy.epsilon", self.epsilon, "> 0 (a target), or 0 (no target)")
+        need(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, ">= 0")
+        need(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "> 0")
+        need(self.update_norm > 0, "privacy.update_norm", self.update_norm, "> 0")
+        need(0 <= self.delta < 1, "privacy.delta", self.delta, "in [0, 1) (0: 1/n)")
+        need(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant,
+             f"one of {ACCOUNTANTS}")  # fmt: skip
 
     @property
     def enabled(self) -> bool:
