@@ -136,6 +136,10 @@ class DataConfig:
     shards_per_client: int = 2
     classes_per_client: int = 2  # pathological: labels per client
     natural_id_column: str = ""  # natural-id: e.g. "user_id" (one client per user)
+    # robustness: client shift_client (-1: none) holds only rows labelled shift_category, as
+    # many as the partition gave it, swapped with the other clients' (flora.data.shift)
+    shift_client: int = -1
+    shift_category: str = ""
 
     def __post_init__(self) -> None:
         need(self.template in TEMPLATES, "data.template", self.template, f"one of {TEMPLATES}")
@@ -160,6 +164,10 @@ class DataConfig:
         need(self.partition != "natural-id" or bool(self.natural_id_column),
               "data.natural_id_column", self.natural_id_column,
               "a column name with data.partition = 'natural-id'")  # fmt: skip
+        need(self.shift_client >= -1, "data.shift_client", self.shift_client,
+              "a client index, or -1 for no shift")  # fmt: skip
+        need(self.shift_client == -1 or bool(self.shift_category), "data.shift_category",
+              self.shift_category, "a label (e.g. 'creative_writing') with data.shift_client")  # fmt: skip
 
 
 @dataclass
@@ -437,6 +445,10 @@ class RunConfig:
                 ranks,
                 f"one rank per client ({self.federation.num_clients} clients)",
             )
+        if not self.federation.centralized:
+            need(self.data.shift_client < self.federation.num_clients, "data.shift_client",
+                 self.data.shift_client,
+                 f"a client index below federation.num_clients = {self.federation.num_clients}")
         method = METHODS[self.federation.method]
         if not method.mixed_ranks and len(set(ranks)) > 1 and not self.federation.centralized:
             raise FloraError(

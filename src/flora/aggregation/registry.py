@@ -60,6 +60,8 @@ class Method:
     # its aggregate checks the uploads' values for NaN/inf itself, in its one pass over them
     # (flora.aggregation.aggregate then checks only their structure)
     checks_values: bool = False
+    # reproduces a published implementation's defect (the study's evidence), not a method to use
+    defect: bool = False
 
     @property
     def client_dp(self) -> bool:
@@ -123,6 +125,14 @@ _WEIGHTING = Option(
     "'norm' (||s_k B_k A_k||_F)", choices=("examples", "norm"),
 )  # fmt: skip
 
+_MERGE_SCALING = Option(
+    "merge_scaling", float, 16.0, "reference-zero-padding: the merge's LoRA scaling over the "
+    "clients' (16 as published up to October 2024; 1 keeps only the p_k^2 defect)",
+    check=lambda v: v > 0.0, expected="a scaling above 0",
+)  # fmt: skip
+_REPRODUCTION = ("it reproduces a defect of the FLoRA reference code for the study's comparison; "
+                 "use the faithful method instead")  # fmt: skip
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -149,6 +159,15 @@ METHODS: dict[str, Method] = {
         Method("florist", "florist", False, True, False, "Ramesh and Dass, 2025",
                "stacking + singular value thresholding at tau; exact at tau=1",
                options=(_TAU, _ENERGY), client_dp_refusal=_STACKING),
+        Method("reference-fedit", "reference_fedit", False, False, True,
+               "FLoRA reference code (ATP-1010/FederatedLLM)",
+               "DEFECT REPRODUCTION: the published FedIT keeps client 0's adapter times p_0",
+               client_dp_refusal=_REPRODUCTION, defect=True),
+        Method("reference-zero-padding", "reference_zero_padding", False, True, False,
+               "FLoRA reference code (ATP-1010/FederatedLLM)",
+               "DEFECT REPRODUCTION: the published zero-padding, p_k on both factors, merged "
+               "at 16x the clients' scaling", options=(_MERGE_SCALING,),
+               client_dp_refusal=_REPRODUCTION, defect=True),
     )
 }  # fmt: skip
 

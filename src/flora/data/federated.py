@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from flora.data._seed import make_rng
 from flora.data.partition import client_table, partition, split_heldout
 from flora.data.prompts import Example, KeptCounts, encode_records
+from flora.data.shift import shift_to_category
 from flora.data.sources import Record, load_records
 from flora.errors import FloraError
 
@@ -67,6 +68,8 @@ def prepare_data(
     natural_id_column: str = "",
     min_partition_size: int = 1,
     classes_per_client: int = 2,
+    shift_client: int = -1,
+    shift_category: str = "",
 ) -> FederatedData:
     """Seeded end to end: the same arguments give the same clients and held-out set."""
     records = load_records(
@@ -106,6 +109,8 @@ def prepare_data(
         if natural_id_column
         else (),
     )
+    if shift_client >= 0 and num_clients > 1:  # one client holds one category (robustness)
+        parts = shift_to_category(parts, labels, shift_client, shift_category, seed)
     return FederatedData(
         clients=[[train.examples[i] for i in part] for part in parts],
         heldout=held.examples,
@@ -151,4 +156,6 @@ def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Federated
         natural_id_column=config.data.natural_id_column,
         min_partition_size=config.data.min_partition_size,
         classes_per_client=config.data.classes_per_client,
+        shift_client=config.data.shift_client,
+        shift_category=config.data.shift_category,
     )
