@@ -40,18 +40,27 @@ KEY_SEEDS, ONE_SEED = (0, 1, 2), (0,)
 STEPS, CLIENTS = 10, 10  # configs/study/*.toml: train.max_steps, federation.num_clients
 
 
+VARIANTS = {  # robustness: the same comparison under a harder federation
+    "": [],
+    "sampled30": ["federation.fraction=0.3"],  # 3 of the 10 clients a round
+    "shifted": ["data.shift_client=0", "data.shift_category='brainstorming'"],  # one specialist
+}
+
+
 @dataclass(frozen=True)
 class Run:
     setting: str  # "homogeneous" or "heterogeneous"
     method: str  # an aggregation method, or "centralized"
     seed: int
+    variant: str = ""  # a key of VARIANTS
 
     @property
     def name(self) -> str:
-        return f"{self.setting[:5]}-{self.method}-seed{self.seed}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.setting[:5]}-{self.method}{variant}-seed{self.seed}"
 
     def overrides(self) -> list[str]:
-        sets = [f"seed={self.seed}"]
+        sets = [f"seed={self.seed}", *VARIANTS[self.variant]]
         if self.method == "centralized":
             sets += ["federation.centralized=true", f"train.max_steps={STEPS * CLIENTS}"]
         else:
@@ -59,24 +68,40 @@ class Run:
         return sets
 
 
+KEY = {"homogeneous": ("flora", "fedit", "centralized"),
+       "heterogeneous": ("flora", "zero-padding", "flexlora", "centralized")}  # fmt: skip
+ONCE = {"homogeneous": ("ffa-lora", "fedex-lora", "flexlora", "florist"),
+        "heterogeneous": ("florist",)}  # fmt: skip
+# the FLoRA reference code's baselines, defects reproduced (flora.aggregation.reference_*)
+DEFECTS = [("homogeneous", "reference-fedit"), ("heterogeneous", "reference-zero-padding")]
+ROBUST = [("heterogeneous", m, v) for v in ("sampled30", "shifted")
+          for m in ("flora", "zero-padding")]  # fmt: skip
+
+
 def matrix() -> list[Run]:
-    """The key comparisons' three seeds first (seed by seed), then the one-seed runs."""
-    key = {"homogeneous": ("flora", "fedit", "centralized"),
-           "heterogeneous": ("flora", "zero-padding", "flexlora", "centralized")}  # fmt: skip
-    once = {"homogeneous": ("ffa-lora", "fedex-lora", "flexlora", "florist"),
-            "heterogeneous": ("florist",)}  # fmt: skip
-    runs = [Run(s, m, seed) for seed in KEY_SEEDS for s, methods in key.items() for m in methods]
-    return runs + [Run(s, m, seed) for s, methods in once.items() for m in methods
-                   for seed in ONE_SEED]  # fmt: skip
+    """Seed 0 of every view first (key methods, defects, robustness, the one-seed methods), then
+    the key comparisons' seeds 1 and 2: a sitting that stops early has one seed of everything."""
+    first = [Run(s, m, 0) for s, methods in KEY.items() for m in methods]
+    first += [Run(s, m, 0) for s, m in DEFECTS]
+    first += [Run(s, m, 0, v) for s, m, v in ROBUST]
+    first += [Run(s, m, 0) for s, methods in ONCE.items() for m in methods]
+    later = [Run(s, m, seed) for seed in KEY_SEEDS[1:] for s, methods in KEY.items()
+             for m in methods]  # fmt: skip
+    return first + later
 
 
-COMPARISONS = [  # (setting, a, b): a - b per seed
-    ("homogeneous", "flora", "fedit"),
-    ("homogeneous", "flora", "centralized"),
-    ("heterogeneous", "flora", "zero-padding"),
-    ("heterogeneous", "flora", "flexlora"),
-    ("heterogeneous", "flora", "centralized"),
+COMPARISONS = [  # (setting, a, b, variant): a - b per seed
+    ("homogeneous", "flora", "fedit", ""),
+    ("homogeneous", "flora", "centralized", ""),
+    ("heterogeneous", "flora", "zero-padding", ""),
+    ("heterogeneous", "flora", "flexlora", ""),
+    ("heterogeneous", "flora", "centralized", ""),
+    ("homogeneous", "reference-fedit", "fedit", ""),
+    ("heterogeneous", "reference-zero-padding", "zero-padding", ""),
+    ("heterogeneous", "flora", "zero-padding", "sampled30"),
+    ("heterogeneous", "flora", "zero-padding", "shifted"),
 ]
+
 
 # two-sided 95% quantiles of Student's t for n - 1 degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -94,6 +119,7 @@ def paired_interval(differences: list[float]) -> tuple[float, float, float]:
 def run_one(run: Run, out: Path, threads: int) -> Path:
     run_dir = out / run.name
     if (run_dir / "summary.json").is_file():
+        keep(run_dir, run.name)  # finished, perhaps by an earlier sitting that stopped before
         return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)  # unfinished in an earlier sitting: start it again
@@ -104,11 +130,16 @@ def run_one(run: Run, out: Path, threads: int) -> Path:
         command += ["--set", item]
     subprocess.run(command, check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)},
                    cwd=ROOT)  # fmt: skip
-    keep = RESULTS / run.name
-    keep.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "summary.json"):
-        shutil.copyfile(run_dir / name, keep / name)
+    keep(run_dir, run.name)
     return run_dir
+
+
+def keep(run_dir: Path, name: str) -> None:
+    """Copy a finished run's records (never a model) to docs/results/study/<name>/."""
+    kept = RESULTS / name
+    kept.mkdir(parents=True, exist_ok=True)
+    for file in ("config.json", "metrics.jsonl", "summary.json"):
+        shutil.copyfile(run_dir / file, kept / file)
 
 
 def finished() -> dict[str, dict]:
@@ -135,15 +166,16 @@ def report() -> str:
             lines.append(f"| {setting} | {method} | {len(runs)} | {after:.4f} | {change:+.4f} |")
     lines += ["", "| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval |",
               "|---|---|---|---|---|"]  # fmt: skip
-    for setting, a, b in COMPARISONS:
-        pairs = [(done.get(Run(setting, a, s).name), done.get(Run(setting, b, s).name))
-                 for s in KEY_SEEDS]  # fmt: skip
+    for setting, a, b, variant in COMPARISONS:
+        pairs = [(done.get(Run(setting, a, s, variant).name),
+                  done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
         diffs = [x["loss_after"] - y["loss_after"] for x, y in pairs if x and y]
         if not diffs:
             continue
         mean, low, high = paired_interval(diffs)
         interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
-        lines.append(f"| {setting} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} |")
+        where = f"{setting}, {variant}" if variant else setting
+        lines.append(f"| {where} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} |")
     return "\n".join(lines) + "\n"
 
 

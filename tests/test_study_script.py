@@ -36,13 +36,17 @@ def test_the_paired_interval_is_the_t_interval_of_the_differences(study):
     assert math.isnan(study.paired_interval([0.1])[1])
 
 
-def test_every_comparison_has_three_seeds_of_both_sides_and_centralized_gets_k_times_the_steps(
-    study,
-):
-    runs = {(r.setting, r.method, r.seed) for r in study.matrix()}
-    assert len(runs) == len(study.matrix()) == 26
-    for setting, a, b in study.COMPARISONS:
-        for seed in study.KEY_SEEDS:
-            assert (setting, a, seed) in runs and (setting, b, seed) in runs
+def test_every_comparison_has_both_sides_and_centralized_gets_k_times_the_steps(study):
+    runs = {(r.setting, r.method, r.seed, r.variant) for r in study.matrix()}
+    assert len(runs) == len(study.matrix()) == 26 + 2 + 4
+    assert len({r.name for r in study.matrix()}) == len(runs)
+    for setting, a, b, variant in study.COMPARISONS:
+        key = not variant and a in study.KEY[setting] and b in study.KEY[setting]
+        for seed in study.KEY_SEEDS if key else (0,):  # the key comparisons: three seeds
+            assert (setting, a, seed, variant) in runs and (setting, b, seed, variant) in runs
+    first = study.matrix()[:18]  # seed 0 of every run comes before any second seed
+    assert all(r.seed == 0 for r in first) and study.matrix()[18].seed == 1
+    shifted = study.Run("heterogeneous", "flora", 0, "shifted").overrides()
+    assert "data.shift_client=0" in shifted and "seed=0" in shifted
     central = study.Run("heterogeneous", "centralized", 1).overrides()
     assert "federation.centralized=true" in central and "train.max_steps=100" in central

@@ -167,7 +167,7 @@ class DataConfig:
         need(self.shift_client >= -1, "data.shift_client", self.shift_client,
               "a client index, or -1 for no shift")  # fmt: skip
         need(self.shift_client == -1 or bool(self.shift_category), "data.shift_category",
-              self.shift_category, "a label (e.g. 'creative_writing') with data.shift_client")  # fmt: skip
+              self.shift_category, "a label (e.g. 'open_qa') with data.shift_client")  # fmt: skip
 
 
 @dataclass
@@ -446,9 +446,12 @@ class RunConfig:
                 f"one rank per client ({self.federation.num_clients} clients)",
             )
         if not self.federation.centralized:
-            need(self.data.shift_client < self.federation.num_clients, "data.shift_client",
-                 self.data.shift_client,
-                 f"a client index below federation.num_clients = {self.federation.num_clients}")
+            need(
+                self.data.shift_client < self.federation.num_clients,
+                "data.shift_client",
+                self.data.shift_client,
+                f"a client index below federation.num_clients = {self.federation.num_clients}",
+            )
         method = METHODS[self.federation.method]
         if not method.mixed_ranks and len(set(ranks)) > 1 and not self.federation.centralized:
             raise FloraError(

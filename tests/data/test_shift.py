@@ -20,13 +20,14 @@ def test_the_shifted_client_holds_one_category_and_the_others_keep_their_sizes()
     parts = [list(range(0, 12)), list(range(12, 21)), list(range(21, 30))]
     shifted = shift_to_category(parts, LABELS, 0, "b", seed=0)
     assert {LABELS[i] for i in shifted[0]} == {"b"}
-    assert [len(p) for p in shifted] == [10, 10, 10]  # 10 "b" rows in all: 12 -> 10, the 2 left over handed on
+    assert [len(p) for p in shifted] == [10, 10, 10]  # 10 "b" in all: 2 left over
     assert sorted(i for p in shifted for i in p) == list(range(30))  # every row, once
     small = shift_to_category([[0, 1, 2], list(range(3, 30))], LABELS, 0, "c", seed=0)
     assert {LABELS[i] for i in small[0]} == {"c"} and len(small[0]) == 3  # swapped one for one
     assert len(small[1]) == 27 and sorted(small[0] + small[1]) == list(range(30))
     assert shift_to_category(parts, LABELS, 1, "a", seed=4) == shift_to_category(
-        parts, LABELS, 1, "a", seed=4)  # seeded
+        parts, LABELS, 1, "a", seed=4
+    )  # seeded
 
 
 def test_bad_shift_settings_name_the_field():

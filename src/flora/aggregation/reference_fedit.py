@@ -32,9 +32,7 @@ def first_client_module(factors: Sequence[LoraFactors], weights: Sequence[float]
 def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
     """The first client's factors times p_0 each; every client downloads them."""
     check_equal_ranks(clients, "reference-fedit")
-    global_factors = {
-        m: first_client_module([c[m] for c in clients], weights) for m in clients[0]
-    }
+    global_factors = {m: first_client_module([c[m] for c in clients], weights) for m in clients[0]}
     down = adapter_bytes(global_factors)
     return AggregationResult(
         method="reference-fedit",
