@@ -40,7 +40,7 @@ class Bench:
 
 
 BENCHES = [
-    Bench("aggregation", ["--repeats", "3"],
+    Bench("aggregation", ["--repeats", "3", "--warmup", "2"],
           "every method's aggregation of 10 Llama-7B-shaped q,v adapters against a plain copy"),
     Bench("dp_sgd", ["--threads", "1", "--steps", "3", "--repeats", "3"],
           "a client's DP-SGD training against the same training without it"),
