@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'method':<13} {'median s':>9} {'x copy':>7} {'cold s':>7} {'x copy':>7} "
-        f"{'peak MiB':>9} {'x copy':>7}"
-        + (f" {'report s':>9} {'noise':>9}" if args.report else "")
+        f"{'peak MiB':>9} {'x copy':>7}" + (f" {'report s':>9} {'noise':>9}" if args.report else "")
     )
     for method, row in rows.items():
         line = (
