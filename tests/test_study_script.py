@@ -49,4 +49,4 @@ def test_every_comparison_has_both_sides_and_centralized_gets_k_times_the_steps(
     shifted = study.Run("heterogeneous", "flora", 0, "shifted").overrides()
     assert "data.shift_client=0" in shifted and "seed=0" in shifted
     central = study.Run("heterogeneous", "centralized", 1).overrides()
-    assert "federation.centralized=true" in central and "train.max_steps=100" in central
+    assert "federation.centralized=true" in central and "train.max_steps=30" in central
