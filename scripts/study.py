@@ -22,8 +22,10 @@ to one category (seed 0). Seed 0 of everything runs first. A seed fixes the spli
 the partition and every init, so runs of one seed see the same data: each comparison is the
 paired difference of held-out loss per seed, with a 95% t-interval over the seeds.
 
-Each finished run's config.json, metrics.jsonl and summary.json are copied to docs/results/study/<run>/
-(never a model), so the study can span sittings: a run with a summary is never run again.
+Each finished run's config.json, metrics.jsonl and summary.json are copied to
+docs/results/study/<run>/ (never a model), so the study can span sittings: a run with a summary
+is never run again. The report adds per-category changes, bytes and time to a target loss, and
+`flora compare` plots of each group's seed-0 runs (docs/results/study/compare-*/).
 """
 
 from __future__ import annotations
@@ -156,22 +158,60 @@ def finished() -> dict[str, dict]:
     return out
 
 
-def report() -> str:
-    done = finished()
-    lines = ["| setting | method | seeds | held-out loss after (mean) | change from before |",
+def records(name: str) -> list[dict]:
+    """A committed run's metrics.jsonl rows."""
+    text = (RESULTS / name / "metrics.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def curve(name: str) -> list[tuple[int, float, int, float]]:
+    """(round, held-out loss, cumulative MB down, cumulative round seconds) after each round."""
+    rows = records(name)
+    loss = {int(r["round"]): float(r["heldout_loss"]) for r in rows if r.get("kind") == "eval"}
+    down: dict[int, int] = {}
+    seconds: dict[int, float] = {}
+    for r in rows:
+        if r.get("kind") == "client":
+            down[int(r["round"])] = down.get(int(r["round"]), 0) + int(r.get("bytes_down") or 0)
+        if r.get("kind") == "server":
+            seconds[int(r["round"])] = float(r.get("round_seconds") or 0.0)
+    out = []
+    for t in sorted(loss):
+        mb = sum(b for u, b in down.items() if u <= t) / 1e6
+        out.append((t, loss[t], round(mb), sum(v for u, v in seconds.items() if u <= t)))
+    return out
+
+
+def categories(name: str) -> dict[str, float]:
+    """Per category: the final held-out loss minus the base model's (round 0)."""
+    evals = [r for r in records(name) if r.get("kind") == "eval" and r.get("per_category")]
+    before = next(r for r in evals if r["round"] == 0)["per_category"]
+    after = next(r for r in evals if r.get("final"))["per_category"]
+    return {k: after[k] - before[k] for k in sorted(after)}
+
+
+def method_table(done: dict[str, dict]) -> list[str]:
+    lines = ["| setting | method | seeds | held-out loss after (mean) | change from before | "
+             "MB down | wall s (mean) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for r in matrix():
+        if r.name in done:
+            groups.setdefault((r.setting, r.variant, r.method), []).append(r)
+    for (setting, variant, method), runs in groups.items():
+        summaries = [done[r.name] for r in runs]
+        after = statistics.fmean(s["loss_after"] for s in summaries)
+        change = statistics.fmean(s["loss_after"] - s["loss_before"] for s in summaries)
+        mb = statistics.fmean(curve(r.name)[-1][2] for r in runs)
+        wall = statistics.fmean(s["seconds"] for s in summaries)
+        where = f"{setting}, {variant}" if variant else setting
+        lines.append(f"| {where} | {method} | {len(runs)} | {after:.4f} | {change:+.4f} | "
+                     f"{mb:.0f} | {wall:.0f} |")  # fmt: skip
+    return lines
+
+
+def comparison_table(done: dict[str, dict]) -> list[str]:
+    lines = ["| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval |",
              "|---|---|---|---|---|"]  # fmt: skip
-    for setting in ("homogeneous", "heterogeneous"):
-        methods = sorted({r.method for r in matrix() if r.setting == setting})
-        for method in methods:
-            runs = [done[r.name] for r in matrix() if (r.setting, r.method) == (setting, method)
-                    and r.name in done]  # fmt: skip
-            if not runs:
-                continue
-            after = statistics.fmean(s["loss_after"] for s in runs)
-            change = statistics.fmean(s["loss_after"] - s["loss_before"] for s in runs)
-            lines.append(f"| {setting} | {method} | {len(runs)} | {after:.4f} | {change:+.4f} |")
-    lines += ["", "| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval |",
-              "|---|---|---|---|---|"]  # fmt: skip
     for setting, a, b, variant in COMPARISONS:
         pairs = [(done.get(Run(setting, a, s, variant).name),
                   done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
@@ -182,7 +222,77 @@ def report() -> str:
         interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
         where = f"{setting}, {variant}" if variant else setting
         lines.append(f"| {where} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def category_table(done: dict[str, dict], setting: str) -> list[str]:
+    """Per category, each method's change of held-out loss (mean over its seeds)."""
+    runs: dict[str, list[str]] = {}
+    for r in matrix():
+        if r.setting == setting and not r.variant and r.name in done:
+            runs.setdefault(r.method, []).append(r.name)
+    if not runs:
+        return []
+    changes = {m: [categories(n) for n in names] for m, names in runs.items()}
+    names = sorted(next(iter(changes.values()))[0])
+    lines = [f"| {setting}: category | " + " | ".join(changes) + " |",
+             "|---|" + "---|" * len(changes)]  # fmt: skip
+    for category in names:
+        cells = [f"{statistics.fmean(c[category] for c in cs):+.4f}" for cs in changes.values()]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def target_table(done: dict[str, dict]) -> list[str]:
+    """Bytes and wall time until the held-out loss first reaches a target (seed 0).
+
+    The target, per setting and variant: halfway from the base model's loss to the best final
+    loss of a federated run of seed 0 there; read at the rounds' evaluations (no interpolation).
+    """
+    lines = ["| setting | target loss | method | reached after round | MB down | wall s |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in matrix():
+        if r.seed == 0 and r.method != "centralized" and r.name in done:
+            groups.setdefault((r.setting, r.variant), []).append(r)
+    for (setting, variant), runs in groups.items():
+        curves = {r.method: curve(r.name) for r in runs}
+        base = next(iter(curves.values()))[0][1]
+        target = base - 0.5 * (base - min(c[-1][1] for c in curves.values()))
+        where = f"{setting}, {variant}" if variant else setting
+        for method, points in curves.items():
+            hit = next((p for p in points if p[0] > 0 and p[1] <= target), None)
+            cells = f"{hit[0]} | {hit[2]} | {hit[3]:.0f}" if hit else "not reached | - | -"
+            lines.append(f"| {where} | {target:.4f} | {method} | {cells} |")
+    return lines
+
+
+def report() -> str:
+    done = finished()
+    parts = [method_table(done), comparison_table(done), category_table(done, "homogeneous"),
+             category_table(done, "heterogeneous"), target_table(done)]  # fmt: skip
+    return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
+
+
+def plots() -> None:
+    """`flora compare` of each group's seed-0 runs: docs/results/study/compare-<group>/."""
+    done = finished()
+    groups = {
+        "homogeneous": [r for r in matrix() if r.setting == "homogeneous" and not r.variant],
+        "heterogeneous": [r for r in matrix() if r.setting == "heterogeneous" and not r.variant],
+        "robustness": [r for r in matrix() if r.variant or (r.setting == "heterogeneous"
+                       and r.method in ("flora", "zero-padding"))],
+    }  # fmt: skip
+    for group, runs in groups.items():
+        labels = [f"{r.method}{'-' + r.variant if r.variant else ''}={RESULTS / r.name}"
+                  for r in runs if r.seed == 0 and r.name in done]  # fmt: skip
+        if len(labels) < 2:
+            continue
+        command = [sys.executable, "-m", "flora.cli", "compare",
+                   "--out", str(RESULTS / f"compare-{group}")]  # fmt: skip
+        for label in labels:
+            command += ["--label", label]
+        subprocess.run(command, check=True, cwd=ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "tables.md").parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tables.md").write_text(text)
     print(text)
+    plots()
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -50,3 +51,44 @@ def test_every_comparison_has_both_sides_and_centralized_gets_k_times_the_steps(
     assert "data.shift_client=0" in shifted and "seed=0" in shifted
     central = study.Run("heterogeneous", "centralized", 1).overrides()
     assert "federation.centralized=true" in central and "train.max_steps=30" in central
+
+
+def fake_run(root: Path, name: str, losses: list[float], down: int, seconds: float) -> None:
+    """A committed run: eval rows per round (per category too), client and server rows."""
+    run = root / name
+    run.mkdir(parents=True)
+    rows = []
+    for t, loss in enumerate(losses):
+        final = t == len(losses) - 1
+        rows.append(
+            {
+                "kind": "eval",
+                "round": t,
+                "heldout_loss": loss,
+                "final": final,
+                "per_category": {"open_qa": loss + 1.0, "summarization": loss - 1.0},
+            }
+        )
+        if t:
+            rows += [{"kind": "client", "round": t, "client": k, "bytes_down": down}
+                     for k in range(2)]  # fmt: skip
+            rows.append({"kind": "server", "round": t, "round_seconds": seconds})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"loss_before": losses[0], "loss_after": losses[-1], "seconds": seconds * 3}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_report_pairs_seeds_and_finds_the_target_round(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    for seed, gap in zip(study.KEY_SEEDS, (0.010, 0.020, 0.030), strict=True):
+        fake_run(tmp_path, f"heter-flora-seed{seed}", [2.0, 1.9, 1.8, 1.7 - gap], 5_000_000, 10.0)
+        fake_run(tmp_path, f"heter-zero-padding-seed{seed}", [2.0, 1.95, 1.9, 1.7], 1_000_000, 8.0)
+    text = study.report()
+    # flora - zero-padding over three seeds: mean -0.02, t-interval +-4.303 * 0.01 / sqrt(3)
+    half = 4.303 * 0.01 / math.sqrt(3)
+    assert f"| heterogeneous | flora - zero-padding | 3 | -0.0200 | [{-0.02 - half:+.4f}, " in text
+    # target: halfway from 2.0 to flora's 1.69 = 1.845; flora reaches it after round 2 (1.8,
+    # 2 rounds x 2 clients x 5 MB = 20 MB, 20 s), zero-padding after round 3 (1.7, 6 MB, 24 s)
+    assert "| heterogeneous | 1.8450 | flora | 2 | 20 | 20 |" in text
+    assert "| heterogeneous | 1.8450 | zero-padding | 3 | 6 | 24 |" in text
+    assert "| summarization | -0.3200 | -0.3000 |" in text  # per category, mean over seeds
