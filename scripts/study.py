@@ -267,10 +267,59 @@ def target_table(done: dict[str, dict]) -> list[str]:
     return lines
 
 
+MMLU = ["--tasks", "mmlu", "--limit-per-subject", "10", "--shots", "0", "--quiet"]
+MMLU_RUNS = [Run(s, m, 0) for s, methods in KEY.items() for m in methods]  # seed 0's key runs
+
+
+def mmlu(out: Path, threads: int) -> None:
+    """0-shot MMLU, 10 questions a subject (570), of the base model and of each finished seed-0
+    key run's final model: RESULTS/<run>/eval/eval.json (where `flora compare` reads it) and
+    RESULTS/base-mmlu/eval/eval.json. Resumable: a model with an eval.json is not scored again."""
+    todo = [("base-mmlu", "smollm2")]
+    todo += [
+        (r.name, str(out / r.name)) for r in MMLU_RUNS if (out / r.name / "summary.json").is_file()
+    ]
+    for name, model in todo:
+        kept = RESULTS / name / "eval" / "eval.json"
+        if kept.is_file():
+            continue
+        where = out / name / "eval"
+        command = [sys.executable, "-m", "flora.cli", "eval", model, *MMLU, "--out", str(where),
+                   "--threads", str(threads)]  # fmt: skip
+        subprocess.run(command, check=True, cwd=ROOT,
+                       env=os.environ | {"OMP_NUM_THREADS": str(threads)})  # fmt: skip
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(where / "eval.json", kept)
+
+
+def mmlu_table() -> list[str]:
+    """MMLU (weighted, with its standard error) at the start (the base) and the end of each run."""
+
+    def read(name: str) -> tuple[float, float] | None:
+        path = RESULTS / name / "eval" / "eval.json"
+        if not path.is_file():
+            return None
+        result = json.loads(path.read_text())["results"]["mmlu"]
+        return 100 * result["acc,none"], 100 * result["acc_stderr,none"]
+
+    base = read("base-mmlu")
+    if base is None:
+        return []
+    lines = ["| model | MMLU 0-shot, 570 questions (%) | change from the base (points) |",
+             "|---|---|---|",
+             f"| base SmolLM2-135M-Instruct | {base[0]:.1f} +- {base[1]:.1f} | |"]  # fmt: skip
+    for run in MMLU_RUNS:
+        score = read(run.name)
+        if score:
+            lines.append(f"| {run.name} | {score[0]:.1f} +- {score[1]:.1f} | "
+                         f"{score[0] - base[0]:+.1f} |")  # fmt: skip
+    return lines
+
+
 def report() -> str:
     done = finished()
     parts = [method_table(done), comparison_table(done), category_table(done, "homogeneous"),
-             category_table(done, "heterogeneous"), target_table(done)]  # fmt: skip
+             category_table(done, "heterogeneous"), target_table(done), mmlu_table()]  # fmt: skip
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
 
 
@@ -301,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (1 thread each)")
     parser.add_argument("--max-runs", type=int, default=0, help="at most this many (0: all)")
     parser.add_argument("--report", action="store_true", help="only the tables")
+    parser.add_argument("--mmlu", action="store_true", help="only MMLU of the base and the runs")
     args = parser.parse_args(argv)
-    if not args.report:
+    if args.mmlu:
+        mmlu(args.out, 1 if args.jobs > 1 else 2)
+    elif not args.report:
         todo = [r for r in matrix() if not (RESULTS / r.name / "summary.json").is_file()]
         todo = todo[: args.max_runs] if args.max_runs else todo
         threads = 1 if args.jobs > 1 else 2
