@@ -165,7 +165,12 @@ def records(name: str) -> list[dict]:
 
 
 def curve(name: str) -> list[tuple[int, float, int, float]]:
-    """(round, held-out loss, cumulative MB down, cumulative round seconds) after each round."""
+    """(round, held-out loss, cumulative MB down, cumulative round seconds) after each round.
+
+    MB down is the traffic recorded by the clients' rows through round t: what crossed by the
+    time round t's loss is measured (a client downloads round t's aggregate when round t + 1
+    starts, so the last aggregate is not counted, and round 1 carries the initial global LoRA
+    of the methods that keep one)."""
     rows = records(name)
     loss = {int(r["round"]): float(r["heldout_loss"]) for r in rows if r.get("kind") == "eval"}
     down: dict[int, int] = {}
@@ -192,7 +197,7 @@ def categories(name: str) -> dict[str, float]:
 
 def method_table(done: dict[str, dict]) -> list[str]:
     lines = ["| setting | method | seeds | held-out loss after (mean) | change from before | "
-             "MB down | wall s (mean) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "MB down (last round) | wall s (mean) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in matrix():
         if r.name in done:
@@ -202,10 +207,11 @@ def method_table(done: dict[str, dict]) -> list[str]:
         after = statistics.fmean(s["loss_after"] for s in summaries)
         change = statistics.fmean(s["loss_after"] - s["loss_before"] for s in summaries)
         mb = statistics.fmean(curve(r.name)[-1][2] for r in runs)
+        last = statistics.fmean(curve(r.name)[-1][2] - curve(r.name)[-2][2] for r in runs)
         wall = statistics.fmean(s["seconds"] for s in summaries)
         where = f"{setting}, {variant}" if variant else setting
         lines.append(f"| {where} | {method} | {len(runs)} | {after:.4f} | {change:+.4f} | "
-                     f"{mb:.0f} | {wall:.0f} |")  # fmt: skip
+                     f"{mb:.0f} ({last:.0f}) | {wall:.0f} |")  # fmt: skip
     return lines
 
 
