@@ -1,11 +1,12 @@
 """`make bench`: every benchmark in bench/, one after the other, into bench/results.md and .json.
 
-Each benchmark runs in its own process at the sizes below (the run of 2026-12-02 took 43 minutes on a
-2-core CPU, flower_overhead timing out at 600 s beside a test run, length_grouping 8 min at 64
-examples, now 32; the goal is under 30), writes its headline figures with ``--json``, and every figure is a
-ratio (or a share) against a baseline measured in the same process, named beside it: absolute
-timings on a shared machine are noise, ratios within one run much less so. A benchmark that
-fails or times out is recorded as failed with its last output lines, and the others still run.
+Each benchmark runs in its own process at the sizes below (the run of 2026-12-02 took 43 minutes
+on a 2-core CPU, flower_overhead timing out at 600 s beside a test run and length_grouping taking
+8 min at 64 examples, now 32; the goal is under 30), writes its headline figures with ``--json``,
+and every figure is a ratio (or a share) against a baseline measured in the same process, named
+beside it: absolute timings on a shared machine are noise, ratios within one run much less so.
+A benchmark that fails or times out is recorded as failed with its last output lines, and the
+others still run.
 
     .venv/bin/python bench/run_all.py                  # everything (make bench)
     .venv/bin/python bench/run_all.py --only aggregation dp_sgd
