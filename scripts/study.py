@@ -281,8 +281,8 @@ MMLU_RUNS = [Run(s, m, 0) for s, methods in KEY.items() for m in methods]  # see
 def mmlu(out: Path, threads: int) -> None:
     """0-shot MMLU, 10 questions a subject (570), of the base model and of each finished seed-0
     key run's final model: RESULTS/<run>/eval/eval.json (where `flora compare` reads it) and
-    RESULTS/base-mmlu/eval/eval.json. Resumable: a model with an eval.json is not scored again."""
-    todo = [("base-mmlu", "smollm2")]
+    RESULTS/base-model/eval/eval.json. Resumable: a model with an eval.json is not scored again."""
+    todo = [("base-model", "smollm2")]
     todo += [
         (r.name, str(out / r.name)) for r in MMLU_RUNS if (out / r.name / "summary.json").is_file()
     ]
@@ -309,7 +309,7 @@ def mmlu_table() -> list[str]:
         result = json.loads(path.read_text())["results"]["mmlu"]
         return 100 * result["acc,none"], 100 * result["acc_stderr,none"]
 
-    base = read("base-mmlu")
+    base = read("base-model")
     if base is None:
         return []
     lines = ["| model | MMLU 0-shot, 570 questions (%) | change from the base (points) |",
