@@ -45,8 +45,10 @@ def test_every_comparison_has_both_sides_and_centralized_gets_k_times_the_steps(
         key = not variant and a in study.KEY[setting] and b in study.KEY[setting]
         for seed in study.KEY_SEEDS if key else (0,):  # the key comparisons: three seeds
             assert (setting, a, seed, variant) in runs and (setting, b, seed, variant) in runs
-    first = study.matrix()[:18]  # seed 0 of every run comes before any second seed
-    assert all(r.seed == 0 for r in first) and study.matrix()[18].seed == 1
+    key = study.matrix()[:21]  # the key comparisons' three seeds come before the other views
+    assert {r.seed for r in key} == set(study.KEY_SEEDS)
+    assert all(r.method in study.KEY[r.setting] and not r.variant for r in key)
+    assert all(r.seed == 0 for r in study.matrix()[21:])
     shifted = study.Run("heterogeneous", "flora", 0, "shifted").overrides()
     assert "data.shift_client=0" in shifted and "seed=0" in shifted
     central = study.Run("heterogeneous", "centralized", 1).overrides()
