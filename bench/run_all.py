@@ -1,12 +1,17 @@
 """`make bench`: every benchmark in bench/, one after the other, into bench/results.md and .json.
 
-Each benchmark runs in its own process at the sizes below (the run of 2026-12-02 took 43 minutes
-on a 2-core CPU, flower_overhead timing out at 600 s beside a test run and length_grouping taking
-8 min at 64 examples, now 32; the goal is under 30), writes its headline figures with ``--json``,
-and every figure is a ratio (or a share) against a baseline measured in the same process, named
-beside it: absolute timings on a shared machine are noise, ratios within one run much less so.
-A benchmark that fails or times out is recorded as failed with its last output lines, and the
-others still run.
+Each benchmark runs in its own process at the sizes below, writes its headline figures with
+``--json``, and every figure is a ratio (or a share) against a baseline measured in the same
+process, named beside it: absolute timings on a shared machine are noise, ratios within one run
+much less so. A benchmark that fails or times out is recorded as failed with its last output
+lines, and the others still run.
+
+The one-thread benchmarks run in two lanes side by side (--lanes, one per core): each compares
+its contenders call by call or rotated within its own process, so a neighbour's load falls on
+both sides of its ratio. The benchmarks marked ``alone`` run first, by themselves: aggregation is
+bound by memory bandwidth (a neighbour would take its share of it unevenly between calls) and
+flower_overhead starts a node per core. One after another, the run of 2026-12-02 took 43 minutes
+on a 2-core CPU; the goal is under 30.
 
     .venv/bin/python bench/run_all.py                  # everything (make bench)
     .venv/bin/python bench/run_all.py --only aggregation dp_sgd
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,11 +45,13 @@ class Bench:
     what: str  # one line: what is measured against what
     timeout: int = 600
     needs: tuple[str, ...] = field(default=())  # importable modules it needs
+    alone: bool = False  # run by itself, not beside another benchmark (see above)
 
 
 BENCHES = [
-    Bench("aggregation", ["--repeats", "3", "--warmup", "2"],
-          "every method's aggregation of 10 Llama-7B-shaped q,v adapters against a plain copy"),
+    Bench("aggregation", ["--repeats", "5", "--warmup", "2"],
+          "every method's aggregation of 10 Llama-7B-shaped q,v adapters against a plain copy",
+          alone=True),
     Bench("dp_sgd", ["--threads", "1", "--steps", "3", "--repeats", "3"],
           "a client's DP-SGD training against the same training without it"),
     Bench("training", ["--threads", "1", "--steps", "3", "--repeats", "3"],
@@ -61,8 +69,9 @@ BENCHES = [
           needs=("bitsandbytes",)),
     Bench("mmlu_speed", ["--limit-per-subject", "1", "--subjects", "20", "--threads", "1"],
           "flora's log-likelihood MMLU scoring against generate-and-parse"),
-    Bench("flower_overhead", ["--steps", "4", "--threads", "1"],
-          "a Flower deployment against the embedded runtime", needs=("flwr",)),
+    Bench("flower_overhead", ["--steps", "4", "--threads", "1", "--set", "data.limit=400",
+                              "--set", "data.heldout=16"],
+          "a Flower deployment against the embedded runtime", needs=("flwr",), alone=True),
     Bench("merge_precision", [],
           "merged updates held by a bf16 base with fp32 target modules against an all-bf16 base"),
 ]  # fmt: skip
@@ -150,8 +159,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = ["# flora benchmarks (`make bench`)", "",
              f"Measured {meta['date']} at commit {meta['commit']} on {meta['machine']} "
              f"({meta['cpus']} CPUs), Python {meta['python']}, torch {meta['torch']}; "
-             f"{meta['seconds'] / 60:.1f} minutes in all. Every figure is measured against the "
-             "baseline beside it, in the same process; regenerate with `make bench`.", "",
+             f"{meta['seconds'] / 60:.1f} minutes in all, {meta.get('lanes', 1)} lane(s). Every "
+             "figure is measured against the baseline beside it, in the same process; regenerate "
+             "with `make bench`.", "",
              "| benchmark | figure | value | baseline | goal |",
              "|---|---|---|---|---|"]  # fmt: skip
     for name, result in results.items():
@@ -183,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES])
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="one-thread benchmarks side by side (1: one after another)",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -191,17 +207,24 @@ def main(argv: list[str] | None = None) -> int:
                             capture_output=True).stdout.strip() or "unknown"  # fmt: skip
     start = time.perf_counter()
     results: dict[str, Any] = {}
+
+    def one(bench: Bench, tmp: Path) -> None:
+        print(f"bench: {bench.name} ...", flush=True)
+        results[bench.name] = run_bench(bench, tmp)
+        status = results[bench.name]["status"]
+        print(f"bench: {bench.name} {status} ({results[bench.name]['seconds']:.0f} s)",
+              flush=True)  # fmt: skip
+
     with tempfile.TemporaryDirectory() as tmp:
-        for bench in chosen:
-            print(f"bench: {bench.name} ...", flush=True)
-            results[bench.name] = run_bench(bench, Path(tmp))
-            status = results[bench.name]["status"]
-            print(f"bench: {bench.name} {status} ({results[bench.name]['seconds']:.0f} s)",
-                  flush=True)  # fmt: skip
+        for bench in (b for b in chosen if b.alone):
+            one(bench, Path(tmp))
+        with ThreadPoolExecutor(max(1, args.lanes)) as lanes:
+            list(lanes.map(lambda b: one(b, Path(tmp)), [b for b in chosen if not b.alone]))
+    results = {b.name: results[b.name] for b in chosen}  # the table in BENCHES' order
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+            "seconds": time.perf_counter() - start, "lanes": args.lanes}  # fmt: skip
     data = {"meta": meta, "results": {k: {key: v for key, v in r.items() if key != "output"}
                                       for k, r in results.items()}}  # fmt: skip
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
