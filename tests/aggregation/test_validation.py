@@ -111,3 +111,15 @@ def test_unknown_method_and_option():
 def test_no_clients():
     with pytest.raises(FloraError, match="at least one adapter"):
         aggregate("flora", [])
+
+
+@pytest.mark.parametrize(
+    ("value", "finite"), [(math.nan, False), (math.inf, False), (-math.inf, False), (3e38, True)]
+)
+def test_a_result_is_finite_unless_it_holds_nan_or_inf(value, finite):
+    # 3e38 twice overflows the sum (inf) though every value is finite: the elementwise check
+    # then decides, as the server's check of a realised update must
+    result = aggregate("flora", make_clients([4, 4]))
+    factors = result.global_factors[M]
+    factors.A[0, :2] = value
+    assert result.is_finite() is finite

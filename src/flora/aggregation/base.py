@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flora.adapters import Adapter
+from flora.aggregation.lowrank import all_finite
 
 __all__ = ["AggregationResult", "adapter_bytes", "tensor_bytes", "uploads"]
 
@@ -42,7 +43,7 @@ class AggregationResult:
         """Whether every tensor of the result is finite (finite inputs can still overflow)."""
         tensors = [t for f in self.global_factors.values() for t in (f.A, f.B)]
         tensors += list((self.residual or {}).values())
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return all(all_finite(t) for t in tensors)
 
     def realised_delta(self, module: str) -> torch.Tensor:
         """The dense update the server applies for ``module``: B @ A (+ residual), (out, in)."""

@@ -16,6 +16,7 @@ import torch
 from flora.adapters import LoraFactors
 
 __all__ = [
+    "all_finite",
     "exact_refactor",
     "fold",
     "frobenius",
@@ -98,15 +99,16 @@ def stack_finite(
     """
     A, B = stack(As, Bs, coeffs)
     bad = None
-    if not _finite(A):
-        bad = next(((k, "A") for k, a in enumerate(As) if not _finite(a)), None)
-    if bad is None and not _finite(B):
-        bad = next(((k, "B") for k, b in enumerate(Bs) if not _finite(b)), None)
+    if not all_finite(A):
+        bad = next(((k, "A") for k, a in enumerate(As) if not all_finite(a)), None)
+    if bad is None and not all_finite(B):
+        bad = next(((k, "B") for k, b in enumerate(Bs) if not all_finite(b)), None)
     return A, B, bad
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf: a finite sum proves it; an overflowing sum needs the elementwise check."""
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf: a finite sum proves it (NaN and inf propagate through a sum), in one read
+    and no tensor-sized temporary; only a sum that overflows needs the elementwise check."""
     return math.isfinite(float(tensor.sum())) or bool(tensor.isfinite().all())
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from flora.adapters import Adapter
+from flora.aggregation.lowrank import all_finite
 from flora.errors import FloraError
 
 __all__ = [
@@ -43,14 +44,6 @@ def normalize_weights(weights: Sequence[float] | None, num_clients: int) -> list
             )
     total = sum(values)
     return [value / total for value in values]
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    # A finite sum proves every element finite (NaN/inf propagate); only an overflowing sum of
-    # finite values needs the exact elementwise check.
-    if math.isfinite(float(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
 
 
 def check_clients(clients: Sequence[Adapter], values: bool = True) -> None:
@@ -109,7 +102,7 @@ def check_module(
     for name, tensor in (("lora_A", A), ("lora_B", B)):
         if not tensor.is_floating_point():
             raise FloraError(f"{where}: {name} has dtype {tensor.dtype}; expected floating point")
-        if values and not _all_finite(tensor):
+        if values and not all_finite(tensor):
             raise not_finite(index, module, name)
 
 
