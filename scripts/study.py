@@ -216,8 +216,8 @@ def method_table(done: dict[str, dict]) -> list[str]:
 
 
 def comparison_table(done: dict[str, dict]) -> list[str]:
-    lines = ["| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval | "
+             "per seed |", "|---|---|---|---|---|---|"]  # fmt: skip
     for setting, a, b, variant in COMPARISONS:
         pairs = [(done.get(Run(setting, a, s, variant).name),
                   done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
@@ -227,7 +227,9 @@ def comparison_table(done: dict[str, dict]) -> list[str]:
         mean, low, high = paired_interval(diffs)
         interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
         where = f"{setting}, {variant}" if variant else setting
-        lines.append(f"| {where} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} |")
+        each = ", ".join(f"{d:+.4f}" for d in diffs)
+        lines.append(f"| {where} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} | "
+                     f"{each} |")  # fmt: skip
     return lines
 
 

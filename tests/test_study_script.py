@@ -89,6 +89,7 @@ def test_the_report_pairs_seeds_and_finds_the_target_round(study, tmp_path, monk
     # flora - zero-padding over three seeds: mean -0.02, t-interval +-4.303 * 0.01 / sqrt(3)
     half = 4.303 * 0.01 / math.sqrt(3)
     assert f"| heterogeneous | flora - zero-padding | 3 | -0.0200 | [{-0.02 - half:+.4f}, " in text
+    assert f"{-0.02 + half:+.4f}] | -0.0100, -0.0200, -0.0300 |" in text  # and each seed's
     # target: halfway from 2.0 to flora's 1.69 = 1.845; flora reaches it after round 2 (1.8,
     # 2 rounds x 2 clients x 5 MB = 20 MB, 20 s), zero-padding after round 3 (1.7, 6 MB, 24 s)
     assert "| heterogeneous | 1.8450 | flora | 2 | 20 | 20 |" in text
