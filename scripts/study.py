@@ -313,14 +313,20 @@ def mmlu_table() -> list[str]:
     base = read("base-model")
     if base is None:
         return []
-    lines = ["| model | MMLU 0-shot, 570 questions (%) | change from the base (points) |",
-             "|---|---|---|",
-             f"| base SmolLM2-135M-Instruct | {base[0]:.1f} +- {base[1]:.1f} | |"]  # fmt: skip
+
+    def cell(score: tuple[float, float]) -> str:
+        low, high = score[0] - 1.96 * score[1], score[0] + 1.96 * score[1]
+        return f"{score[0]:.1f} +- {score[1]:.1f} [{low:.1f}, {high:.1f}]"
+
+    lines = ["| model | MMLU 0-shot, 570 questions (%): mean +- standard error [95% interval] | "
+             "change from the base (points) |", "|---|---|---|",
+             f"| base SmolLM2-135M-Instruct | {cell(base)} | |"]  # fmt: skip
     for run in MMLU_RUNS:
         score = read(run.name)
         if score:
-            lines.append(f"| {run.name} | {score[0]:.1f} +- {score[1]:.1f} | "
-                         f"{score[0] - base[0]:+.1f} |")  # fmt: skip
+            lines.append(f"| {run.name} | {cell(score)} | {score[0] - base[0]:+.1f} |")
+        else:
+            lines.append(f"| {run.name} | not scored (its model was not kept) | |")
     return lines
 
 
