@@ -215,6 +215,46 @@ def method_table(done: dict[str, dict]) -> list[str]:
     return lines
 
 
+def paired(done: dict[str, dict]) -> list[tuple[str, list[float]]]:
+    """Each comparison with at least one pair: its label and a - b per seed."""
+    out = []
+    for setting, a, b, variant in COMPARISONS:
+        pairs = [(done.get(Run(setting, a, s, variant).name),
+                  done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
+        diffs = [x["loss_after"] - y["loss_after"] for x, y in pairs if x and y]
+        if diffs:
+            where = f"{setting[:5]}., {variant}" if variant else f"{setting[:5]}."
+            out.append((f"{a} - {b} ({where})", diffs))
+    return out
+
+
+def forest_plot(done: dict[str, dict], path: Path) -> None:
+    """Every comparison: each seed's paired difference (dots) and the mean with its 95%
+    interval (bar; a comparison of one seed shows its dot alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = paired(done)
+    if not rows:
+        return
+    figure = Figure(figsize=(9, 0.45 * len(rows) + 1.4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for y, (_, diffs) in enumerate(reversed(rows)):
+        mean, low, high = paired_interval(diffs)
+        if not math.isnan(low):
+            axes.plot([low, high], [y, y], color="tab:blue", linewidth=2)
+        axes.plot([mean], [y], marker="D", color="tab:blue")
+        axes.plot(diffs, [y] * len(diffs), "o", color="tab:gray", alpha=0.6, markersize=4)
+    axes.axvline(0.0, color="black", linewidth=0.8)
+    axes.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
+    axes.set_xlabel("difference of final held-out loss, a - b (negative: a better)")
+    axes.set_title("a - b per seed (dots); mean and 95% t-interval (bar)", fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def comparison_table(done: dict[str, dict]) -> list[str]:
     lines = ["| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval | "
              "per seed |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -377,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report()
     (RESULTS / "tables.md").parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tables.md").write_text(text)
+    forest_plot(finished(), RESULTS / "comparisons.png")
     print(text)
     plots()
     return 0

@@ -95,3 +95,15 @@ def test_the_report_pairs_seeds_and_finds_the_target_round(study, tmp_path, monk
     assert "| heterogeneous | 1.8450 | flora | 2 | 20 | 20 |" in text
     assert "| heterogeneous | 1.8450 | zero-padding | 3 | 6 | 24 |" in text
     assert "| summarization | -0.3200 | -0.3000 |" in text  # per category, mean over seeds
+
+
+def test_the_forest_plot_draws_every_paired_comparison(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    for seed in study.KEY_SEEDS:
+        fake_run(tmp_path, f"homog-flora-seed{seed}", [2.0, 1.8 + 0.01 * seed], 5, 1.0)
+        fake_run(tmp_path, f"homog-fedit-seed{seed}", [2.0, 1.8], 1, 1.0)
+    rows = study.paired(study.finished())
+    assert [label for label, _ in rows] == ["flora - fedit (homog.)"]
+    assert rows[0][1] == pytest.approx([0.0, 0.01, 0.02])
+    study.forest_plot(study.finished(), tmp_path / "comparisons.png")
+    assert (tmp_path / "comparisons.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
