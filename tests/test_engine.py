@@ -41,6 +41,8 @@ def test_cli_run_writes_every_output_and_lowers_the_loss(tiny_run):
     for name in ("config.json", "metrics.jsonl", "summary.json", "final/model/config.json"):
         assert (tiny_run / name).exists(), name
     assert (tiny_run / "checkpoints" / "round_0002" / "state.json").is_file()
+    versions = json.loads((tiny_run / "summary.json").read_text())["versions"]
+    assert versions["torch"] == torch.__version__ and versions["transformers"]  # what it ran on
     before, after = (r["heldout_loss"] for r in _rows(tiny_run, "eval"))
     assert after < before
     clients = _rows(tiny_run, "client")

@@ -268,9 +268,30 @@ class RunOutputs:
         result = RunResult(
             self.run_dir, before["heldout_loss"], after["heldout_loss"], samples, seconds
         )
-        summary = dataclasses.asdict(result) | {"run_dir": str(self.run_dir), "runtime": runtime}
+        summary = dataclasses.asdict(result) | {"run_dir": str(self.run_dir), "runtime": runtime,
+                                                "versions": package_versions()}  # fmt: skip
         atomic_write_json(self.run_dir / "summary.json", summary)
         return result
+
+
+RECORDED_PACKAGES = ("flora", "torch", "transformers", "peft", "gguf", "accelerate", "datasets",
+                     "flwr", "opacus", "bitsandbytes")  # fmt: skip
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed versions of the packages a run's numbers depend on (None: not installed).
+
+    A run's losses move with them: the same config and seed gave SmolLM2's held-out loss 2.54390
+    on one install and 2.54452 on a later one (docs/results.md), so every summary says which."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _lock(run_dir: Path) -> IO[str]:
