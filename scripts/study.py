@@ -107,6 +107,12 @@ COMPARISONS = [  # (setting, a, b, variant): a - b per seed
     ("heterogeneous", "reference-zero-padding", "zero-padding", ""),
     ("heterogeneous", "flora", "zero-padding", "sampled30"),
     ("heterogeneous", "flora", "zero-padding", "shifted"),
+    # the one-seed methods against flora (seed 0)
+    ("homogeneous", "flora", "ffa-lora", ""),
+    ("homogeneous", "flora", "fedex-lora", ""),
+    ("homogeneous", "flora", "flexlora", ""),
+    ("homogeneous", "flora", "florist", ""),
+    ("heterogeneous", "flora", "florist", ""),
 ]
 
 
@@ -195,33 +201,50 @@ def categories(name: str) -> dict[str, float]:
 
 
 def method_table(done: dict[str, dict]) -> list[str]:
-    lines = ["| setting | method | seeds | held-out loss after (mean) | change from before | "
-             "MB down (last round) | wall s (mean) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    """Seed 0 of every run (one held-out set, so the rows compare), and each key method's change
+    from before, mean over its seeds (each seed holds out other examples: compare means only with
+    means)."""
+    lines = ["| setting | method | seeds | seed 0: held-out loss after | seed 0: change | "
+             "change, mean over seeds | MB down (last round) | wall s (mean) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in matrix():
         if r.name in done:
             groups.setdefault((r.setting, r.variant, r.method), []).append(r)
     for (setting, variant, method), runs in groups.items():
-        summaries = [done[r.name] for r in runs]
-        after = statistics.fmean(s["loss_after"] for s in summaries)
-        change = statistics.fmean(s["loss_after"] - s["loss_before"] for s in summaries)
+        summaries = {r.seed: done[r.name] for r in runs}
+        first = summaries.get(0)
+        zero = f"{first['loss_after']:.4f} | {change(first):+.4f}" if first else "- | -"
+        mean = statistics.fmean(change(s) for s in summaries.values())
         mb = statistics.fmean(curve(r.name)[-1][2] for r in runs)
         last = statistics.fmean(curve(r.name)[-1][2] - curve(r.name)[-2][2] for r in runs)
-        wall = statistics.fmean(s["seconds"] for s in summaries)
+        wall = statistics.fmean(s["seconds"] for s in summaries.values())
         where = f"{setting}, {variant}" if variant else setting
         down = "n/a (one client)" if method == "centralized" else f"{mb:.0f} ({last:.0f})"
-        lines.append(f"| {where} | {method} | {len(runs)} | {after:.4f} | {change:+.4f} | "
-                     f"{down} | {wall:.0f} |")  # fmt: skip
+        lines.append(f"| {where} | {method} | {len(runs)} | {zero} | {mean:+.4f} | {down} | "
+                     f"{wall:.0f} |")  # fmt: skip
     return lines
+
+
+def change(summary: dict) -> float:
+    """A run's held-out loss after minus before: its own base taken out."""
+    return float(summary["loss_after"]) - float(summary["loss_before"])
+
+
+def differences(done: dict[str, dict], setting: str, a: str, b: str, variant: str) -> list[float]:
+    """a - b per seed where both ran, on the change from before: equal to the difference of the
+    final losses when both runs saw the same base (every pair of one sitting), and free of the
+    base's offset when they did not (docs/results.md, "Two installs")."""
+    pairs = [(done.get(Run(setting, a, s, variant).name),
+              done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
+    return [change(x) - change(y) for x, y in pairs if x and y]
 
 
 def paired(done: dict[str, dict]) -> list[tuple[str, list[float]]]:
     """Each comparison with at least one pair: its label and a - b per seed."""
     out = []
     for setting, a, b, variant in COMPARISONS:
-        pairs = [(done.get(Run(setting, a, s, variant).name),
-                  done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
-        diffs = [x["loss_after"] - y["loss_after"] for x, y in pairs if x and y]
+        diffs = differences(done, setting, a, b, variant)
         if diffs:
             where = f"{setting[:5]}., {variant}" if variant else f"{setting[:5]}."
             out.append((f"{a} - {b} ({where})", diffs))
@@ -256,12 +279,10 @@ def forest_plot(done: dict[str, dict], path: Path) -> None:
 
 
 def comparison_table(done: dict[str, dict]) -> list[str]:
-    lines = ["| setting | comparison (a - b, held-out loss) | seeds | mean | 95% interval | "
-             "per seed |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| setting | comparison (a - b, change of held-out loss) | seeds | mean | "
+             "95% interval | per seed |", "|---|---|---|---|---|---|"]  # fmt: skip
     for setting, a, b, variant in COMPARISONS:
-        pairs = [(done.get(Run(setting, a, s, variant).name),
-                  done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
-        diffs = [x["loss_after"] - y["loss_after"] for x, y in pairs if x and y]
+        diffs = differences(done, setting, a, b, variant)
         if not diffs:
             continue
         mean, low, high = paired_interval(diffs)
@@ -274,10 +295,10 @@ def comparison_table(done: dict[str, dict]) -> list[str]:
 
 
 def category_table(done: dict[str, dict], setting: str) -> list[str]:
-    """Per category, each method's change of held-out loss (mean over its seeds)."""
+    """Per category, each method's change of held-out loss at seed 0 (one held-out set)."""
     runs: dict[str, list[str]] = {}
     for r in matrix():
-        if r.setting == setting and not r.variant and r.name in done:
+        if r.setting == setting and not r.variant and r.seed == 0 and r.name in done:
             runs.setdefault(r.method, []).append(r.name)
     if not runs:
         return []

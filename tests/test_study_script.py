@@ -94,7 +94,9 @@ def test_the_report_pairs_seeds_and_finds_the_target_round(study, tmp_path, monk
     # 2 rounds x 2 clients x 5 MB = 20 MB, 20 s), zero-padding after round 3 (1.7, 6 MB, 24 s)
     assert "| heterogeneous | 1.8450 | flora | 2 | 20 | 20 |" in text
     assert "| heterogeneous | 1.8450 | zero-padding | 3 | 6 | 24 |" in text
-    assert "| summarization | -0.3200 | -0.3000 |" in text  # per category, mean over seeds
+    assert "| summarization | -0.3100 | -0.3000 |" in text  # per category, seed 0's
+    # seed 0's loss and change (one held-out set), then the change's mean over the seeds
+    assert "| heterogeneous | flora | 3 | 1.6900 | -0.3100 | -0.3200 | 30 (10) | 30 |" in text
 
 
 def test_the_forest_plot_draws_every_paired_comparison(study, tmp_path, monkeypatch):
