@@ -9,9 +9,11 @@ lines, and the others still run.
 The one-thread benchmarks run in two lanes side by side (--lanes, one per core): each compares
 its contenders call by call or rotated within its own process, so a neighbour's load falls on
 both sides of its ratio. The benchmarks marked ``alone`` run first, by themselves: aggregation is
-bound by memory bandwidth (a neighbour would take its share of it unevenly between calls) and
-flower_overhead starts a node per core. One after another, the run of 2026-12-02 took 43 minutes
-on a 2-core CPU; the goal is under 30.
+bound by memory bandwidth (a neighbour would take its share of it unevenly between calls),
+flower_overhead starts a node per core, and memory_settings times its settings one after another
+in separate processes (a neighbour that finishes half-way would favour the later ones). One
+after another, the run of 2026-12-02 took 43 minutes on a 2-core CPU (beside other work); two
+lanes took 13 on 2026-12-06; the goal is under 30.
 
     .venv/bin/python bench/run_all.py                  # everything (make bench)
     .venv/bin/python bench/run_all.py --only aggregation dp_sgd
@@ -66,7 +68,7 @@ BENCHES = [
           "peak memory with 10 simulated clients against 2"),
     Bench("memory_settings", ["--length", "256", "--threads", "1"],
           "one client's memory and step time with a bf16, 8-bit and 4-bit base against fp32",
-          needs=("bitsandbytes",)),
+          needs=("bitsandbytes",), alone=True),
     Bench("mmlu_speed", ["--limit-per-subject", "1", "--subjects", "20", "--threads", "1"],
           "flora's log-likelihood MMLU scoring against generate-and-parse"),
     Bench("flower_overhead", ["--steps", "4", "--threads", "1", "--set", "data.limit=400",
