@@ -271,7 +271,7 @@ def forest_plot(done: dict[str, dict], path: Path) -> None:
         axes.plot(diffs, [y] * len(diffs), "o", color="tab:gray", alpha=0.6, markersize=4)
     axes.axvline(0.0, color="black", linewidth=0.8)
     axes.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
-    axes.set_xlabel("difference of final held-out loss, a - b (negative: a better)")
+    axes.set_xlabel("difference of the change of held-out loss, a - b (negative: a better)")
     axes.set_title("a - b per seed (dots); mean and 95% t-interval (bar)", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
