@@ -84,12 +84,10 @@ def worker(
         return time.perf_counter() - start, out
 
     rss_before = psutil.Process().memory_info().rss
-    result: object = None
-    cold = 0.0
-    for index in range(max(warmup, 1)):  # the method alone: its cold call and its own peak
-        result = None  # free the previous result before the next run
-        seconds, result = call(method)
-        cold = seconds if index == 0 else cold
+    cold, result = call(method)  # the method alone first: its cold call and its own peak
+    for _ in range(warmup - 1):
+        result = None  # free the previous result before the next call
+        result = call(method)[1]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     for _ in range(warmup if method != "copy" else 0):  # the copy's warm-up, after the peak
         call("copy")
