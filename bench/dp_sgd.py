@@ -50,16 +50,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision)
     model, tokenizer, examples = smollm2_client(args.examples, args.max_length, precision, 11)
-    config = TrainConfig(batch_size=args.batch_size, max_steps=args.steps, precision=precision,
-                         sampling="poisson", loss_weighting="examples", max_grad_norm=0.0,
-                         lora_dropout=0.0)  # fmt: skip
+    config = TrainConfig(
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        precision=precision,
+        sampling="poisson",
+        loss_weighting="examples",
+        max_grad_norm=0.0,
+        lora_dropout=0.0,
+    )
     privacy = DPSGD(1.0, 1.0, args.batch_size, reproducible_noise=True)
 
     def call(private: bool) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
-        train_client(model, examples, rank=8, alpha=16, target_modules=["q_proj", "v_proj"],
-                     config=config, seed=SEED, pad_id=int(tokenizer.pad_token_id),
-                     privacy=privacy if private else None)  # fmt: skip
+        train_client(
+            model,
+            examples,
+            rank=8,
+            alpha=16,
+            target_modules=["q_proj", "v_proj"],
+            config=config,
+            seed=SEED,
+            pad_id=int(tokenizer.pad_token_id),
+            privacy=privacy if private else None,
+        )
         return time.process_time() - cpu, time.perf_counter() - wall
 
     call(False), call(True)  # warm-up: first-use allocations, opacus' import
@@ -77,20 +91,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "plain_cpu_seconds_per_call": statistics.median(plain_cpu),
         "dp_cpu_seconds_per_call": statistics.median(dp_cpu),
     }
-    print(f"SmolLM2-135M, {precision}, {len(examples)} examples, batch {args.batch_size}, "
-          f"{args.steps} steps, max_length {args.max_length}, torch threads "
-          f"{torch.get_num_threads()}, {args.repeats} repeats")  # fmt: skip
-    print(f"DP-SGD / plain: {figures['dp_over_plain_cpu']:.2f}x CPU seconds "
-          f"({figures['dp_over_plain_wall']:.2f}x wall); plain "
-          f"{figures['plain_cpu_seconds_per_call']:.1f} s, dp-sgd "
-          f"{figures['dp_cpu_seconds_per_call']:.1f} s per call (medians)")  # fmt: skip
+    print(
+        f"SmolLM2-135M, {precision}, {len(examples)} examples, batch {args.batch_size}, "
+        f"{args.steps} steps, max_length {args.max_length}, torch threads "
+        f"{torch.get_num_threads()}, {args.repeats} repeats"
+    )
+    print(
+        f"DP-SGD / plain: {figures['dp_over_plain_cpu']:.2f}x CPU seconds "
+        f"({figures['dp_over_plain_wall']:.2f}x wall); plain "
+        f"{figures['plain_cpu_seconds_per_call']:.1f} s, dp-sgd "
+        f"{figures['dp_cpu_seconds_per_call']:.1f} s per call (medians)"
+    )
     if args.json:
         baseline = "the same training (same Poisson batches) without DP-SGD"
-        out = {"DP-SGD training time": {"value": figures["dp_over_plain_cpu"], "unit": "x",
-                                        "baseline": baseline + ", CPU seconds", "goal": None},
-               "DP-SGD training wall time": {"value": figures["dp_over_plain_wall"], "unit": "x",
-                                             "baseline": baseline + ", wall seconds",
-                                             "goal": None}}  # fmt: skip
+        out = {
+            "DP-SGD training time": {
+                "value": figures["dp_over_plain_cpu"],
+                "unit": "x",
+                "baseline": baseline + ", CPU seconds",
+                "goal": None,
+            },
+            "DP-SGD training wall time": {
+                "value": figures["dp_over_plain_wall"],
+                "unit": "x",
+                "baseline": baseline + ", wall seconds",
+                "goal": None,
+            },
+        }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return figures
 

@@ -81,8 +81,18 @@ def run_embedded(config_path: str, overrides: list[str], out: Path, threads: int
 def run_flower(
     config_path: str, overrides: list[str], out: Path, runtime: str, workers: bool
 ) -> Path:
-    command = ["bash", str(ROOT / "scripts" / "flower-deploy.sh"), "-c", config_path,
-               "-s", ";".join(overrides), "-o", str(out), "-t", "3000"]  # fmt: skip
+    command = [
+        "bash",
+        str(ROOT / "scripts" / "flower-deploy.sh"),
+        "-c",
+        config_path,
+        "-s",
+        ";".join(overrides),
+        "-o",
+        str(out),
+        "-t",
+        "3000",
+    ]
     if runtime == "sim":
         command.append("--sim")
     if not workers:
@@ -123,9 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the figures here (make bench)")
     args = parser.parse_args(argv)
     ranks = [16 // 2**k or 1 for k in range(args.clients)]
-    overrides = [f"federation.num_clients={args.clients}", f"lora.ranks={ranks}",
-                 f"federation.rounds={args.rounds}", f"train.max_steps={args.steps}",
-                 "eval.samples=0", *args.extra]  # fmt: skip
+    overrides = [
+        f"federation.num_clients={args.clients}",
+        f"lora.ranks={ranks}",
+        f"federation.rounds={args.rounds}",
+        f"train.max_steps={args.steps}",
+        "eval.samples=0",
+        *args.extra,
+    ]
     workers = "no workers" if args.no_workers else "warm workers"
     print(
         f"{args.config} with {overrides}, Flower {args.runtime} ({workers}), {os.cpu_count()} cpus"
@@ -153,14 +168,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         figures = {
             "Flower share of a round outside training": {
-                "value": share, "unit": "share", "baseline": "the round's own time",
-                "goal": f"<= {GOAL}"},
+                "value": share,
+                "unit": "share",
+                "baseline": "the round's own time",
+                "goal": f"<= {GOAL}",
+            },
             "embedded share of a round outside training": {
-                "value": embedded_share, "unit": "share", "baseline": "the round's own time",
-                "goal": None},
-            "Flower whole run": {"value": whole, "unit": "x",
-                                 "baseline": "the embedded runtime, same config", "goal": None},
-        }  # fmt: skip
+                "value": embedded_share,
+                "unit": "share",
+                "baseline": "the round's own time",
+                "goal": None,
+            },
+            "Flower whole run": {
+                "value": whole,
+                "unit": "x",
+                "baseline": "the embedded runtime, same config",
+                "goal": None,
+            },
+        }
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 

@@ -35,8 +35,7 @@ SEED = 0
 
 def padding(examples: list[Example], batch_size: int, grouped: bool) -> float:
     lengths = [len(e["input_ids"]) for e in examples]
-    chunks = batches(list(range(len(examples))), batch_size, SEED, 0,
-                     lengths if grouped else None)  # fmt: skip
+    chunks = batches(list(range(len(examples))), batch_size, SEED, 0, lengths if grouped else None)
     fed = [(len(chunk), max(lengths[i] for i in chunk)) for chunk in chunks]
     return 1 - sum(lengths) / sum(n * width for n, width in fed)
 
@@ -61,12 +60,23 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     def epoch(grouped: bool) -> tuple[float, float, float]:
-        config = TrainConfig(batch_size=args.batch_size, local_epochs=1.0, precision=precision,
-                             group_by_length=grouped)  # fmt: skip
+        config = TrainConfig(
+            batch_size=args.batch_size,
+            local_epochs=1.0,
+            precision=precision,
+            group_by_length=grouped,
+        )
         wall, cpu = time.perf_counter(), time.process_time()
-        result = train_client(model, examples, rank=16, alpha=32, target_modules=["q_proj",
-                              "v_proj"], config=config, seed=SEED,
-                              pad_id=int(tokenizer.pad_token_id))  # fmt: skip
+        result = train_client(
+            model,
+            examples,
+            rank=16,
+            alpha=32,
+            target_modules=["q_proj", "v_proj"],
+            config=config,
+            seed=SEED,
+            pad_id=int(tokenizer.pad_token_id),
+        )
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         return len(examples) / cpu, len(examples) / wall, result.train_loss
 
@@ -88,9 +98,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{statistics.median(ratios[1]):.2f}x per wall second"
     )
     if args.json:
-        figures = {"length-grouped training throughput": {
-            "value": statistics.median(ratios[0]), "unit": "x",
-            "baseline": "shuffled batches, examples per CPU second", "goal": None}}  # fmt: skip
+        figures = {
+            "length-grouped training throughput": {
+                "value": statistics.median(ratios[0]),
+                "unit": "x",
+                "baseline": "shuffled batches, examples per CPU second",
+                "goal": None,
+            }
+        }
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 

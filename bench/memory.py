@@ -130,8 +130,11 @@ def by_k(args: argparse.Namespace) -> dict[str, dict[str, object]]:
             )
             if k == args.ks[-1] and k != args.ks[0]:
                 figures[f"{model} peak memory at K = {k}"] = {
-                    "value": row["peak"] / base, "unit": "x", "goal": "flat in K",
-                    "baseline": f"the same run with K = {args.ks[0]} clients"}  # fmt: skip
+                    "value": row["peak"] / base,
+                    "unit": "x",
+                    "goal": "flat in K",
+                    "baseline": f"the same run with K = {args.ks[0]} clients",
+                }
     return figures
 
 

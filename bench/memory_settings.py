@@ -48,8 +48,9 @@ def worker(setting: str, length: int, threads: int) -> dict[str, Any]:
     precision = "bf16" if dtype == "bf16" else "fp32"
     targets = ["q_proj", "v_proj"]
     keep = targets if dtype != "fp32" or bits else []
-    model, tokenizer = load_model("smollm2", dtype=dtype, quantization=bits, keep_fp32=keep,
-                                  precision=precision)  # fmt: skip
+    model, tokenizer = load_model(
+        "smollm2", dtype=dtype, quantization=bits, keep_fp32=keep, precision=precision
+    )
     generator = torch.Generator().manual_seed(0)
     examples = []
     for _ in range(4):
@@ -59,23 +60,48 @@ def worker(setting: str, length: int, threads: int) -> dict[str, Any]:
     held = model.get_memory_footprint() / 2**20  # parameters and buffers as held (quantised too)
     before = rss_mib("VmRSS") or 0.0
     checkpointing = bool(options.get("gradient_checkpointing", False))
-    config = TrainConfig(batch_size=4, max_steps=2, lora_dropout=0.0, precision=precision,
-                         gradient_checkpointing=checkpointing)  # fmt: skip
+    config = TrainConfig(
+        batch_size=4,
+        max_steps=2,
+        lora_dropout=0.0,
+        precision=precision,
+        gradient_checkpointing=checkpointing,
+    )
     result = train_client(
-        model, examples, rank=16, alpha=32.0, target_modules=targets,
-        config=config, seed=0, pad_id=int(tokenizer.pad_token_id),
-    )  # fmt: skip
+        model,
+        examples,
+        rank=16,
+        alpha=32.0,
+        target_modules=targets,
+        config=config,
+        seed=0,
+        pad_id=int(tokenizer.pad_token_id),
+    )
     peak = result.peak_rss_mib or 0.0
-    return {"setting": setting, "held_mib": held, "peak_rss_mib": peak, "before_mib": before,
-            "growth_mib": peak - before, "seconds_per_step": result.seconds / result.steps,
-            "loss": result.train_loss}  # fmt: skip
+    return {
+        "setting": setting,
+        "held_mib": held,
+        "peak_rss_mib": peak,
+        "before_mib": before,
+        "growth_mib": peak - before,
+        "seconds_per_step": result.seconds / result.steps,
+        "loss": result.train_loss,
+    }
 
 
 def measure(settings: list[str], length: int, threads: int) -> list[dict[str, Any]]:
     rows = []
     for setting in settings:
-        command = [sys.executable, __file__, "--worker", setting, "--length", str(length),
-                   "--threads", str(threads)]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            setting,
+            "--length",
+            str(length),
+            "--threads",
+            str(threads),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return rows
@@ -87,17 +113,24 @@ def figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for row in rows[1:]:
         for key, label in (("peak_rss_mib", "peak memory"), ("seconds_per_step", "step time")):
             out[f"{row['setting']} {label}"] = {
-                "value": row[key] / base[key], "unit": "x", "goal": None,
-                "baseline": f"the {base['setting']} base, same training"}  # fmt: skip
+                "value": row[key] / base[key],
+                "unit": "x",
+                "goal": None,
+                "baseline": f"the {base['setting']} base, same training",
+            }
     return out
 
 
 def report(rows: list[dict[str, Any]], length: int) -> None:
     base = rows[0]
-    print(f"SmolLM2-135M, LoRA r=16 on q,v, batch 4 x {length} tokens, 2 steps; "
-          f"ratios to {base['setting']}")  # fmt: skip
-    print(f"{'setting':<11}{'held MiB':>9}{'x':>6}{'peak MiB':>9}{'x':>6}{'growth MiB':>11}"
-          f"{'x':>6}{'s/step':>8}{'x':>6}{'loss':>8}")  # fmt: skip
+    print(
+        f"SmolLM2-135M, LoRA r=16 on q,v, batch 4 x {length} tokens, 2 steps; "
+        f"ratios to {base['setting']}"
+    )
+    print(
+        f"{'setting':<11}{'held MiB':>9}{'x':>6}{'peak MiB':>9}{'x':>6}{'growth MiB':>11}"
+        f"{'x':>6}{'s/step':>8}{'x':>6}{'loss':>8}"
+    )
     for row in rows:
         print(
             f"{row['setting']:<11}{row['held_mib']:>9.0f}"

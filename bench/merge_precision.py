@@ -53,8 +53,11 @@ def replay(run_dir: Path) -> dict[str, object]:
     names = config.model.target_modules
     history = load_checkpoint(run_dir).history
     cumulative: dict[str, dict[str, torch.Tensor]] = {}
-    for label, dtype, keep in (("fp32", "fp32", []), ("bf16+fp32 targets", "bf16", names),
-                               ("bf16", "bf16", [])):  # fmt: skip
+    for label, dtype, keep in (
+        ("fp32", "fp32", []),
+        ("bf16+fp32 targets", "bf16", names),
+        ("bf16", "bf16", []),
+    ):
         model, _ = load_model(config.model.name, dtype=dtype, keep_fp32=keep, precision="bf16")
         w0 = _targets(model, names)
         for update in history:
@@ -103,8 +106,10 @@ def main() -> None:
         result["end_to_end"] = end_to_end(args.reference, args.runs)
     replayed = result["replay"]
     assert isinstance(replayed, dict)
-    print(f"replay of {replayed['rounds']} merged updates of {args.reference} "
-          f"(||U|| / ||W0|| = {replayed['update_to_weight']:.2e}):")  # fmt: skip
+    print(
+        f"replay of {replayed['rounds']} merged updates of {args.reference} "
+        f"(||U|| / ||W0|| = {replayed['update_to_weight']:.2e}):"
+    )
     for label, error in replayed["errors"].items():
         print(f"  base {label:<20} relative error of the cumulative update {error:.3e}")
     for label, error in result.get("end_to_end", {}).items():  # type: ignore[attr-defined]

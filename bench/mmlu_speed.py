@@ -141,8 +141,14 @@ def main(argv: list[str] | None = None) -> None:
         return generate_scorer(model, tokenizer, subject, dev, new_tokens=args.gen_tokens, **common)
 
     def reference(subject: dict[str, list[Question]]) -> Scored:
-        return generate_scorer(model, tokenizer, subject, dev, new_tokens=args.ref_tokens,
-                               **(common | {"batch_size": 1}))  # fmt: skip
+        return generate_scorer(
+            model,
+            tokenizer,
+            subject,
+            dev,
+            new_tokens=args.ref_tokens,
+            **(common | {"batch_size": 1}),
+        )
 
     scorers: dict[str, Scorer] = {
         "loglik + prefix cache": loglik(True),
@@ -166,12 +172,18 @@ def main(argv: list[str] | None = None) -> None:
         reference, batched = totals[names[-1]][2], totals[names[-2]][2]
         figures = {
             f"MMLU scoring speed, {names[0]}": {
-                "value": reference / totals[names[0]][2], "unit": "x", "goal": None,
-                "baseline": f"{names[-1]} (generate and parse, lm-eval style), questions/s"},
+                "value": reference / totals[names[0]][2],
+                "unit": "x",
+                "goal": None,
+                "baseline": f"{names[-1]} (generate and parse, lm-eval style), questions/s",
+            },
             f"MMLU scoring speed against batched generation, {names[0]}": {
-                "value": batched / totals[names[0]][2], "unit": "x", "goal": None,
-                "baseline": f"{names[-2]}, questions/s"},
-        }  # fmt: skip
+                "value": batched / totals[names[0]][2],
+                "unit": "x",
+                "goal": None,
+                "baseline": f"{names[-2]}, questions/s",
+            },
+        }
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 

@@ -136,12 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         figures = {
             "share of a round outside training": {
-                "value": median, "unit": "share", "goal": "<= 0.05",
-                "baseline": "the round's time (server rows' outside_training_share, median)"},
+                "value": median,
+                "unit": "share",
+                "goal": "<= 0.05",
+                "baseline": "the round's time (server rows' outside_training_share, median)",
+            },
             "share of a round outside training, checkpoint counted": {
-                "value": median_ckpt, "unit": "share", "goal": None,
-                "baseline": "the round's time plus its checkpoint"},
-        }  # fmt: skip
+                "value": median_ckpt,
+                "unit": "share",
+                "goal": None,
+                "baseline": "the round's time plus its checkpoint",
+            },
+        }
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 

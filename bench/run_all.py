@@ -51,32 +51,62 @@ class Bench:
 
 
 BENCHES = [
-    Bench("aggregation", ["--repeats", "5", "--warmup", "2"],
-          "every method's aggregation of 10 Llama-7B-shaped q,v adapters against a plain copy",
-          alone=True),
-    Bench("dp_sgd", ["--threads", "1", "--steps", "3", "--repeats", "3"],
-          "a client's DP-SGD training against the same training without it"),
-    Bench("training", ["--threads", "1", "--steps", "3", "--repeats", "3"],
-          "flora's client training against a bare PEFT loop and transformers.Trainer"),
-    Bench("length_grouping", ["--threads", "1", "--examples", "32", "--repeats", "2"],
-          "length-grouped batches against shuffled ones"),
-    Bench("round_overhead", ["--threads", "1", "--clients", "4", "--rounds", "2",
-                             "--max-steps", "2"],
-          "the share of a round spent outside the clients' training"),
-    Bench("memory", ["--part", "k", "--models", "tiny", "smollm2", "--ks", "2", "10",
-                     "--threads", "1"],
-          "peak memory with 10 simulated clients against 2"),
-    Bench("memory_settings", ["--length", "256", "--threads", "1"],
-          "one client's memory and step time with a bf16, 8-bit and 4-bit base against fp32",
-          needs=("bitsandbytes",), alone=True),
-    Bench("mmlu_speed", ["--limit-per-subject", "1", "--subjects", "20", "--threads", "1"],
-          "flora's log-likelihood MMLU scoring against generate-and-parse"),
-    Bench("flower_overhead", ["--steps", "4", "--threads", "1", "--set", "data.limit=400",
-                              "--set", "data.heldout=16"],
-          "a Flower deployment against the embedded runtime", needs=("flwr",), alone=True),
-    Bench("merge_precision", [],
-          "merged updates held by a bf16 base with fp32 target modules against an all-bf16 base"),
-]  # fmt: skip
+    Bench(
+        "aggregation",
+        ["--repeats", "5", "--warmup", "2"],
+        "every method's aggregation of 10 Llama-7B-shaped q,v adapters against a plain copy",
+        alone=True,
+    ),
+    Bench(
+        "dp_sgd",
+        ["--threads", "1", "--steps", "3", "--repeats", "3"],
+        "a client's DP-SGD training against the same training without it",
+    ),
+    Bench(
+        "training",
+        ["--threads", "1", "--steps", "3", "--repeats", "3"],
+        "flora's client training against a bare PEFT loop and transformers.Trainer",
+    ),
+    Bench(
+        "length_grouping",
+        ["--threads", "1", "--examples", "32", "--repeats", "2"],
+        "length-grouped batches against shuffled ones",
+    ),
+    Bench(
+        "round_overhead",
+        ["--threads", "1", "--clients", "4", "--rounds", "2", "--max-steps", "2"],
+        "the share of a round spent outside the clients' training",
+    ),
+    Bench(
+        "memory",
+        ["--part", "k", "--models", "tiny", "smollm2", "--ks", "2", "10", "--threads", "1"],
+        "peak memory with 10 simulated clients against 2",
+    ),
+    Bench(
+        "memory_settings",
+        ["--length", "256", "--threads", "1"],
+        "one client's memory and step time with a bf16, 8-bit and 4-bit base against fp32",
+        needs=("bitsandbytes",),
+        alone=True,
+    ),
+    Bench(
+        "mmlu_speed",
+        ["--limit-per-subject", "1", "--subjects", "20", "--threads", "1"],
+        "flora's log-likelihood MMLU scoring against generate-and-parse",
+    ),
+    Bench(
+        "flower_overhead",
+        ["--steps", "4", "--threads", "1", "--set", "data.limit=400", "--set", "data.heldout=16"],
+        "a Flower deployment against the embedded runtime",
+        needs=("flwr",),
+        alone=True,
+    ),
+    Bench(
+        "merge_precision",
+        [],
+        "merged updates held by a bf16 base with fp32 target modules against an all-bf16 base",
+    ),
+]
 
 
 def _available(module: str) -> bool:
@@ -88,28 +118,56 @@ def _available(module: str) -> bool:
 def _merge_precision(tmp: Path, env: dict[str, str], timeout: int) -> dict[str, Any]:
     """A 3-round tiny run, then the replay of its merged updates (bench/merge_precision.py)."""
     run = tmp / "merge-precision-run"
-    subprocess.run([PY, "-m", "flora.cli", "run", "tiny", "--out", str(run), "--quiet", "--set",
-                    "federation.rounds=3", "--set", "eval.samples=0"], check=True, env=env,
-                   cwd=ROOT, timeout=timeout, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "flora.cli",
+            "run",
+            "tiny",
+            "--out",
+            str(run),
+            "--quiet",
+            "--set",
+            "federation.rounds=3",
+            "--set",
+            "eval.samples=0",
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        capture_output=True,
+    )
     out = tmp / "merge-precision.json"
     command = [PY, str(BENCH / "merge_precision.py"), str(run), "--json", str(out)]
-    done = subprocess.run(command, env=env, cwd=ROOT, timeout=timeout, capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        command, env=env, cwd=ROOT, timeout=timeout, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
     errors = json.loads(out.read_text())["replay"]["errors"]
     figures = {
         "merge error, bf16 base with fp32 target modules": {
-            "value": errors["bf16+fp32 targets"] / errors["bf16"], "unit": "x", "goal": "< 1",
+            "value": errors["bf16+fp32 targets"] / errors["bf16"],
+            "unit": "x",
+            "goal": "< 1",
             "baseline": "the same updates merged into an all-bf16 base (relative error of the "
-                        "cumulative update against fp32)"},
+            "cumulative update against fp32)",
+        },
         "relative merge error, bf16 base with fp32 target modules": {
-            "value": errors["bf16+fp32 targets"], "unit": "relative", "goal": None,
-            "baseline": "the fp32 base's cumulative update"},
+            "value": errors["bf16+fp32 targets"],
+            "unit": "relative",
+            "goal": None,
+            "baseline": "the fp32 base's cumulative update",
+        },
         "relative merge error, all-bf16 base": {
-            "value": errors["bf16"], "unit": "relative", "goal": None,
-            "baseline": "the fp32 base's cumulative update"},
-    }  # fmt: skip
+            "value": errors["bf16"],
+            "unit": "relative",
+            "goal": None,
+            "baseline": "the fp32 base's cumulative update",
+        },
+    }
     return {"figures": figures, "output": done.stdout}
 
 
@@ -125,8 +183,9 @@ def run_bench(bench: Bench, tmp: Path) -> dict[str, Any]:
         else:
             out = tmp / f"{bench.name}.json"
             command = [PY, str(BENCH / f"{bench.name}.py"), *bench.args, "--json", str(out)]
-            done = subprocess.run(command, env=env, cwd=ROOT, timeout=bench.timeout,
-                                  capture_output=True, text=True)  # fmt: skip
+            done = subprocess.run(
+                command, env=env, cwd=ROOT, timeout=bench.timeout, capture_output=True, text=True
+            )
             if done.returncode != 0:
                 raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
             result = {"figures": json.loads(out.read_text()), "output": done.stdout}
@@ -158,36 +217,49 @@ def _value(figure: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    lines = ["# flora benchmarks (`make bench`)", "",
-             f"Measured {meta['date']} at commit {meta['commit']} on {meta['machine']} "
-             f"({meta['cpus']} CPUs), Python {meta['python']}, torch {meta['torch']}; "
-             f"{meta['seconds'] / 60:.1f} minutes in all, {meta.get('lanes', 1)} lane(s). Every "
-             "figure is measured against the baseline beside it, in the same process; regenerate "
-             "with `make bench`.", "",
-             "| benchmark | figure | value | baseline | goal |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# flora benchmarks (`make bench`)",
+        "",
+        f"Measured {meta['date']} at commit {meta['commit']} on {meta['machine']} "
+        f"({meta['cpus']} CPUs), Python {meta['python']}, torch {meta['torch']}; "
+        f"{meta['seconds'] / 60:.1f} minutes in all, {meta.get('lanes', 1)} lane(s). Every "
+        "figure is measured against the baseline beside it, in the same process; regenerate "
+        "with `make bench`.",
+        "",
+        "| benchmark | figure | value | baseline | goal |",
+        "|---|---|---|---|---|",
+    ]
     for name, result in results.items():
         if result["status"] != "ok":
-            lines.append(f"| {name} | {result['status']}: {result['reason'].splitlines()[-1]} "
-                         "| | | |")  # fmt: skip
+            lines.append(
+                f"| {name} | {result['status']}: {result['reason'].splitlines()[-1]} | | | |"
+            )
             continue
         for label, figure in result["figures"].items():
             goal = figure.get("goal") or ""
             verdict = _verdict(figure)
             goal = f"{goal} ({verdict})" if verdict else goal
-            lines.append(f"| {name} | {label} | {_value(figure)} | {figure['baseline']} | "
-                         f"{goal} |")  # fmt: skip
+            lines.append(f"| {name} | {label} | {_value(figure)} | {figure['baseline']} | {goal} |")
     lines += ["", "## What each benchmark measures", ""]
     for bench in BENCHES:
         if bench.name in results:
             seconds = results[bench.name].get("seconds", 0.0)
-            lines.append(f"- `bench/{bench.name}.py {' '.join(bench.args)}`: {bench.what} "
-                         f"({seconds:.0f} s).")  # fmt: skip
+            lines.append(
+                f"- `bench/{bench.name}.py {' '.join(bench.args)}`: {bench.what} ({seconds:.0f} s)."
+            )
     lines += ["", "## Output", ""]
     for name, result in results.items():
         if result.get("output"):
-            lines += [f"<details><summary>{name}</summary>", "", "```",
-                      result["output"].rstrip(), "```", "", "</details>", ""]  # fmt: skip
+            lines += [
+                f"<details><summary>{name}</summary>",
+                "",
+                "```",
+                result["output"].rstrip(),
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -205,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     chosen = [b for b in BENCHES if not args.only or b.name in args.only]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                            capture_output=True).stdout.strip() or "unknown"  # fmt: skip
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, capture_output=True
+        ).stdout.strip()
+        or "unknown"
+    )
     start = time.perf_counter()
     results: dict[str, Any] = {}
 
@@ -214,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {bench.name} ...", flush=True)
         results[bench.name] = run_bench(bench, tmp)
         status = results[bench.name]["status"]
-        print(f"bench: {bench.name} {status} ({results[bench.name]['seconds']:.0f} s)",
-              flush=True)  # fmt: skip
+        print(f"bench: {bench.name} {status} ({results[bench.name]['seconds']:.0f} s)", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         for bench in (b for b in chosen if b.alone):
@@ -223,16 +298,25 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max(1, args.lanes)) as lanes:
             list(lanes.map(lambda b: one(b, Path(tmp)), [b for b in chosen if not b.alone]))
     results = {b.name: results[b.name] for b in chosen}  # the table in BENCHES' order
-    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
-            "machine": platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "seconds": time.perf_counter() - start, "lanes": args.lanes}  # fmt: skip
-    data = {"meta": meta, "results": {k: {key: v for key, v in r.items() if key != "output"}
-                                      for k, r in results.items()}}  # fmt: skip
+    meta = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "seconds": time.perf_counter() - start,
+        "lanes": args.lanes,
+    }
+    data = {
+        "meta": meta,
+        "results": {
+            k: {key: v for key, v in r.items() if key != "output"} for k, r in results.items()
+        },
+    }
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results, meta))
-    print(f"bench: wrote {args.out.with_suffix('.md')} and .json "
-          f"({meta['seconds'] / 60:.1f} min)")  # fmt: skip
+    print(f"bench: wrote {args.out.with_suffix('.md')} and .json ({meta['seconds'] / 60:.1f} min)")
     return 0 if all(r["status"] != "failed" for r in results.values()) else 1
 
 

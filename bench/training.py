@@ -263,8 +263,11 @@ def main(argv: list[str] | None = None) -> None:
         wall, cpu, call = (statistics.median(values) for values in each)
         label = "a bare PEFT + torch loop" if other == "bare" else "transformers.Trainer"
         figures[f"client training throughput against {other}"] = {
-            "value": cpu, "unit": "x", "goal": f">= {goal}",
-            "baseline": f"{label}, tokens per CPU second of the steps"}  # fmt: skip
+            "value": cpu,
+            "unit": "x",
+            "goal": f">= {goal}",
+            "baseline": f"{label}, tokens per CPU second of the steps",
+        }
         verdict = "ok" if cpu >= goal else "MISS"
         print(
             f"flora/{other:<10} {wall:>6.3f} {cpu:>6.3f} {call:>6.3f} {goal:>5.2f} {verdict:<5} "

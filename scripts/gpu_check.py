@@ -55,9 +55,12 @@ def _run(config: str, overrides: list[str], out: Path) -> dict[str, Any]:
     clients = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "client"]
     tokens, seconds = sum(r["tokens"] for r in clients), sum(r["seconds"] for r in clients)
     peaks = [r["peak_cuda_mib"] for r in clients if r.get("peak_cuda_mib") is not None]
-    return {"before": result.loss_before, "after": result.loss_after,
-            "tokens_per_second": tokens / seconds if seconds else None,
-            "client_peak_cuda_mib": max(peaks, default=None)}  # fmt: skip
+    return {
+        "before": result.loss_before,
+        "after": result.loss_after,
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "client_peak_cuda_mib": max(peaks, default=None),
+    }
 
 
 def _close(a: float, b: float, tolerance: float) -> bool:
@@ -67,15 +70,25 @@ def _close(a: float, b: float, tolerance: float) -> bool:
 def tiny(gpu: list[str], tmp: Path) -> dict[str, Any]:
     common = ["eval.samples=0"]
     on_gpu = _run("configs/tiny.toml", [*common, *gpu], tmp / "tiny-gpu")
-    on_cpu = _run("configs/tiny.toml", [*common, "train.device='cpu'", "train.precision='fp32'"],
-                  tmp / "tiny-cpu")  # fmt: skip
+    on_cpu = _run(
+        "configs/tiny.toml",
+        [*common, "train.device='cpu'", "train.precision='fp32'"],
+        tmp / "tiny-cpu",
+    )
     ok = all(_close(on_gpu[k], on_cpu[k], TINY_TOLERANCE) for k in ("before", "after"))
     ok = ok and on_gpu["after"] < on_gpu["before"] and on_cpu["after"] < on_cpu["before"]
     return {"gpu": on_gpu, "cpu": on_cpu, "tolerance": TINY_TOLERANCE, "ok": ok}
 
 
-SHORT = ["federation.num_clients=2", "lora.ranks=[16, 8]", "federation.rounds=1",
-         "train.max_steps=3", "data.limit=200", "data.heldout=16", "eval.samples=0"]  # fmt: skip
+SHORT = [
+    "federation.num_clients=2",
+    "lora.ranks=[16, 8]",
+    "federation.rounds=1",
+    "train.max_steps=3",
+    "data.limit=200",
+    "data.heldout=16",
+    "eval.samples=0",
+]
 
 
 def smollm2(gpu: list[str], tmp: Path) -> dict[str, Any]:
@@ -84,16 +97,27 @@ def smollm2(gpu: list[str], tmp: Path) -> dict[str, Any]:
     on_cpu = _run("configs/default.toml", [*SHORT, *cpu], tmp / "smollm2-cpu")
     speedup = on_gpu["tokens_per_second"] / on_cpu["tokens_per_second"]
     ok = _close(on_gpu["after"], on_cpu["after"], SMOLLM2_TOLERANCE)
-    return {"gpu": on_gpu, "cpu": on_cpu, "tolerance": SMOLLM2_TOLERANCE,
-            "tokens_per_second_ratio": speedup, "ok": ok}  # fmt: skip
+    return {
+        "gpu": on_gpu,
+        "cpu": on_cpu,
+        "tolerance": SMOLLM2_TOLERANCE,
+        "tokens_per_second_ratio": speedup,
+        "ok": ok,
+    }
 
 
 def memory(gpu: list[str], tmp: Path, cuda: bool) -> dict[str, Any]:
     peaks = {}
     for k in (2, 10):
         ranks = [[64, 32, 16, 16, 8, 8, 4, 4, 4, 4][i] for i in range(k)]
-        overrides = [*SHORT, *gpu, f"federation.num_clients={k}", f"lora.ranks={ranks}",
-                     "train.max_steps=1", "data.limit=300"]  # fmt: skip
+        overrides = [
+            *SHORT,
+            *gpu,
+            f"federation.num_clients={k}",
+            f"lora.ranks={ranks}",
+            "train.max_steps=1",
+            "data.limit=300",
+        ]
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -111,17 +135,32 @@ def memory(gpu: list[str], tmp: Path, cuda: bool) -> dict[str, Any]:
 def privacy(gpu: list[str], tmp: Path) -> dict[str, Any]:
     fast = ["eval.samples=0", "train.max_steps=4", "train.batch_size=2"]
     dp = ["privacy.mode='dp-sgd'", "privacy.reproducible_noise=true"]
-    poisson = ["train.sampling='poisson'", "train.loss_weighting='examples'",
-               "train.max_grad_norm=0"]  # fmt: skip
+    poisson = [
+        "train.sampling='poisson'",
+        "train.loss_weighting='examples'",
+        "train.max_grad_norm=0",
+    ]
     plain = _run("configs/tiny.toml", [*fast, *gpu, *poisson], tmp / "dp-plain")
-    open_dp = _run("configs/tiny.toml", [*fast, *gpu, *dp, "privacy.noise_multiplier=0",
-                   "privacy.max_grad_norm=1e30"], tmp / "dp-open")  # fmt: skip
+    open_dp = _run(
+        "configs/tiny.toml",
+        [*fast, *gpu, *dp, "privacy.noise_multiplier=0", "privacy.max_grad_norm=1e30"],
+        tmp / "dp-open",
+    )
     private = _run("configs/tiny.toml", [*fast, *gpu, *dp, "privacy.epsilon=8"], tmp / "dp-gpu")
     cpu = ["train.device='cpu'", "train.precision='fp32'"]
     on_cpu = _run("configs/tiny.toml", [*fast, *cpu, *dp, "privacy.epsilon=8"], tmp / "dp-cpu")
-    client = _run("configs/tiny.toml", [*fast, *gpu, "federation.method='fedit'",
-                  "lora.ranks=[4, 4, 4]", "privacy.mode='client-level'", "privacy.epsilon=8"],
-                  tmp / "dp-client")  # fmt: skip
+    client = _run(
+        "configs/tiny.toml",
+        [
+            *fast,
+            *gpu,
+            "federation.method='fedit'",
+            "lora.ranks=[4, 4, 4]",
+            "privacy.mode='client-level'",
+            "privacy.epsilon=8",
+        ],
+        tmp / "dp-client",
+    )
 
     def epsilons(name: str) -> list[float]:
         rows = read_metrics(tmp / name / "metrics.jsonl")
@@ -130,10 +169,16 @@ def privacy(gpu: list[str], tmp: Path) -> dict[str, Any]:
     same = _close(open_dp["after"], plain["after"], 1e-3)
     accounted = epsilons("dp-gpu") == epsilons("dp-cpu")
     ratio = (plain["tokens_per_second"] or 0) / (private["tokens_per_second"] or float("nan"))
-    return {"no_noise_after": open_dp["after"], "non_private_after": plain["after"],
-            "private_after": private["after"], "cpu_private_after": on_cpu["after"],
-            "client_level_after": client["after"], "epsilons_equal_cpu": accounted,
-            "dp_seconds_per_token_ratio": ratio, "ok": same and accounted}  # fmt: skip
+    return {
+        "no_noise_after": open_dp["after"],
+        "non_private_after": plain["after"],
+        "private_after": private["after"],
+        "cpu_private_after": on_cpu["after"],
+        "client_level_after": client["after"],
+        "epsilons_equal_cpu": accounted,
+        "dp_seconds_per_token_ratio": ratio,
+        "ok": same and accounted,
+    }
 
 
 def mmlu(device: str, precision: str) -> dict[str, Any]:
@@ -144,27 +189,44 @@ def mmlu(device: str, precision: str) -> dict[str, Any]:
     model, tokenizer = load_model("smollm2", precision=precision, device=device)
     test, dev = load_mmlu("test"), load_mmlu("dev")
     start = time.perf_counter()
-    scores = score_mmlu(model, tokenizer, test, dev, shots=5, limit_per_subject=2,
-                        batch_size=16, precision=precision)  # fmt: skip
+    scores = score_mmlu(
+        model,
+        tokenizer,
+        test,
+        dev,
+        shots=5,
+        limit_per_subject=2,
+        batch_size=16,
+        precision=precision,
+    )
     seconds = time.perf_counter() - start
     overall = scores.scores()["mmlu"]
-    return {"questions": scores.questions, "seconds": seconds,
-            "questions_per_second": scores.questions / seconds,
-            "accuracy": {"acc": overall.acc, "acc_stderr": overall.acc_stderr,
-                         "acc_macro": overall.acc_macro}}  # fmt: skip
+    return {
+        "questions": scores.questions,
+        "seconds": seconds,
+        "questions_per_second": scores.questions / seconds,
+        "accuracy": {
+            "acc": overall.acc,
+            "acc_stderr": overall.acc_stderr,
+            "acc_macro": overall.acc_macro,
+        },
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-only", action="store_true", help="self-test without a GPU")
-    parser.add_argument("--parts", nargs="+",
-                        default=["tiny", "privacy", "smollm2", "memory", "mmlu"])  # fmt: skip
+    parser.add_argument(
+        "--parts", nargs="+", default=["tiny", "privacy", "smollm2", "memory", "mmlu"]
+    )
     parser.add_argument("--out", type=Path, default=Path("gpu-check.json"))
     args = parser.parse_args()
     cuda = not args.cpu_only
     if cuda and not torch.cuda.is_available():
-        print(f"gpu-check: torch {torch.__version__} sees no CUDA GPU; nothing to check here "
-              "(--cpu-only self-tests this script)")  # fmt: skip
+        print(
+            f"gpu-check: torch {torch.__version__} sees no CUDA GPU; nothing to check here "
+            "(--cpu-only self-tests this script)"
+        )
         return 2
     device = "cuda" if cuda else "cpu"
     gpu = [f"train.device='{device}'", "train.precision='bf16'"]
@@ -188,15 +250,19 @@ def main() -> int:
                 report[part] = memory(gpu, Path(tmp), cuda)
             elif part == "mmlu":
                 on_gpu, on_cpu = mmlu(device, "bf16"), mmlu("cpu", "fp32")
-                report[part] = {"gpu": on_gpu, "cpu": on_cpu,
-                                "ratio": on_gpu["questions_per_second"]
-                                / on_cpu["questions_per_second"]}  # fmt: skip
+                report[part] = {
+                    "gpu": on_gpu,
+                    "cpu": on_cpu,
+                    "ratio": on_gpu["questions_per_second"] / on_cpu["questions_per_second"],
+                }
             report[part]["seconds"] = time.perf_counter() - start
             print(f"{part}: {json.dumps(report[part])}", flush=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     failed = [p for p in args.parts if report[p].get("ok") is False]
-    print(f"gpu-check on {report['device']}: " + ("FAILED " + ", ".join(failed) if failed
-          else "every check that ran passed"))  # fmt: skip
+    print(
+        f"gpu-check on {report['device']}: "
+        + ("FAILED " + ", ".join(failed) if failed else "every check that ran passed")
+    )
     return 1 if failed else 0
 
 

@@ -55,8 +55,18 @@ def run_one(out: Path, method: str, epsilon: float, seed: int, threads: int) -> 
         return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run from an earlier sitting: start it again
-    command = [sys.executable, "-m", "flora.cli", "run", str(CONFIG), "--out", str(run_dir),
-               "--quiet", "--set", f"threads={threads}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "flora.cli",
+        "run",
+        str(CONFIG),
+        "--out",
+        str(run_dir),
+        "--quiet",
+        "--set",
+        f"threads={threads}",
+    ]
     for item in overrides(method, epsilon, seed):
         command += ["--set", item]
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
@@ -104,19 +114,26 @@ def table(results: dict[str, dict]) -> str:
                 f"{r['tokens']:,} | {'1 (baseline)' if math.isinf(epsilon) else f'{ratio:.2f}x'} |"
             )
     lines.append("")
-    diffs = [results[name("ffa-lora", 8.0, seed)]["loss_after"]
-             - results[name("fedit", 8.0, seed)]["loss_after"] for seed in SEEDS]  # fmt: skip
+    diffs = [
+        results[name("ffa-lora", 8.0, seed)]["loss_after"]
+        - results[name("fedit", 8.0, seed)]["loss_after"]
+        for seed in SEEDS
+    ]
     mean = statistics.fmean(diffs)
     half = T95[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    lines.append(f"FFA-LoRA - FedIT at epsilon = 8, held-out loss after, paired by seed "
-                 f"({len(diffs)} seeds: {', '.join(f'{d:+.4f}' for d in diffs)}): mean "
-                 f"{mean:+.4f}, 95% interval [{mean - half:+.4f}, "
-                 f"{mean + half:+.4f}].")  # fmt: skip
+    lines.append(
+        f"FFA-LoRA - FedIT at epsilon = 8, held-out loss after, paired by seed "
+        f"({len(diffs)} seeds: {', '.join(f'{d:+.4f}' for d in diffs)}): mean "
+        f"{mean:+.4f}, 95% interval [{mean - half:+.4f}, "
+        f"{mean + half:+.4f}]."
+    )
     lines.append("")
-    lines.append(f"Median over the six private runs of training seconds per token against the "
-                 f"same method's non-private run: {statistics.median(ratios):.2f}x (runs two at "
-                 "a time on a shared machine: indicative; bench/dp_sgd.py measures it "
-                 "interleaved).")  # fmt: skip
+    lines.append(
+        f"Median over the six private runs of training seconds per token against the "
+        f"same method's non-private run: {statistics.median(ratios):.2f}x (runs two at "
+        "a time on a shared machine: indicative; bench/dp_sgd.py measures it "
+        "interleaved)."
+    )
     return "\n".join(lines)
 
 

@@ -76,21 +76,25 @@ class Run:
         return sets
 
 
-KEY = {"homogeneous": ("flora", "fedit", "centralized"),
-       "heterogeneous": ("flora", "zero-padding", "flexlora", "centralized")}  # fmt: skip
-ONCE = {"homogeneous": ("ffa-lora", "fedex-lora", "flexlora", "florist"),
-        "heterogeneous": ("florist",)}  # fmt: skip
+KEY = {
+    "homogeneous": ("flora", "fedit", "centralized"),
+    "heterogeneous": ("flora", "zero-padding", "flexlora", "centralized"),
+}
+ONCE = {
+    "homogeneous": ("ffa-lora", "fedex-lora", "flexlora", "florist"),
+    "heterogeneous": ("florist",),
+}
 # the FLoRA reference code's baselines, defects reproduced (flora.aggregation.reference_*)
 DEFECTS = [("homogeneous", "reference-fedit"), ("heterogeneous", "reference-zero-padding")]
-ROBUST = [("heterogeneous", m, v) for v in ("sampled30", "shifted")
-          for m in ("flora", "zero-padding")]  # fmt: skip
+ROBUST = [
+    ("heterogeneous", m, v) for v in ("sampled30", "shifted") for m in ("flora", "zero-padding")
+]
 
 
 def matrix() -> list[Run]:
     """The key comparisons first, all their seeds (the intervals that the reading rests on), then
     seed 0 of the other views: the defects, robustness and the one-seed methods."""
-    key = [Run(s, m, seed) for seed in KEY_SEEDS for s, methods in KEY.items()
-           for m in methods]  # fmt: skip
+    key = [Run(s, m, seed) for seed in KEY_SEEDS for s, methods in KEY.items() for m in methods]
     views = [Run(s, m, 0) for s, m in DEFECTS]
     views += [Run(s, m, 0, v) for s, m, v in ROBUST]
     views += [Run(s, m, 0) for s, methods in ONCE.items() for m in methods]
@@ -137,12 +141,23 @@ def run_one(run: Run, out: Path, threads: int) -> Path:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # unfinished in an earlier sitting: start it again
     config = ROOT / "configs" / "study" / f"{run.setting}.toml"
-    command = [sys.executable, "-m", "flora.cli", "run", str(config), "--out", str(run_dir),
-               "--quiet", "--set", f"threads={threads}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "flora.cli",
+        "run",
+        str(config),
+        "--out",
+        str(run_dir),
+        "--quiet",
+        "--set",
+        f"threads={threads}",
+    ]
     for item in run.overrides():
         command += ["--set", item]
-    subprocess.run(command, check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)},
-                   cwd=ROOT)  # fmt: skip
+    subprocess.run(
+        command, check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)}, cwd=ROOT
+    )
     keep(run_dir, run.name)
     return run_dir
 
@@ -204,9 +219,11 @@ def method_table(done: dict[str, dict]) -> list[str]:
     """Seed 0 of every run (one held-out set, so the rows compare), and each key method's change
     from before, mean over its seeds (each seed holds out other examples: compare means only with
     means)."""
-    lines = ["| setting | method | seeds | seed 0: held-out loss after | seed 0: change | "
-             "change, mean over seeds | MB down (last round) | wall s (mean) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| setting | method | seeds | seed 0: held-out loss after | seed 0: change | "
+        "change, mean over seeds | MB down (last round) | wall s (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in matrix():
         if r.name in done:
@@ -221,8 +238,9 @@ def method_table(done: dict[str, dict]) -> list[str]:
         wall = statistics.fmean(s["seconds"] for s in summaries.values())
         where = f"{setting}, {variant}" if variant else setting
         down = "n/a (one client)" if method == "centralized" else f"{mb:.0f} ({last:.0f})"
-        lines.append(f"| {where} | {method} | {len(runs)} | {zero} | {mean:+.4f} | {down} | "
-                     f"{wall:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {where} | {method} | {len(runs)} | {zero} | {mean:+.4f} | {down} | {wall:.0f} |"
+        )
     return lines
 
 
@@ -235,8 +253,10 @@ def differences(done: dict[str, dict], setting: str, a: str, b: str, variant: st
     """a - b per seed where both ran, on the change from before: equal to the difference of the
     final losses when both runs saw the same base (every pair of one sitting), and free of the
     base's offset when they did not (docs/results.md, "Two installs")."""
-    pairs = [(done.get(Run(setting, a, s, variant).name),
-              done.get(Run(setting, b, s, variant).name)) for s in KEY_SEEDS]  # fmt: skip
+    pairs = [
+        (done.get(Run(setting, a, s, variant).name), done.get(Run(setting, b, s, variant).name))
+        for s in KEY_SEEDS
+    ]
     return [change(x) - change(y) for x, y in pairs if x and y]
 
 
@@ -279,8 +299,11 @@ def forest_plot(done: dict[str, dict], path: Path) -> None:
 
 
 def comparison_table(done: dict[str, dict]) -> list[str]:
-    lines = ["| setting | comparison (a - b, change of held-out loss) | seeds | mean | "
-             "95% interval | per seed |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| setting | comparison (a - b, change of held-out loss) | seeds | mean | "
+        "95% interval | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
     for setting, a, b, variant in COMPARISONS:
         diffs = differences(done, setting, a, b, variant)
         if not diffs:
@@ -289,8 +312,7 @@ def comparison_table(done: dict[str, dict]) -> list[str]:
         interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
         where = f"{setting}, {variant}" if variant else setting
         each = ", ".join(f"{d:+.4f}" for d in diffs)
-        lines.append(f"| {where} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} | "
-                     f"{each} |")  # fmt: skip
+        lines.append(f"| {where} | {a} - {b} | {len(diffs)} | {mean:+.4f} | {interval} | {each} |")
     return lines
 
 
@@ -304,8 +326,10 @@ def category_table(done: dict[str, dict], setting: str) -> list[str]:
         return []
     changes = {m: [categories(n) for n in names] for m, names in runs.items()}
     names = sorted(next(iter(changes.values()))[0])
-    lines = [f"| {setting}: category | " + " | ".join(changes) + " |",
-             "|---|" + "---|" * len(changes)]  # fmt: skip
+    lines = [
+        f"| {setting}: category | " + " | ".join(changes) + " |",
+        "|---|" + "---|" * len(changes),
+    ]
     for category in names:
         cells = [f"{statistics.fmean(c[category] for c in cs):+.4f}" for cs in changes.values()]
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
@@ -318,8 +342,10 @@ def target_table(done: dict[str, dict]) -> list[str]:
     The target, per setting and variant: halfway from the base model's loss to the best final
     loss of a federated run of seed 0 there; read at the rounds' evaluations (no interpolation).
     """
-    lines = ["| setting | target loss | method | reached after round | MB down | wall s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| setting | target loss | method | reached after round | MB down | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple[str, str], list[Run]] = {}
     for r in matrix():
         if r.seed == 0 and r.method != "centralized" and r.name in done:
@@ -353,10 +379,21 @@ def mmlu(out: Path, threads: int) -> None:
         if kept.is_file():
             continue
         where = out / name / "eval"
-        command = [sys.executable, "-m", "flora.cli", "eval", model, *MMLU, "--out", str(where),
-                   "--threads", str(threads)]  # fmt: skip
-        subprocess.run(command, check=True, cwd=ROOT,
-                       env=os.environ | {"OMP_NUM_THREADS": str(threads)})  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "flora.cli",
+            "eval",
+            model,
+            *MMLU,
+            "--out",
+            str(where),
+            "--threads",
+            str(threads),
+        ]
+        subprocess.run(
+            command, check=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": str(threads)}
+        )
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(where / "eval.json", kept)
 
@@ -379,9 +416,12 @@ def mmlu_table() -> list[str]:
         low, high = score[0] - 1.96 * score[1], score[0] + 1.96 * score[1]
         return f"{score[0]:.1f} +- {score[1]:.1f} [{low:.1f}, {high:.1f}]"
 
-    lines = ["| model | MMLU 0-shot, 570 questions (%): mean +- standard error [95% interval] | "
-             "change from the base (points) |", "|---|---|---|",
-             f"| base SmolLM2-135M-Instruct | {cell(base)} | |"]  # fmt: skip
+    lines = [
+        "| model | MMLU 0-shot, 570 questions (%): mean +- standard error [95% interval] | "
+        "change from the base (points) |",
+        "|---|---|---|",
+        f"| base SmolLM2-135M-Instruct | {cell(base)} | |",
+    ]
     for run in MMLU_RUNS:
         score = read(run.name)
         if score:
@@ -393,8 +433,14 @@ def mmlu_table() -> list[str]:
 
 def report() -> str:
     done = finished()
-    parts = [method_table(done), comparison_table(done), category_table(done, "homogeneous"),
-             category_table(done, "heterogeneous"), target_table(done), mmlu_table()]  # fmt: skip
+    parts = [
+        method_table(done),
+        comparison_table(done),
+        category_table(done, "homogeneous"),
+        category_table(done, "heterogeneous"),
+        target_table(done),
+        mmlu_table(),
+    ]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
 
 
@@ -404,16 +450,28 @@ def plots() -> None:
     groups = {
         "homogeneous": [r for r in matrix() if r.setting == "homogeneous" and not r.variant],
         "heterogeneous": [r for r in matrix() if r.setting == "heterogeneous" and not r.variant],
-        "robustness": [r for r in matrix() if r.variant or (r.setting == "heterogeneous"
-                       and r.method in ("flora", "zero-padding"))],
-    }  # fmt: skip
+        "robustness": [
+            r
+            for r in matrix()
+            if r.variant or (r.setting == "heterogeneous" and r.method in ("flora", "zero-padding"))
+        ],
+    }
     for group, runs in groups.items():
-        labels = [f"{r.method}{'-' + r.variant if r.variant else ''}={RESULTS / r.name}"
-                  for r in runs if r.seed == 0 and r.name in done]  # fmt: skip
+        labels = [
+            f"{r.method}{'-' + r.variant if r.variant else ''}={RESULTS / r.name}"
+            for r in runs
+            if r.seed == 0 and r.name in done
+        ]
         if len(labels) < 2:
             continue
-        command = [sys.executable, "-m", "flora.cli", "compare",
-                   "--out", str(RESULTS / f"compare-{group}")]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "flora.cli",
+            "compare",
+            "--out",
+            str(RESULTS / f"compare-{group}"),
+        ]
         for label in labels:
             command += ["--label", label]
         subprocess.run(command, check=True, cwd=ROOT)

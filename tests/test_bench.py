@@ -43,12 +43,16 @@ def run_all(tmp_path, monkeypatch):
     for name in ("first", "second", "third", "broken"):
         (bench / f"{name}.py").write_text(FAKE)
     monkeypatch.setattr(module, "BENCH", bench)
-    monkeypatch.setattr(module, "BENCHES", [
-        module.Bench("second", ["--value", "1.5"], "a lane benchmark"),
-        module.Bench("broken", ["--value", "1", "--fail"], "one that fails"),
-        module.Bench("first", ["--value", "3.0"], "a benchmark run alone", alone=True),
-        module.Bench("third", ["--value", "0.5"], "another lane benchmark"),
-    ])  # fmt: skip
+    monkeypatch.setattr(
+        module,
+        "BENCHES",
+        [
+            module.Bench("second", ["--value", "1.5"], "a lane benchmark"),
+            module.Bench("broken", ["--value", "1", "--fail"], "one that fails"),
+            module.Bench("first", ["--value", "3.0"], "a benchmark run alone", alone=True),
+            module.Bench("third", ["--value", "0.5"], "another lane benchmark"),
+        ],
+    )
     return module
 
 

@@ -250,10 +250,11 @@ def test_mutated_adapters_never_pass_beyond_the_bound(adapters, tmp_path, capsys
     assert main(["aggregate", "--out", str(valid), *map(str, adapters)]) == 0
     reference = _updates(valid)
     p1 = json.loads((valid / "report.json").read_text())["weights"][1]
-    norms = [{m: update_norm(f) for m, f in load_peft_adapter(a).modules.items()}
-             for a in adapters]  # fmt: skip
-    bound = {m: p1 * (100 * float(torch.tensor([norms[0][m], norms[2][m]]).median())
-                      + norms[1][m]) for m in reference}  # fmt: skip
+    norms = [{m: update_norm(f) for m, f in load_peft_adapter(a).modules.items()} for a in adapters]
+    bound = {
+        m: p1 * (100 * float(torch.tensor([norms[0][m], norms[2][m]]).median()) + norms[1][m])
+        for m in reference
+    }
     generator = random.Random(20261202)
     outcomes = {0: 0, 2: 0}
     for i in range(200):

@@ -85,8 +85,13 @@ def test_an_unpacked_wheel_finds_its_configs_without_the_checkout(tmp_path):
     """Build the wheel from a copy of the tree (tracked and new files), unpack it, and list the
     configs from a directory far from the checkout, with only the unpacked wheel on the path."""
     # Prepare: the tree as git sees it (links kept)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     tree = tmp_path / "tree"
     for name in files:
         source, target = ROOT / name, tree / name
@@ -96,19 +101,44 @@ def test_an_unpacked_wheel_finds_its_configs_without_the_checkout(tmp_path):
         elif source.is_file():
             target.write_bytes(source.read_bytes())
     # Execute: build, unpack, run from elsewhere
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist"), str(tree)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(tree),
+        ],
+        check=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("flora_lora-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    listed = subprocess.run([sys.executable, "-m", "flora.cli", "configs", "list"], cwd=elsewhere,
-                            env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    listed = subprocess.run(
+        [sys.executable, "-m", "flora.cli", "configs", "list"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     probe = "from flora.tiny_tokenizer import tiny_tokenizer as t; print(len(t()))"
-    tokenizer = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env,
-                               capture_output=True, text=True, check=True)  # fmt: skip
+    tokenizer = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     # Assert
     assert {f"flora/configs/{n}.toml" for n in shipped_configs()} <= set(names)
     assert {"flora/flower_app/pyproject.toml", "flora/tiny_tokenizer.json"} <= set(names)

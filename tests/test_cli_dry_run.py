@@ -22,13 +22,26 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
 FAST = ["federation.rounds=3", "train.max_steps=1", "eval.samples=0", "threads=1"]
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, capsys,
-                                                    torch_single_thread):  # fmt: skip
+def test_dry_run_prints_the_plan_and_writes_nothing(
+    tmp_path, monkeypatch, capsys, torch_single_thread
+):
     # Prepare: an empty working directory
     monkeypatch.chdir(tmp_path)
     # Execute
-    assert main(["run", TINY, "--dry-run", "--set", "federation.method='ffa-lora'",
-                 "--set", "lora.ranks=[4, 4, 4]"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                TINY,
+                "--dry-run",
+                "--set",
+                "federation.method='ffa-lora'",
+                "--set",
+                "lora.ranks=[4, 4, 4]",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # Assert: the resolved config loads back, the tables are there, nothing was written
     toml = out.split("\n\ndevice ")[0]
@@ -75,8 +88,12 @@ def test_the_dry_run_s_bytes_are_the_run_s(tmp_path, overrides, torch_single_thr
 
 @pytest.mark.parametrize("name", sorted(shipped_configs()))
 def test_config_toml_loads_back_to_the_same_config(name):
-    overrides = ["federation.method='florist'", "federation.options.tau=0.9",
-                 "flower.client_gpus=0.5", "train.lr=1e-05"]  # fmt: skip
+    overrides = [
+        "federation.method='florist'",
+        "federation.options.tau=0.9",
+        "flower.client_gpus=0.5",
+        "train.lr=1e-05",
+    ]
     for config in (load_config(shipped_configs()[name]), load_config(TINY, overrides)):
         assert config_from_dict(tomllib.loads(config_toml(config))) == config
 

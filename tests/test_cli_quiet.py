@@ -24,13 +24,29 @@ def _quiet_run(tmp_path: Path, *runtime: str) -> tuple[subprocess.CompletedProce
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "HF_", "MPL"))}
-    env |= {"HOME": str(home), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1",
-            "MPLCONFIGDIR": str(tmp_path / "mpl"),
-            "FLORA_CACHE": str(tmp_path / "cache")}  # fmt: skip
-    command = [sys.executable, "-m", "flora.cli", "run", *runtime, "tiny", "--quiet",
-               "--set", "eval.samples=1", "--out", str(tmp_path / "run")]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    env |= {
+        "HOME": str(home),
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),
+        "FLORA_CACHE": str(tmp_path / "cache"),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "flora.cli",
+        "run",
+        *runtime,
+        "tiny",
+        "--quiet",
+        "--set",
+        "eval.samples=1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done, home
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flora.config import load_config
+from flora.config import config_fingerprint, load_config
 from flora.errors import FloraError
 
 CONFIGS = sorted(Path("configs").glob("*.toml"))
@@ -54,3 +54,18 @@ def test_overrides_and_profiles():
 def test_missing_file():
     with pytest.raises(FloraError, match="not found"):
         load_config("configs/nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("name", "before"),
+    [
+        ("tiny", "0a5fc12be55f73bde5309e07a8d2f884651afeab2444a626a1c349d7e3dc7634"),
+        ("default", "e4f182f0a0b6289d96b15da441e3f9d1a1fc00359772904ecce02f3d09002e1a"),
+    ],
+)
+def test_fields_added_later_keep_the_fingerprints_runs_were_checkpointed_with(name, before):
+    # the fingerprints flora recorded before output.report_to and train.optimizer existed: runs
+    # checkpointed then still resume (a changed fingerprint is refused as an edited config)
+    assert config_fingerprint(load_config(f"configs/{name}.toml")) == before
+    changed = load_config(f"configs/{name}.toml", ["train.optimizer='sgd'"])
+    assert config_fingerprint(changed) != before

@@ -1,13 +1,15 @@
-"""docs/config.md is generated from flora.config's dataclasses and kept in sync."""
+"""docs/config.md is generated from flora.config's dataclasses (each field's help) and kept in
+sync."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
 from flora.config import RunConfig
-from flora.config_doc import field_comments, render
+from flora.config_doc import field_help, render
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -31,25 +33,24 @@ def test_every_key_has_a_row():
             assert f"| `{key.name}` |" in text.split(f"## [{f.name}]")[1].split("\n## ")[0]
 
 
-def test_comments_above_beside_and_inside_a_field_are_read():
-    source = """
-@dataclass
-class Section:
-    plain: int = 1
-    # two lines
-    # above
-    above: int = 2
-    beside: str = "x"  # beside it
-    wrapped: str = (
-        "y"  # inside the parentheses
-    )
-    # a comment, then a blank line: not the next field's
+def test_every_key_has_help_beside_its_field():
+    """Regression: [privacy]'s dataclass lives in privacy/config.py, whose comments the generator
+    never read, so docs/config.md showed the whole section with empty descriptions."""
+    hints = typing.get_type_hints(RunConfig)
+    keys: list[tuple[str, dataclasses.Field]] = []
+    for f in dataclasses.fields(RunConfig):
+        section = hints[f.name]
+        if dataclasses.is_dataclass(section):
+            keys += [(f"{f.name}.{key.name}", key) for key in dataclasses.fields(section)]
+        else:
+            keys.append((f.name, f))
+    missing = [name for name, f in keys if not field_help(f)]
+    assert not missing, f"write field(..., metadata={{'help': ...}}) for {missing}"
 
-    gap: int = 3  # its own
-"""
-    comments = field_comments(source)
-    assert comments[("Section", "plain")] == ""
-    assert comments[("Section", "above")] == "two lines above"
-    assert comments[("Section", "beside")] == "beside it"
-    assert comments[("Section", "wrapped")] == "inside the parentheses"
-    assert comments[("Section", "gap")] == "its own"
+
+def test_no_description_is_empty():
+    rows = [line for line in render().splitlines() if line.startswith("| `")]
+    assert len(rows) > 50
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row)[1:-1]  # key, type, default, description
+        assert len(cells) == 4 and cells[3].strip(), row

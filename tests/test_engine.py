@@ -173,8 +173,14 @@ def test_centralized_baseline_trains_one_client_on_all_the_data(tiny_run, tmp_pa
 def test_a_larger_client_joining_later_gets_its_full_rank(tmp_path, method):
     """Regression: the global LoRA was as wide as the largest rank among a round's participants,
     so a larger client sampled later got a too-narrow init and training failed."""
-    overrides = [f"federation.method='{method}'", "federation.fraction=0.34", "federation.rounds=3",
-                 "lora.ranks=[2, 4, 8]", "train.max_steps=1", "eval.samples=0"]  # fmt: skip
+    overrides = [
+        f"federation.method='{method}'",
+        "federation.fraction=0.34",
+        "federation.rounds=3",
+        "lora.ranks=[2, 4, 8]",
+        "train.max_steps=1",
+        "eval.samples=0",
+    ]
     simulation.run(load_config(TINY, overrides), tmp_path / "run", quiet=True)
     clients = _rows(tmp_path / "run", "client")
     ranks = [2, 4, 8]
@@ -210,8 +216,11 @@ def test_the_data_row_counts_what_truncation_kept(tiny_run):
     instruction cut to keep the answer) and dropped, for the training and held-out splits."""
     (row,) = _rows(tiny_run, "data")
     config = json.loads((tiny_run / "config.json").read_text())
-    total = sum(c["whole"] + c["shortened"] + c["dropped"]
-                for split in ("train", "heldout") for c in row[split].values())  # fmt: skip
+    total = sum(
+        c["whole"] + c["shortened"] + c["dropped"]
+        for split in ("train", "heldout")
+        for c in row[split].values()
+    )
     assert total == config["data"]["limit"]
     assert row["dropped"] == 0  # at max_length 96 every answer keeps 32 tokens or all of itself
     assert sum(c["shortened"] for c in row["train"].values()) > 0
@@ -232,8 +241,16 @@ def test_config_json_records_what_the_settings_resolved_to(tiny_run):
 
 
 def test_a_rank_profile_is_written_out(tmp_path):
-    config = load_config(TINY, ["lora.ranks='hetero-3'", "federation.rounds=1", "threads=1",
-                                "train.max_steps=1", "eval.samples=0"])  # fmt: skip
+    config = load_config(
+        TINY,
+        [
+            "lora.ranks='hetero-3'",
+            "federation.rounds=1",
+            "threads=1",
+            "train.max_steps=1",
+            "eval.samples=0",
+        ],
+    )
     assert config.lora.ranks == "hetero-3"
     simulation.run(config, tmp_path / "run", quiet=True)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

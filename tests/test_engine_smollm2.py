@@ -43,9 +43,18 @@ def test_the_smollm2_adapter_loads_onto_the_real_base(tmp_path):
 
     from flora.models import smollm2_checkpoint
 
-    overrides = ["federation.num_clients=2", "lora.ranks=[8, 4]", "federation.rounds=1",
-                 "data.limit=100", "data.heldout=8", "train.max_steps=2", "train.lr=1e-3",
-                 "eval.samples=0", "threads=1", "train.precision='fp32'"]  # fmt: skip
+    overrides = [
+        "federation.num_clients=2",
+        "lora.ranks=[8, 4]",
+        "federation.rounds=1",
+        "data.limit=100",
+        "data.heldout=8",
+        "train.max_steps=2",
+        "train.lr=1e-3",
+        "eval.samples=0",
+        "threads=1",
+        "train.precision='fp32'",
+    ]
     run(load_config("configs/default.toml", overrides), tmp_path / "run", quiet=True)
     adapter = tmp_path / "run" / "final" / "adapter"
     declared = json.loads((adapter / "adapter_config.json").read_text())

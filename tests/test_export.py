@@ -12,14 +12,20 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
 from flora import simulation
-from flora.adapters import LoraFactors
 from flora.config import load_config
 from flora.export import cumulative_adapter
+from flora.factors import LoraFactors
 from flora.protocol import RoundUpdate
 
 TINY = "configs/tiny.toml"
-FAST = ["train.max_steps=2", "eval.samples=0", "data.limit=60", "data.heldout=8",
-        "data.max_length=64", "threads=1"]  # fmt: skip
+FAST = [
+    "train.max_steps=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=64",
+    "threads=1",
+]
 
 
 def _factors(rank: int, out: int = 6, inp: int = 5, scaling: float = 1.0) -> LoraFactors:
@@ -56,8 +62,12 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-METHODS = [("flora", [8, 4, 2]), ("fedex-lora", [4, 4, 4]), ("fedit", [4, 4, 4]),
-           ("zero-padding", [8, 4, 2])]  # fmt: skip
+METHODS = [
+    ("flora", [8, 4, 2]),
+    ("fedex-lora", [4, 4, 4]),
+    ("fedit", [4, 4, 4]),
+    ("zero-padding", [8, 4, 2]),
+]
 
 
 @pytest.mark.parametrize(("method", "ranks"), METHODS)

@@ -23,8 +23,9 @@ def test_no_trigram_repeats_where_plain_greedy_loops(torch_single_thread):
 
     model.generate = recording  # type: ignore[method-assign]
     for n in (0, 3):
-        generate_answer(model, tokenizer, "Name a primary colour.", max_new_tokens=30,
-                        no_repeat_ngram_size=n)  # fmt: skip
+        generate_answer(
+            model, tokenizer, "Name a primary colour.", max_new_tokens=30, no_repeat_ngram_size=n
+        )
     plain, guarded = produced
     assert len(set(_ngrams(plain, 3))) < len(_ngrams(plain, 3))  # plain greedy repeats itself
     assert len(set(_ngrams(guarded, 3))) == len(_ngrams(guarded, 3)) == 28

@@ -14,16 +14,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_shell_script_says_there_is_no_gpu() -> None:
     env = os.environ | {"PYTHON": sys.executable}
-    done = subprocess.run([str(ROOT / "scripts" / "gpu-check.sh")], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "gpu-check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "sees no CUDA GPU" in done.stdout and "nothing to check" in done.stdout
 
 
 def test_the_check_runs_its_tiny_part_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu-check.json"
-    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-only", "--parts",
-               "tiny", "--out", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "gpu_check.py"),
+        "--cpu-only",
+        "--parts",
+        "tiny",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())

@@ -14,16 +14,77 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "flora"
 HEAVY = ("torch", "transformers", "peft", "safetensors", "flwr", "datasets")
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (lazy imports included)."""
+def _imports(path: Path, *, type_checking: bool = True) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports included; those under
+    ``if TYPE_CHECKING:`` too, unless ``type_checking`` is false)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    todo: list[ast.AST] = [ast.parse(path.read_text(encoding="utf-8"))]
+    while todo:
+        node = todo.pop()
+        guard = ast.unparse(node.test) if isinstance(node, ast.If) else ""
+        if "TYPE_CHECKING" in guard and not type_checking:
+            todo += node.orelse  # the else branch runs
+            continue
+        todo += ast.iter_child_nodes(node)
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
+
+
+def _module_name(path: Path) -> str:
+    parts = ("flora", *path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in sorted(SRC.rglob("*.py"))}
+
+
+def _flora_imports(module: str, *, type_checking: bool = True) -> set[str]:
+    """The flora modules ``module`` imports, lazily or not (as :func:`_imports` reads them):
+    each imported name taken to the deepest module it names (``from flora.aggregation.lowrank
+    import stack`` -> flora.aggregation.lowrank). Importing a submodule also runs its package's
+    ``__init__``, which is not counted: Python starts a package before its children, so that
+    edge closes no circle."""
+    found: set[str] = set()
+    for name in _imports(MODULES[module], type_checking=type_checking):
+        while name and name not in MODULES:
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.add(name)
+    return found
+
+
+GRAPH = {module: _flora_imports(module) for module in MODULES}
+# what runs: every import but those under `if TYPE_CHECKING:`
+RUNTIME_GRAPH = {module: _flora_imports(module, type_checking=False) for module in MODULES}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle in ``graph`` (module -> the modules it imports), as the path that
+    closes it (``[a, b, a]``), or [] when there is none."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return []
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if circle := visit(imported):
+                return circle
+        path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if circle := visit(module):
+            return circle
+    return []
 
 
 @pytest.mark.parametrize("package", ["flower", "evaluation", "commands"])
@@ -42,10 +103,65 @@ def test_only_the_flower_package_imports_flwr():
         assert not {n for n in _imports(path) if n.split(".")[0] == "flwr"}, path
 
 
+def test_no_import_cycles_among_flora_modules():
+    # an import inside a function counts: it only hides a circle until the function runs, and
+    # the design still has it. One under `if TYPE_CHECKING:` does not: it never runs, and it is
+    # Python's way to name, in an annotation, a class of a module that imports this one (today
+    # flora.optim's factories and flora.privacy.config.dp_sgd_refusal take a config.TrainConfig).
+    # No module is exempt.
+    circle = _cycle(RUNTIME_GRAPH)
+    assert not circle, (
+        f"import circle: {' -> '.join(circle)}; move what both sides need into a module below "
+        "them (docs/architecture.md's layers)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("graph", "circle"),
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"a"}}, ["a", "a"]),
+    ],
+)
+def test_the_cycle_finder_finds_circles(graph, circle):
+    assert _cycle(graph) == circle
+
+
+def _chains(module: str) -> dict[str, list[str]]:
+    """Every flora module ``module`` reaches through flora imports (itself included), with the
+    chain of modules that leads there."""
+    chains = {module: [module]}
+    todo = [module]
+    while todo:
+        here = todo.pop()
+        for imported in sorted(GRAPH[here]):
+            if imported not in chains:
+                chains[imported] = [*chains[here], imported]
+                todo.append(imported)
+    return chains
+
+
+MATHS = ["flora.protocol", *(m for m in MODULES if m.split(".")[:2] == ["flora", "aggregation"])]
+
+
+@pytest.mark.parametrize("module", MATHS)
+def test_the_maths_imports_torch_only(module):
+    """The maths and the round protocol import no transformers or peft (nor any other library
+    but torch and numpy), directly or through the flora modules they import."""
+    allowed = {"torch", "numpy", "flora", *sys.stdlib_module_names}
+    for reached, chain in sorted(_chains(module).items()):
+        libraries = {n.split(".")[0] for n in _imports(MODULES[reached])} - allowed
+        assert not libraries, f"{' -> '.join(chain)} imports {sorted(libraries)}"
+
+
 def test_the_core_imports_no_runtime():
     for name in ("client", "server", "engine", "outputs", "weights", "protocol", "training"):
-        runtime = {n for n in _imports(SRC / f"{name}.py")
-                   if n.startswith(("flora.simulation", "flora.flower"))}  # fmt: skip
+        runtime = {
+            n
+            for n in _imports(SRC / f"{name}.py")
+            if n.startswith(("flora.simulation", "flora.flower"))
+        }
         assert not runtime, f"{name}.py imports {sorted(runtime)}"
 
 
@@ -60,15 +176,24 @@ def test_no_private_name_crosses_modules():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["run", "--help"], ["aggregate", "--help"], ["eval", "--help"],
-             ["compare", "--help"], ["flower-worker", "--help"], ["configs", "--help"]],
-)  # fmt: skip
+    "argv",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["aggregate", "--help"],
+        ["eval", "--help"],
+        ["compare", "--help"],
+        ["flower-worker", "--help"],
+        ["configs", "--help"],
+    ],
+)
 def test_cli_help_imports_no_torch(argv):
     probe = (
         "import sys\nfrom flora.cli import main\n"
         f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

@@ -17,8 +17,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_equals_the_models_own_loss_and_gradients(tiny_model, token_examples, tokenizer,
-                                                  precision):  # fmt: skip
+def test_equals_the_models_own_loss_and_gradients(tiny_model, token_examples, tokenizer, precision):
     # Prepare: a right-padded batch with prompt and padding positions to ignore
     batch = collate(token_examples, tokenizer.pad_token_id)
     assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()
@@ -38,12 +37,14 @@ def test_equals_the_models_own_loss_and_gradients(tiny_model, token_examples, to
     torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=10 * tol, atol=10 * tol,
-                                   msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            got[name], expected[name], rtol=10 * tol, atol=10 * tol, msg=name
+        )
 
 
-def test_other_architectures_take_the_models_forward(tiny_model, token_examples, tokenizer,
-                                                     monkeypatch):  # fmt: skip
+def test_other_architectures_take_the_models_forward(
+    tiny_model, token_examples, tokenizer, monkeypatch
+):
     batch = collate(token_examples, tokenizer.pad_token_id)
     monkeypatch.setattr(tiny_model.config, "model_type", "gemma2")
     calls = []

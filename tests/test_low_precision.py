@@ -11,18 +11,24 @@ import torch
 from safetensors.torch import load_file
 
 from flora import simulation
-from flora.adapters import LoraFactors
 from flora.checkpoint import load_checkpoint
 from flora.config import TrainConfig, load_config
 from flora.errors import FloraError
+from flora.factors import LoraFactors
 from flora.models import load_model
 from flora.protocol import RoundUpdate
 from flora.training import evaluate_loss, train_client
 from flora.weights import merge_update, module_weight, target_shapes
 
 TARGETS = ["q_proj", "v_proj"]
-FAST = ["train.max_steps=2", "train.batch_size=2", "eval.samples=0", "data.limit=60",
-        "data.heldout=8", "data.max_length=48"]  # fmt: skip
+FAST = [
+    "train.max_steps=2",
+    "train.batch_size=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=48",
+]
 
 
 def _dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
@@ -96,8 +102,13 @@ def test_a_run_on_a_bf16_base_holds_exactly_the_fp32_sum_of_its_updates(tmp_path
 
 
 def test_without_exact_merge_the_targets_take_the_base_precision(tmp_path: Path) -> None:
-    overrides = [*FAST, "model.dtype='bf16'", "train.precision='bf16'", "model.exact_merge=false",
-                 "federation.rounds=1"]  # fmt: skip
+    overrides = [
+        *FAST,
+        "model.dtype='bf16'",
+        "train.precision='bf16'",
+        "model.exact_merge=false",
+        "federation.rounds=1",
+    ]
     simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run", quiet=True)
     saved = load_file(tmp_path / "run" / "final" / "model" / "model.safetensors")
     assert saved["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
@@ -110,10 +121,12 @@ def test_fp16_training_with_the_grad_scaler_follows_fp32(
     tiny_model, token_examples, torch_single_thread
 ) -> None:
     def train(precision: str) -> list[float]:
-        config = TrainConfig(lr=1e-2, batch_size=2, max_steps=4, lora_dropout=0.0,
-                             precision=precision)  # fmt: skip
-        result = train_client(tiny_model, token_examples, rank=4, alpha=8, config=config,
-                              seed=0, pad_id=0)  # fmt: skip
+        config = TrainConfig(
+            lr=1e-2, batch_size=2, max_steps=4, lora_dropout=0.0, precision=precision
+        )
+        result = train_client(
+            tiny_model, token_examples, rank=4, alpha=8, config=config, seed=0, pad_id=0
+        )
         assert all(f.B.abs().sum() > 0 for f in result.factors.values())  # it did train
         return result.loss_curve
 
@@ -139,8 +152,9 @@ def test_a_quantised_base_leaves_the_targets_in_fp32(bits: int, layer: str) -> N
 def test_gradients_cross_4bit_layers_after_an_evaluation(token_examples) -> None:
     """Regression: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first no-grad
     forward into a layout without a backward; the first layer's LoRA then got no gradient."""
-    model, _ = load_model("tiny-llama", dtype="bf16", precision="bf16", quantization=4,
-                          keep_fp32=TARGETS)  # fmt: skip
+    model, _ = load_model(
+        "tiny-llama", dtype="bf16", precision="bf16", quantization=4, keep_fp32=TARGETS
+    )
     evaluate_loss(model, token_examples, batch_size=2, pad_id=0, precision="bf16")
     config = TrainConfig(lr=1e-2, batch_size=2, max_steps=2, lora_dropout=0.0, precision="bf16")
     result = train_client(model, token_examples, rank=4, alpha=8, config=config, seed=0, pad_id=0)
@@ -149,8 +163,14 @@ def test_gradients_cross_4bit_layers_after_an_evaluation(token_examples) -> None
 
 
 def test_a_run_on_a_4bit_base_lowers_the_loss(tmp_path: Path) -> None:
-    overrides = [*FAST, "model.quantization=4", "model.dtype='bf16'", "train.precision='bf16'",
-                 "train.max_steps=4", "federation.rounds=2"]  # fmt: skip
+    overrides = [
+        *FAST,
+        "model.quantization=4",
+        "model.dtype='bf16'",
+        "train.precision='bf16'",
+        "train.max_steps=4",
+        "federation.rounds=2",
+    ]
     run = simulation.run(load_config("configs/tiny.toml", overrides), tmp_path / "run", quiet=True)
     assert run.loss_after < run.loss_before
 

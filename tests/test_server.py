@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora.adapters import LoraFactors
 from flora.client import ClientResult
 from flora.config import load_config
 from flora.errors import FloraError
+from flora.factors import LoraFactors
 from flora.server import Server
 
 SHAPES = {"m": (6, 5)}

@@ -72,8 +72,9 @@ def fake_run(root: Path, name: str, losses: list[float], down: int, seconds: flo
             }
         )
         if t:
-            rows += [{"kind": "client", "round": t, "client": k, "bytes_down": down}
-                     for k in range(2)]  # fmt: skip
+            rows += [
+                {"kind": "client", "round": t, "client": k, "bytes_down": down} for k in range(2)
+            ]
             rows.append({"kind": "server", "round": t, "round_seconds": seconds})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"loss_before": losses[0], "loss_after": losses[-1], "seconds": seconds * 3}

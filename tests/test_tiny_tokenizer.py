@@ -51,7 +51,16 @@ def test_a_tiny_run_needs_no_smollm2(tmp_path, monkeypatch, torch_single_thread)
     monkeypatch.setenv("FLORA_CACHE", str(tmp_path / "cache"))
     _, tokenizer = load_model("tiny-gpt2")
     assert len(tokenizer) == VOCAB_SIZE
-    argv = ["run", "tiny", "--quiet", "--out", str(tmp_path / "run"),
-            "--set", "federation.rounds=1", "--set", "train.max_steps=1"]  # fmt: skip
+    argv = [
+        "run",
+        "tiny",
+        "--quiet",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "federation.rounds=1",
+        "--set",
+        "train.max_steps=1",
+    ]
     assert main(argv) == 0
     assert not (tmp_path / "cache").exists()

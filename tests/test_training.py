@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from flora.adapters import LoraFactors
 from flora.errors import FloraError
+from flora.factors import LoraFactors
 from flora.training import TrainConfig, evaluate_loss, train_client
 from flora.weights import merge_into_base
 
@@ -94,7 +94,7 @@ def test_base_model_is_untouched(tiny_model, token_examples, tokenizer) -> None:
     grad_flags = {k: p.requires_grad for k, p in tiny_model.named_parameters()}
     tiny_model.eval()
     # Execute
-    _train(tiny_model, token_examples, tokenizer.pad_token_id, lr=0.1, freeze_A=False)
+    _train(tiny_model, token_examples, tokenizer.pad_token_id, lr=0.1, trains={"A", "B"})
     # Assert
     after = tiny_model.state_dict()
     assert after.keys() == before.keys()
@@ -166,7 +166,7 @@ def test_init_at_another_scaling_keeps_the_update(tiny_model, token_examples, to
 
 def test_freeze_a_keeps_a_and_trains_b(tiny_model, token_examples, tokenizer) -> None:
     init = _random_init(4, 2.0)
-    result = _train(tiny_model, token_examples, tokenizer.pad_token_id, init=init, freeze_A=True)
+    result = _train(tiny_model, token_examples, tokenizer.pad_token_id, init=init, trains={"B"})
     for name, factors in result.factors.items():
         assert torch.equal(factors.A, init[name].A)
         assert not torch.equal(factors.B, init[name].B)
@@ -177,7 +177,7 @@ def test_freeze_a_without_init_keeps_the_seeded_peft_a(
 ) -> None:
     pad = tokenizer.pad_token_id
     untrained = _train(tiny_model, token_examples, pad, lr=0.0, seed=3)
-    frozen = _train(tiny_model, token_examples, pad, freeze_A=True, seed=3)
+    frozen = _train(tiny_model, token_examples, pad, trains={"B"}, seed=3)
     for name, factors in frozen.factors.items():
         assert torch.equal(factors.A, untrained.factors[name].A)
         assert torch.count_nonzero(untrained.factors[name].B) == 0  # PEFT starts B at zero

@@ -1,8 +1,8 @@
-"""LoRA factor pairs in memory, and their I/O in PEFT's own format.
+"""LoRA adapters on disk, in PEFT's own format.
 
-In memory an adapter is ``dict[str, LoraFactors]`` keyed by the module's name inside the base model
-(``model.layers.0.self_attn.q_proj``). Each entry holds ``A`` (r, in), ``B`` (out, r) and the
-scaling ``s`` so that the module's update is ``s * B @ A``.
+In memory an adapter is :data:`flora.factors.Adapter` (module -> ``LoraFactors``); the factor
+types and the tensor codec live in :mod:`flora.factors`, which needs torch only. This module adds
+what needs peft and safetensors' file I/O.
 
 On disk an adapter is a PEFT directory: ``adapter_model.safetensors`` (keys
 ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,66 +25,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flora.errors import FloraError
+from flora.factors import Adapter, LoraFactors, adapter_to_tensors, lora_scaling, pair_factors
 from flora.io import atomic_write, atomic_write_json
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
-    "Adapter",
-    "LoraFactors",
     "PeftAdapter",
     "adapter_from_state_dict",
-    "adapter_from_tensors",
     "adapter_to_state_dict",
-    "adapter_to_tensors",
     "load_peft_adapter",
-    "lora_scaling",
     "peft_config_for",
     "save_peft_adapter",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_PREFIX = "base_model.model."
-# <module>.lora_A.weight, or <module>.lora_A.<adapter_name>.weight (an unsaved state dict)
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One module's LoRA: update = scaling * B @ A."""
-
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    scaling: float = 1.0
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.A.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.B.shape[0])
-
-    def delta(self) -> torch.Tensor:
-        """The dense update scaling * B @ A, (out, in)."""
-        return self.scaling * (self.B @ self.A)
-
-    def with_scaling(self, scaling: float) -> LoraFactors:
-        """The same update expressed with another scaling (B is rescaled)."""
-        if scaling == self.scaling:
-            return self
-        return LoraFactors(self.A, self.B * (self.scaling / scaling), scaling)
-
-    def nbytes(self) -> int:
-        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
-
-
-Adapter = dict[str, LoraFactors]
+_PREFIX = "base_model.model."  # PEFT's saved keys: base_model.model.<module>.lora_A.weight
 
 
 @dataclass
@@ -97,11 +53,6 @@ class PeftAdapter:
     path: Path | None = None
 
 
-def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
-    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
-
-
 def _declared(config: dict[str, Any], module: str, source: str) -> tuple[int, float]:
     """The (rank, alpha) that ``config`` declares for ``module``, resolved the way PEFT does;
     a value of the wrong type is a FloraError naming the field."""
@@ -110,19 +61,24 @@ def _declared(config: dict[str, Any], module: str, source: str) -> tuple[int, fl
     for name in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(name) or {}
         if not isinstance(pattern, dict):
-            raise FloraError(f"{where}: {name} must be a table of module -> number, got "
-                             f"{pattern!r}")  # fmt: skip
+            raise FloraError(
+                f"{where}: {name} must be a table of module -> number, got {pattern!r}"
+            )
         patterns[name] = pattern
     rank_key = get_pattern_key(list(patterns["rank_pattern"]), module)
     alpha_key = get_pattern_key(list(patterns["alpha_pattern"]), module)
     rank = patterns["rank_pattern"].get(rank_key, config.get("r", 8))
     alpha = patterns["alpha_pattern"].get(alpha_key, config.get("lora_alpha", 8))
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise FloraError(f"{where}: the rank of '{module}' (r / rank_pattern) must be an "
-                         f"integer >= 1, got {rank!r}")  # fmt: skip
+        raise FloraError(
+            f"{where}: the rank of '{module}' (r / rank_pattern) must be an "
+            f"integer >= 1, got {rank!r}"
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise FloraError(f"{where}: the alpha of '{module}' (lora_alpha / alpha_pattern) must be "
-                         f"a finite number, got {alpha!r}")  # fmt: skip
+        raise FloraError(
+            f"{where}: the alpha of '{module}' (lora_alpha / alpha_pattern) must be "
+            f"a finite number, got {alpha!r}"
+        )
     return rank, float(alpha)
 
 
@@ -130,7 +86,7 @@ def adapter_from_state_dict(
     state: dict[str, torch.Tensor], config: dict[str, Any], *, source: str = "adapter"
 ) -> Adapter:
     """Pair lora_A/lora_B tensors by key and attach each module's scaling from ``config``."""
-    parts = {m.removeprefix(_PREFIX): pair for m, pair in _pairs(state, "", source).items()}
+    parts = {m.removeprefix(_PREFIX): pair for m, pair in pair_factors(state, "", source).items()}
     if not parts:
         raise FloraError(f"{source}: holds no lora_A/lora_B weights; is it a LoRA adapter?")
     use_rslora = bool(config.get("use_rslora", False))
@@ -152,58 +108,6 @@ def adapter_from_state_dict(
             )
         modules[module] = LoraFactors(a.float(), b.float(), lora_scaling(alpha, rank, use_rslora))
     return modules
-
-
-# --- the one codec: module -> factors as flat named tensors, and back --------------------------
-# ``<prefix><module>.lora_A.weight`` (r, in) and ``<prefix><module>.lora_B.weight`` (out, r):
-# PEFT's own layout. PEFT files use the prefix "base_model.model.", checkpoints and Flower records
-# their own; scalings travel beside the tensors (PEFT: adapter_config.json).
-
-
-def adapter_to_tensors(adapter: Adapter, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every module's A and B under ``prefix``, detached and contiguous."""
-    tensors: dict[str, torch.Tensor] = {}
-    for module, factors in adapter.items():
-        tensors[f"{prefix}{module}.lora_A.weight"] = factors.A.detach().contiguous()
-        tensors[f"{prefix}{module}.lora_B.weight"] = factors.B.detach().contiguous()
-    return tensors
-
-
-def _pairs(
-    tensors: dict[str, torch.Tensor], prefix: str, source: str
-) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> {"A": ..., "B": ...} of the LoRA tensors under ``prefix`` (others refused)."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(prefix):
-            continue
-        match = _KEY.match(key[len(prefix) :])
-        if match is None:
-            what = "DoRA magnitude" if "lora_magnitude_vector" in key else "non-LoRA"
-            raise FloraError(
-                f"{source}: tensor '{key}' is a {what} weight; flora aggregates plain LoRA factors "
-                "of linear layers only (no DoRA, embedding LoRA, lora_bias or modules_to_save)"
-            )
-        parts.setdefault(match["module"], {})[match["part"]] = tensor
-    for module, pair in parts.items():
-        if "A" not in pair or "B" not in pair:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise FloraError(f"{source}: module '{module}' has no {missing} weight; re-save it")
-    return parts
-
-
-def adapter_from_tensors(
-    tensors: dict[str, torch.Tensor],
-    prefix: str = "",
-    scaling: float = 1.0,
-    *,
-    source: str = "adapter",
-) -> Adapter:
-    """What :func:`adapter_to_tensors` wrote under ``prefix``, every module at ``scaling``."""
-    parts = _pairs(tensors, prefix, source)
-    if not parts:
-        raise FloraError(f"{source} holds no LoRA factors under '{prefix}'; check the sender")
-    return {m: LoraFactors(parts[m]["A"], parts[m]["B"], scaling) for m in sorted(parts)}
 
 
 def adapter_to_state_dict(modules: Adapter) -> dict[str, torch.Tensor]:

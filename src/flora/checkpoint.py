@@ -4,8 +4,9 @@ checkpoints/round_0003/
   state.json              round, server state, RNG state, written last: its presence marks the
                           round complete (the whole directory is renamed into place at once)
   update.safetensors      that round's merged update (methods that merge into the base):
-                          RoundUpdate.to_tensors, flora.adapters' codec plus residual.<module>
-  global_lora.safetensors the global LoRA (methods that keep one), flora.adapters' codec
+                          RoundUpdate.to_tensors, flora.factors' codec plus residual.<module>
+  <group>.safetensors     the method's state, one file per named group (e.g.
+                          global_lora.safetensors: the global LoRA, flora.factors' codec)
   sketches.safetensors    each client's base sketch (catch-up check)
   rng.safetensors         the torch RNG state
 Every file and the directory are fsynced before the rename; state.json records each file's
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +29,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flora.adapters import Adapter, adapter_from_tensors, adapter_to_tensors
 from flora.errors import FloraError
+from flora.factors import Adapter, adapter_from_tensors
 from flora.io import atomic_write_json
 from flora.protocol import RoundUpdate
 
 __all__ = ["Checkpoint", "latest_round", "load_checkpoint", "save_checkpoint", "sha256"]
+
+
+_RESERVED = ("update", "sketches", "rng", "state")  # the checkpoint's own files
+_GROUP = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 @dataclass
@@ -40,8 +46,14 @@ class Checkpoint:
     round: int
     state: dict[str, Any]
     history: list[RoundUpdate]
-    global_lora: Adapter | None
+    method_state: dict[str, dict[str, torch.Tensor]]  # the method's state groups
     sketches: dict[int, dict[str, torch.Tensor]]
+
+    @property
+    def global_lora(self) -> Adapter | None:
+        """The method's global LoRA, where it keeps one (group ``global_lora``)."""
+        group = self.method_state.get("global_lora")
+        return adapter_from_tensors(group, source="global_lora") if group else None
 
 
 def _round_dir(run_dir: Path, round: int) -> Path:
@@ -53,20 +65,28 @@ def save_checkpoint(
     round: int,
     state: dict[str, Any],
     update: RoundUpdate | None,
-    global_lora: Adapter | None,
+    method_state: dict[str, dict[str, torch.Tensor]],
     sketches: dict[int, dict[str, torch.Tensor]],
     fingerprint: str | None = None,
 ) -> Path:
     """Write round ``round``'s checkpoint into a temporary directory, then rename it into place;
-    ``fingerprint`` identifies the run's config (flora.config.config_fingerprint)."""
+    ``method_state`` is the method's state, one file per group; ``fingerprint`` identifies the
+    run's config (flora.config.config_fingerprint)."""
+    for group in method_state:
+        if not _GROUP.match(group) or group in _RESERVED:
+            raise FloraError(
+                f"method state group '{group}': name it with lowercase letters, digits and _ "
+                f"(not one of {_RESERVED}), so that it is a checkpoint file name"
+            )
     final = _round_dir(run_dir, round)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if update is not None:
         save_file(update.to_tensors(), str(tmp / "update.safetensors"))
-    if global_lora is not None:
-        save_file(adapter_to_tensors(global_lora), str(tmp / "global_lora.safetensors"))
+    for group, tensors in sorted(method_state.items()):
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(tmp / f"{group}.safetensors"))
     packed = {
         f"{k}.{m}": s.contiguous() for k, sketch in sketches.items() for m, s in sketch.items()
     }
@@ -80,6 +100,7 @@ def save_checkpoint(
     integrity: dict[str, Any] = {"files": files}
     if fingerprint is not None:
         integrity["config_fingerprint"] = fingerprint
+    integrity["method_state"] = sorted(method_state)
     atomic_write_json(tmp / "state.json", {"round": round, **state, **integrity})
     _fsync(tmp)  # the directory's entries, before it is renamed into place
     shutil.rmtree(final, ignore_errors=True)
@@ -182,14 +203,24 @@ def load_checkpoint(run_dir: Path, fingerprint: str | None = None) -> Checkpoint
         if round != last:
             _verify(path.parent, _state(path.parent), [path.name])
         history.append(RoundUpdate.from_tensors(_load(path), round))
-    lora_path = directory / "global_lora.safetensors"
-    global_lora = None
-    if lora_path.is_file():
-        global_lora = adapter_from_tensors(_load(lora_path), source=str(lora_path))
+    groups = state.get("method_state")
+    if not isinstance(groups, list):  # written before methods owned their state
+        groups = ["global_lora"] if (directory / "global_lora.safetensors").is_file() else []
+    method_state: dict[str, dict[str, torch.Tensor]] = {}
+    for group in groups:
+        if not isinstance(group, str) or not _GROUP.match(group) or group in _RESERVED:
+            raise FloraError(
+                f"{directory / 'state.json'}: method state {group!r} is not a group name; "
+                "delete this round's checkpoint to resume from the one before it"
+            )
+        path = directory / f"{group}.safetensors"
+        if not path.is_file():
+            raise FloraError(f"{path} is missing from its checkpoint; resume from an earlier round")
+        method_state[group] = _load(path)
     sketches: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in _load(directory / "sketches.safetensors").items():
         if key != "empty":
             client, module = key.split(".", 1)
             sketches.setdefault(int(client), {})[module] = value
     torch.set_rng_state(_load(directory / "rng.safetensors")["torch_rng_state"])
-    return Checkpoint(last, state, history, global_lora, sketches)
+    return Checkpoint(last, state, history, method_state, sketches)

@@ -19,10 +19,11 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flora.adapters import Adapter
+from flora.aggregation.registry import get_method
 from flora.config import RunConfig
 from flora.data.prompts import Example
 from flora.errors import FloraError
+from flora.factors import Adapter
 from flora.generation import generate_answer
 from flora.models import run_precision
 from flora.privacy.accounting import dp_sgd_plan
@@ -67,6 +68,7 @@ class ClientResult:
     tokens: int = 0  # non-pad tokens it trained on
     steps: int = 0
     train_loss: float = math.nan
+    loss_curve: list[float] = field(default_factory=list)  # each local step's loss, in order
     seconds: float = 0.0  # in training
     sync_seconds: float = 0.0  # bringing the base up to date
     peak_rss_mib: float | None = None  # highest resident set size while training (Linux)
@@ -137,6 +139,7 @@ def client_round(
         base.catch_up(task)
         result.sync_seconds = time.perf_counter() - start
         if train:
+            lifecycle = get_method(config.federation.method).lifecycle
             precision = run_precision(config, base.model)
             local = train_client(
                 base.model,
@@ -147,17 +150,17 @@ def client_round(
                 config=dataclasses.replace(config.train, precision=precision),
                 seed=task.seed,
                 pad_id=int(base.tokenizer.pad_token_id),
-                init=task.init,
-                freeze_A=task.freeze_A,
+                init=lifecycle.start_factors(task.init, task.rank),
+                trains=task.trains,
                 use_rslora=config.lora.use_rslora,
                 privacy=dp_sgd_plan(config, len(data.examples), task.client),
             )
-            factors = local.factors
+            factors = lifecycle.upload(local.factors, task.init)
             if config.privacy.mode == "client-level":  # clipped here: the server never sees more
                 if task.init is None:
                     raise FloraError("privacy.mode = 'client-level' needs a global LoRA task")
-                factors, _ = clip_update(factors, task.init, config.privacy.update_norm,
-                                         task.freeze_A)  # fmt: skip
+                bound = config.privacy.update_norm
+                factors, _ = clip_update(factors, task.init, bound, task.trains)
             result.factors, result.examples, result.tokens = (
                 factors,
                 local.examples,
@@ -169,6 +172,7 @@ def client_round(
                 local.seconds,
             )
             result.peak_rss_mib, result.peak_cuda_mib = local.peak_rss_mib, local.peak_cuda_mib
+            result.loss_curve = list(local.loss_curve)
         if evaluate:
             result.heldout_loss, result.samples, _ = evaluate_model(
                 base.model, base.tokenizer, data, config, lora

@@ -24,7 +24,9 @@ from flora.aggregation.registry import METHODS
 from flora.data.partition import SCHEMES
 from flora.data.prompts import TEMPLATES, TRUNCATIONS
 from flora.errors import FloraError, need
-from flora.privacy.config import PrivacyConfig
+from flora.optim import OPTIMIZERS, SCHEDULES
+from flora.privacy.config import PrivacyConfig, dp_sgd_refusal
+from flora.sinks import SINKS
 
 __all__ = [
     "BASE_DTYPES",
@@ -63,7 +65,6 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 BASE_DTYPES = ("fp32", "bf16", "fp16")  # what the frozen base's weights are held in
 QUANTIZATIONS = (0, 4, 8)  # bitsandbytes: 4 = NF4 (QLoRA), 8 = LLM.int8; 0 = none
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-SCHEDULES = ("linear", "cosine")
 # keys that moved, with where they went: a config using the old place is told the new one
 MOVED = {
     "federation.tau": "federation.options.tau (with method = 'florist')",
@@ -73,20 +74,44 @@ MOVED = {
 
 @dataclass
 class ModelConfig:
-    # "smollm2" (packaged), "tiny-llama" / "tiny-qwen2" / "tiny-gemma" / "tiny-gpt2" (random, for
-    # tests), or an HF path / hub id
-    name: str = "smollm2"
-    # the linear layers that get a LoRA; empty: peft's default for the model's architecture
-    # (q_proj, v_proj for Llama, Qwen2, Gemma; c_attn for GPT-2), resolved when the run starts
-    target_modules: list[str] = field(default_factory=list)
-    # what the frozen base's weights are held in: "fp32", or "bf16" / "fp16" to halve their
-    # memory (the forward passes then run in that precision: train.precision must match)
-    dtype: str = "fp32"
-    # 4 (NF4, QLoRA) or 8 (LLM.int8): load the frozen base quantised through bitsandbytes
-    quantization: int = 0
-    # with a bf16/fp16/quantised base, keep the target modules' weights in fp32 (master copies),
-    # so every merged update adds exactly; false: they take the base's precision (merges round)
-    exact_merge: bool = True
+    name: str = field(
+        default="smollm2",
+        metadata={
+            "help": '"smollm2" (packaged), "tiny-llama" / "tiny-qwen2" / "tiny-gemma" / '
+            '"tiny-gpt2" (random, for tests), or an HF path / hub id'
+        },
+    )
+    target_modules: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "the linear layers that get a LoRA; empty: peft's default for the model's "
+            "architecture (q_proj, v_proj for Llama, Qwen2, Gemma; c_attn for GPT-2), "
+            "resolved when the run starts"
+        },
+    )
+    dtype: str = field(
+        default="fp32",
+        metadata={
+            "help": 'what the frozen base\'s weights are held in: "fp32", or "bf16" / "fp16" to '
+            "halve their memory (the forward passes then run in that precision: "
+            "train.precision must match)"
+        },
+    )
+    quantization: int = field(
+        default=0,
+        metadata={
+            "help": "4 (NF4, QLoRA) or 8 (LLM.int8): load the frozen base "
+            "quantised through bitsandbytes"
+        },
+    )
+    exact_merge: bool = field(
+        default=True,
+        metadata={
+            "help": "with a bf16/fp16/quantised base, keep the target modules' weights in fp32 "
+            "(master copies), so every merged update adds exactly; false: they take the base's "
+            "precision (merges round)"
+        },
+    )
 
     def __post_init__(self) -> None:
         need(bool(self.name), "model.name", self.name, "a model spec such as 'smollm2'")
@@ -112,34 +137,90 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "dolly" (shared copy, else the hub), a .json/.jsonl/.csv/.parquet file, or a hub id
-    source: str = "dolly"
-    subset: str = ""  # the hub dataset's subset (config name); "" for none
-    split: str = "train"  # the hub dataset's split
-    # flora's fields -> the dataset's columns, e.g. {instruction = "question", response =
-    # "answer"} or {messages = "conversation"}; empty: detect flora/Dolly, Alpaca or chat
-    fields: dict[str, str] = field(default_factory=dict)
-    template: str = "chat"  # "chat" (the tokenizer's chat template) or "alpaca"
-    max_length: int = 256  # tokens per example (prompt and response)
-    # a longer example keeps this many answer tokens (all, if fewer): its context is cut first,
-    # then its instruction; "end" cuts at the end instead (the reference code's rule)
-    min_response_tokens: int = 32
-    truncation: str = "keep-answer"  # or "end"
-    limit: int = 0  # use a seeded random subset of this many rows (0: all)
-    heldout: int = 200  # held-out examples for the loss before/after (seeded split)
-    # flwr-datasets' partitioners: "iid", "dirichlet", "shards" and "pathological" (over
-    # label_column), "natural-id" (one client per value of natural_id_column)
-    partition: str = "iid"
-    label_column: str = "category"  # any column; rows without one get the label "all"
-    dirichlet_alpha: float = 0.5
-    min_partition_size: int = 1  # dirichlet: draw again until every client has this many rows
-    shards_per_client: int = 2
-    classes_per_client: int = 2  # pathological: labels per client
-    natural_id_column: str = ""  # natural-id: e.g. "user_id" (one client per user)
-    # robustness: client shift_client (-1: none) holds only rows labelled shift_category, as
-    # many as the partition gave it, swapped with the other clients' (flora.data.shift)
-    shift_client: int = -1
-    shift_category: str = ""
+    source: str = field(
+        default="dolly",
+        metadata={
+            "help": '"dolly" (shared copy, else the hub), a '
+            ".json/.jsonl/.csv/.parquet file, or a hub id"
+        },
+    )
+    subset: str = field(
+        default="", metadata={"help": 'the hub dataset\'s subset (config name); "" for none'}
+    )
+    split: str = field(default="train", metadata={"help": "the hub dataset's split"})
+    fields: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "flora's fields -> the dataset's columns, e.g. {instruction = "
+            '"question", response = "answer"} or {messages = "conversation"}; empty: detect '
+            "flora/Dolly, Alpaca or chat"
+        },
+    )
+    template: str = field(
+        default="chat", metadata={"help": '"chat" (the tokenizer\'s chat template) or "alpaca"'}
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "tokens per example (prompt and response)"}
+    )
+    min_response_tokens: int = field(
+        default=32,
+        metadata={
+            "help": "a longer example keeps this many answer tokens (all, if fewer): its "
+            'context is cut first, then its instruction; "end" cuts at the end instead '
+            "(the reference code's rule)"
+        },
+    )
+    truncation: str = field(
+        default="keep-answer",
+        metadata={
+            "help": 'how a longer example is cut: "keep-answer" (see min_response_tokens) or '
+            '"end" (at the end)'
+        },
+    )
+    limit: int = field(
+        default=0, metadata={"help": "use a seeded random subset of this many rows (0: all)"}
+    )
+    heldout: int = field(
+        default=200, metadata={"help": "held-out examples for the loss before/after (seeded split)"}
+    )
+    partition: str = field(
+        default="iid",
+        metadata={
+            "help": 'flwr-datasets\' partitioners: "iid", "dirichlet", "shards" and "pathological" '
+            '(over label_column), "natural-id" (one client per value of natural_id_column)'
+        },
+    )
+    label_column: str = field(
+        default="category", metadata={"help": 'any column; rows without one get the label "all"'}
+    )
+    dirichlet_alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "dirichlet: the concentration of each label's split across the clients "
+            "(small: each client holds few labels; large: close to iid)"
+        },
+    )
+    min_partition_size: int = field(
+        default=1, metadata={"help": "dirichlet: draw again until every client has this many rows"}
+    )
+    shards_per_client: int = field(
+        default=2, metadata={"help": "shards: label-sorted shards per client"}
+    )
+    classes_per_client: int = field(default=2, metadata={"help": "pathological: labels per client"})
+    natural_id_column: str = field(
+        default="", metadata={"help": 'natural-id: e.g. "user_id" (one client per user)'}
+    )
+    shift_client: int = field(
+        default=-1,
+        metadata={
+            "help": "robustness: client shift_client (-1: none) holds only rows labelled "
+            "shift_category, as many as the partition gave it, swapped with the other "
+            "clients' (flora.data.shift)"
+        },
+    )
+    shift_category: str = field(
+        default="", metadata={"help": "robustness: the label that shift_client's rows all hold"}
+    )
 
     def __post_init__(self) -> None:
         need(self.template in TEMPLATES, "data.template", self.template, f"one of {TEMPLATES}")
@@ -150,31 +231,54 @@ class DataConfig:
             self.min_response_tokens,
             f"an integer from 1 to data.max_length - 1 = {self.max_length - 1}",
         )
-        need(self.truncation in TRUNCATIONS, "data.truncation", self.truncation,
-              f"one of {TRUNCATIONS}")  # fmt: skip
+        need(
+            self.truncation in TRUNCATIONS,
+            "data.truncation",
+            self.truncation,
+            f"one of {TRUNCATIONS}",
+        )
         need(self.limit >= 0, "data.limit", self.limit, ">= 0 (0: all rows)")
         need(self.heldout >= 1, "data.heldout", self.heldout, "an integer >= 1")
         need(self.partition in SCHEMES, "data.partition", self.partition, f"one of {SCHEMES}")
         need(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "> 0")
         need(self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, ">= 1")
-        need(self.min_partition_size >= 0, "data.min_partition_size", self.min_partition_size,
-              ">= 0")  # fmt: skip
-        need(self.classes_per_client >= 1, "data.classes_per_client", self.classes_per_client,
-              ">= 1")  # fmt: skip
-        need(self.partition != "natural-id" or bool(self.natural_id_column),
-              "data.natural_id_column", self.natural_id_column,
-              "a column name with data.partition = 'natural-id'")  # fmt: skip
-        need(self.shift_client >= -1, "data.shift_client", self.shift_client,
-              "a client index, or -1 for no shift")  # fmt: skip
-        need(self.shift_client == -1 or bool(self.shift_category), "data.shift_category",
-              self.shift_category, "a label (e.g. 'open_qa') with data.shift_client")  # fmt: skip
+        need(
+            self.min_partition_size >= 0, "data.min_partition_size", self.min_partition_size, ">= 0"
+        )
+        need(
+            self.classes_per_client >= 1, "data.classes_per_client", self.classes_per_client, ">= 1"
+        )
+        need(
+            self.partition != "natural-id" or bool(self.natural_id_column),
+            "data.natural_id_column",
+            self.natural_id_column,
+            "a column name with data.partition = 'natural-id'",
+        )
+        need(
+            self.shift_client >= -1,
+            "data.shift_client",
+            self.shift_client,
+            "a client index, or -1 for no shift",
+        )
+        need(
+            self.shift_client == -1 or bool(self.shift_category),
+            "data.shift_category",
+            self.shift_category,
+            "a label (e.g. 'open_qa') with data.shift_client",
+        )
 
 
 @dataclass
 class LoraSpec:
-    ranks: list[int] | str = "hetero-10"  # per-client ranks, or a profile name (RANK_PROFILES)
-    alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio * r on every client (scaling alpha / r)
-    use_rslora: bool = False  # scaling alpha / sqrt(r)
+    ranks: list[int] | str = field(
+        default="hetero-10",
+        metadata={"help": "per-client ranks, or a profile name (RANK_PROFILES)"},
+    )
+    alpha_ratio: float = field(
+        default=2.0,
+        metadata={"help": "lora_alpha = alpha_ratio * r on every client (scaling alpha / r)"},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "scaling alpha / sqrt(r)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, str):
@@ -199,18 +303,34 @@ class LoraSpec:
 
 @dataclass
 class FederationConfig:
-    method: str = "flora"  # any name in flora.aggregation.METHODS
-    num_clients: int = 10  # clients in the federation; lora.ranks gives each its rank
-    rounds: int = 2  # each round samples clients, trains them locally and aggregates
-    fraction: float = 1.0  # share of clients sampled each round
-    min_clients: int = 1  # at least this many per round
-    centralized: bool = False  # baseline: all training data on one client of rank max(ranks)
-    catch_up: str = (
-        "replay"  # missed merged updates: "replay" them, or "svd" (one exact re-factoring)
+    method: str = field(default="flora", metadata={"help": "any name in flora.aggregation.METHODS"})
+    num_clients: int = field(
+        default=10, metadata={"help": "clients in the federation; lora.ranks gives each its rank"}
     )
-    # the method's own options ([federation.options]: florist's tau and energy, zero-padding's
-    # weighting; see `flora aggregate --help`), checked against the method, defaults filled in
-    options: dict[str, Any] = field(default_factory=dict)
+    rounds: int = field(
+        default=2,
+        metadata={"help": "each round samples clients, trains them locally and aggregates"},
+    )
+    fraction: float = field(default=1.0, metadata={"help": "share of clients sampled each round"})
+    min_clients: int = field(default=1, metadata={"help": "at least this many per round"})
+    centralized: bool = field(
+        default=False,
+        metadata={"help": "baseline: all training data on one client of rank max(ranks)"},
+    )
+    catch_up: str = field(
+        default="replay",
+        metadata={
+            "help": 'missed merged updates: "replay" them, or "svd" (one exact re-factoring)'
+        },
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "the method's own options ([federation.options]: florist's tau and energy, "
+            "zero-padding's weighting; see `flora aggregate --help`), checked against the "
+            "method, defaults filled in"
+        },
+    )
 
     def __post_init__(self) -> None:
         need(self.method in METHODS, "federation.method", self.method, f"one of {list(METHODS)}")
@@ -229,7 +349,6 @@ class FederationConfig:
         self.options = METHODS[self.method].resolve(self.options, "federation.options.")
 
 
-SCHEDULES = ("linear", "cosine")
 SAMPLINGS = ("auto", "shuffle", "poisson")
 LOSS_WEIGHTINGS = ("auto", "tokens", "examples")
 
@@ -238,33 +357,88 @@ LOSS_WEIGHTINGS = ("auto", "tokens", "examples")
 class TrainConfig:
     """How one client trains locally in one round."""
 
-    lr: float = 2e-4  # AdamW peak learning rate for the LoRA factors
-    batch_size: int = 8  # examples per micro-batch (one forward/backward)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    local_epochs: float = 1.0  # passes over the client's data; fractions allowed
-    max_steps: int = 0  # optimizer steps per round; when > 0 it overrides local_epochs
-    warmup_ratio: float = 0.0  # fraction of the steps spent ramping the lr up linearly
-    schedule: str = "linear"  # decay after warmup: "linear" or "cosine"
-    # global grad-norm clip over the LoRA params; 0 disables it (DP-SGD clips every example's
-    # gradient to privacy.max_grad_norm instead, and this one is not used)
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA factors
-    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
-    precision: str = "fp32"  # autocast: "fp32", "bf16", "fp16" (with a grad scaler) or "auto"
-    # where the client trains and the server evaluates: "auto" (CUDA, else MPS, else CPU),
-    # "cpu", "cuda", "cuda:N" or "mps"; a Flower node's own node config `device` wins
-    device: str = "auto"
-    group_by_length: bool = False  # batch examples of similar length together: less padding
-    # recompute the activations in the backward pass instead of keeping them: less memory for
-    # more compute, the same loss and gradients (transformers' non-reentrant checkpointing)
-    gradient_checkpointing: bool = False
-    # a step's batch: "shuffle" (batch_size x grad_accum examples of each epoch's shuffle) or
-    # "poisson" (each example with probability batch_size x grad_accum / n, as DP-SGD's
-    # accountant assumes); "auto": poisson with privacy.mode = "dp-sgd", else shuffle
-    sampling: str = "auto"
-    # a step's loss: "tokens" (the mean over all its response tokens) or "examples" (the mean of
-    # each example's own mean, which DP-SGD clips); "auto": examples with dp-sgd, else tokens
-    loss_weighting: str = "auto"
+    lr: float = field(
+        default=2e-4, metadata={"help": "peak learning rate of the LoRA factors' optimiser"}
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": 'optimiser of the LoRA factors (flora.optim): "adamw" (torch.optim.AdamW), '
+            '"adamw-fused" (the same update in one fused kernel, on CUDA, CPU or MPS; equal up '
+            'to rounding) or "sgd" (plain SGD, where weight_decay is an L2 term)'
+        },
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "examples per micro-batch (one forward/backward)"}
+    )
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    local_epochs: float = field(
+        default=1.0, metadata={"help": "passes over the client's data; fractions allowed"}
+    )
+    max_steps: int = field(
+        default=0,
+        metadata={"help": "optimizer steps per round; when > 0 it overrides local_epochs"},
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "fraction of the steps spent ramping the lr up linearly"}
+    )
+    schedule: str = field(
+        default="linear", metadata={"help": 'decay after warmup: "linear", "cosine" or "constant"'}
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={
+            "help": "global grad-norm clip over the LoRA params; 0 disables it (DP-SGD clips every "
+            "example's gradient to privacy.max_grad_norm instead, and this one is not used)"
+        },
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "weight decay on the LoRA factors (decoupled in AdamW, L2 in sgd)"},
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "dropout on the LoRA branch's input"}
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={"help": 'autocast: "fp32", "bf16", "fp16" (with a grad scaler) or "auto"'},
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": 'where the client trains and the server evaluates: "auto" (CUDA, '
+            'else MPS, else CPU), "cpu", "cuda", "cuda:N" or "mps"; a Flower node\'s own '
+            "node config `device` wins"
+        },
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "batch examples of similar length together: less padding"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute the activations in the backward pass instead of keeping them: "
+            "less memory for more compute, the same loss and gradients (transformers' "
+            "non-reentrant checkpointing)"
+        },
+    )
+    sampling: str = field(
+        default="auto",
+        metadata={
+            "help": 'a step\'s batch: "shuffle" (batch_size x grad_accum examples of each '
+            'epoch\'s shuffle) or "poisson" (each example with probability batch_size x '
+            'grad_accum / n, as DP-SGD\'s accountant assumes); "auto": poisson with privacy.mode '
+            '= "dp-sgd", else shuffle'
+        },
+    )
+    loss_weighting: str = field(
+        default="auto",
+        metadata={
+            "help": 'a step\'s loss: "tokens" (the mean over all its response tokens) or '
+            '"examples" (the mean of each example\'s own mean, which DP-SGD clips); "auto": '
+            "examples with dp-sgd, else tokens"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number >= 0")
@@ -284,7 +458,9 @@ class TrainConfig:
             "an integer >= 0 (0 means: use local_epochs)",
         )
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
-        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        optimizers, schedules = tuple(OPTIMIZERS), tuple(SCHEDULES)
+        _check(self.optimizer in optimizers, "optimizer", self.optimizer, f"one of {optimizers}")
+        _check(self.schedule in schedules, "schedule", self.schedule, f"one of {schedules}")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0: no clip)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
@@ -296,8 +472,12 @@ class TrainConfig:
             "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
         )
         _check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"one of {SAMPLINGS}")
-        _check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", self.loss_weighting,
-               f"one of {LOSS_WEIGHTINGS}")  # fmt: skip
+        _check(
+            self.loss_weighting in LOSS_WEIGHTINGS,
+            "loss_weighting",
+            self.loss_weighting,
+            f"one of {LOSS_WEIGHTINGS}",
+        )
 
     def resolved(self, private: bool) -> tuple[str, str]:
         """(sampling, loss weighting), "auto" resolved for a DP-SGD (``private``) run or not."""
@@ -328,30 +508,60 @@ def _check(ok: bool, name: str, value: object, expected: str) -> None:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # held-out loss every N rounds (0: only before and after)
-    batch_size: int = 8  # examples per forward pass for the held-out loss and MMLU
-    samples: int = 1  # answers generated before and after for the first N held-out prompts
-    max_new_tokens: int = 48  # the length limit of each generated sample answer
-    # greedy samples never repeat an n-gram of this many tokens (ends the loops small models fall
-    # into); 0: plain greedy
-    no_repeat_ngram_size: int = 3
-    mmlu: bool = False  # k-shot MMLU of the global model before round 1 and after the last
-    mmlu_every: int = 0  # ... and every N rounds (0: only before and after)
-    mmlu_limit_per_subject: int = 10  # questions per subject (0: all 14,042)
-    mmlu_shots: int = 5  # worked examples (from MMLU's dev split) before each question
+    every: int = field(
+        default=0, metadata={"help": "held-out loss every N rounds (0: only before and after)"}
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "examples per forward pass for the held-out loss and MMLU"}
+    )
+    samples: int = field(
+        default=1,
+        metadata={"help": "answers generated before and after for the first N held-out prompts"},
+    )
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "the length limit of each generated sample answer"}
+    )
+    no_repeat_ngram_size: int = field(
+        default=3,
+        metadata={
+            "help": "greedy samples never repeat an n-gram of this many tokens (ends the loops "
+            "small models fall into); 0: plain greedy"
+        },
+    )
+    mmlu: bool = field(
+        default=False,
+        metadata={"help": "k-shot MMLU of the global model before round 1 and after the last"},
+    )
+    mmlu_every: int = field(
+        default=0, metadata={"help": "MMLU also every N rounds (0: only before and after)"}
+    )
+    mmlu_limit_per_subject: int = field(
+        default=10, metadata={"help": "questions per subject (0: all 14,042)"}
+    )
+    mmlu_shots: int = field(
+        default=5, metadata={"help": "worked examples (from MMLU's dev split) before each question"}
+    )
 
     def __post_init__(self) -> None:
         need(self.every >= 0, "eval.every", self.every, ">= 0")
         need(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         need(self.samples >= 0, "eval.samples", self.samples, ">= 0")
         need(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
-        need(self.no_repeat_ngram_size >= 0, "eval.no_repeat_ngram_size",
-              self.no_repeat_ngram_size, ">= 0 (0: plain greedy)")  # fmt: skip
+        need(
+            self.no_repeat_ngram_size >= 0,
+            "eval.no_repeat_ngram_size",
+            self.no_repeat_ngram_size,
+            ">= 0 (0: plain greedy)",
+        )
         need(self.mmlu_every >= 0, "eval.mmlu_every", self.mmlu_every, ">= 0")
         needs = "0 unless eval.mmlu = true (set eval.mmlu = true to score MMLU in the run)"
         need(self.mmlu_every == 0 or self.mmlu, "eval.mmlu_every", self.mmlu_every, needs)
-        need(self.mmlu_limit_per_subject >= 0, "eval.mmlu_limit_per_subject",
-              self.mmlu_limit_per_subject, ">= 0 (0: every question)")  # fmt: skip
+        need(
+            self.mmlu_limit_per_subject >= 0,
+            "eval.mmlu_limit_per_subject",
+            self.mmlu_limit_per_subject,
+            ">= 0 (0: every question)",
+        )
         need(self.mmlu_shots >= 0, "eval.mmlu_shots", self.mmlu_shots, ">= 0")
 
     def heldout_at(self, round: int, last: int) -> bool:
@@ -374,21 +584,50 @@ class ScreeningConfig:
     besides these bounds, always the target modules, shapes, assigned rank, floating finite
     values, the frozen A, and an example count within the client's partition."""
 
-    # ||s B A||_F per module above this is rejected or clipped (0: no absolute bound)
-    max_update_norm: float = 0.0
-    # ... and above this multiple of the median of the round's other uploads (0: off)
-    norm_multiple: float = 100.0
-    norm_action: str = "reject"  # "reject" the upload, or "clip" it onto the bound
-    # example counts above this are rejected where the server knows no partition size (0: none)
-    max_examples: int = 0
+    max_update_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "||s B A||_F per module above this is rejected or "
+            "clipped (0: no absolute bound)"
+        },
+    )
+    norm_multiple: float = field(
+        default=100.0,
+        metadata={
+            "help": "||s B A||_F per module above this multiple of the median of the round's "
+            "other uploads is rejected or clipped (0: off)"
+        },
+    )
+    norm_action: str = field(
+        default="reject", metadata={"help": '"reject" the upload, or "clip" it onto the bound'}
+    )
+    max_examples: int = field(
+        default=0,
+        metadata={
+            "help": "example counts above this are rejected where the server knows no "
+            "partition size (0: none)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        need(self.max_update_norm >= 0, "screening.max_update_norm", self.max_update_norm,
-              ">= 0 (0: no absolute bound)")  # fmt: skip
-        need(self.norm_multiple == 0 or self.norm_multiple >= 1, "screening.norm_multiple",
-              self.norm_multiple, "0 (off) or >= 1")  # fmt: skip
-        need(self.norm_action in ("reject", "clip"), "screening.norm_action", self.norm_action,
-              "'reject' or 'clip'")  # fmt: skip
+        need(
+            self.max_update_norm >= 0,
+            "screening.max_update_norm",
+            self.max_update_norm,
+            ">= 0 (0: no absolute bound)",
+        )
+        need(
+            self.norm_multiple == 0 or self.norm_multiple >= 1,
+            "screening.norm_multiple",
+            self.norm_multiple,
+            "0 (off) or >= 1",
+        )
+        need(
+            self.norm_action in ("reject", "clip"),
+            "screening.norm_action",
+            self.norm_action,
+            "'reject' or 'clip'",
+        )
         need(self.max_examples >= 0, "screening.max_examples", self.max_examples, ">= 0")
 
 
@@ -397,10 +636,14 @@ class FlowerConfig:
     """Resources of one client on Flower's simulation runtime (Ray); a deployment's nodes take
     theirs from their own machine (node config ``device``)."""
 
-    client_cpus: int = 1  # CPU cores per simulated client
-    # GPUs per simulated client (0.25: four clients share one GPU at a time); unset: 1 when
-    # train.device is a GPU, else 0
-    client_gpus: float | None = None
+    client_cpus: int = field(default=1, metadata={"help": "CPU cores per simulated client"})
+    client_gpus: float | None = field(
+        default=None,
+        metadata={
+            "help": "GPUs per simulated client (0.25: four clients share one GPU at a time); "
+            "unset: 1 when train.device is a GPU, else 0"
+        },
+    )
 
     def __post_init__(self) -> None:
         need(self.client_cpus >= 1, "flower.client_cpus", self.client_cpus, "an integer >= 1")
@@ -414,15 +657,48 @@ class FlowerConfig:
 
 @dataclass
 class OutputConfig:
-    # final/model: the base with the whole update merged, a full copy of the model (517 MB at
-    # 135M, about 28 GB at 7B); false: final/adapter only, which PEFT loads onto the base
-    model: bool = True
+    model: bool = field(
+        default=True,
+        metadata={
+            "help": "final/model: the base with the whole update merged, a full copy of the "
+            "model (517 MB at 135M, about 28 GB at 7B); false: final/adapter only, which "
+            "PEFT loads onto the base"
+        },
+    )
+    # the trackers that get every metrics row besides metrics.jsonl (always written, the record
+    # of truth): "tensorboard", "wandb", "mlflow"; each an extra: pip install 'flora-lora[wandb]'
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": 'trackers that get every metrics row besides metrics.jsonl: "tensorboard" '
+            '(tensorboard/ in the run directory), "wandb" (wandb/ there, offline or online as '
+            'WANDB_MODE says), "mlflow" (mlflow/mlflow.db there, or MLFLOW_TRACKING_URI); each '
+            "is an extra, e.g. pip install 'flora-lora[wandb]' (flora.sinks)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        need(
+            all(name in SINKS for name in self.report_to)
+            and len(set(self.report_to)) == len(self.report_to),
+            "output.report_to",
+            self.report_to,
+            f"a list of distinct tracker names from {sorted(SINKS)} ([]: metrics.jsonl only)",
+        )
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0  # all randomness (split, partition, sampling, init, data order) derives from it
-    threads: int = 0  # torch CPU threads (0: torch's default); 1 is faster on a busy machine
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "all randomness (split, partition, sampling, init, data order) derives from it"
+        },
+    )
+    threads: int = field(
+        default=0,
+        metadata={"help": "torch CPU threads (0: torch's default); 1 is faster on a busy machine"},
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -470,27 +746,9 @@ class RunConfig:
     def _check_privacy(self) -> None:
         privacy, train, method = self.privacy, self.train, METHODS[self.federation.method]
         if privacy.mode == "dp-sgd":
-            for key, value, needed in (
-                ("sampling", train.sampling, "poisson"),
-                ("loss_weighting", train.loss_weighting, "examples"),
-            ):
-                if value not in ("auto", needed):
-                    raise FloraError(
-                        f"train.{key} = {value!r} with privacy.mode = 'dp-sgd': DP-SGD's "
-                        f"accounting needs {needed!r}; set train.{key} = 'auto'"
-                    )
-            if train.gradient_checkpointing:
-                raise FloraError(
-                    "train.gradient_checkpointing with privacy.mode = 'dp-sgd': opacus' "
-                    "per-example hooks would see each recomputed forward twice; set "
-                    "train.gradient_checkpointing = false"
-                )
-            if train.precision == "fp16":
-                raise FloraError(
-                    "train.precision = 'fp16' with privacy.mode = 'dp-sgd': the gradient "
-                    "scaler's loss scale would be clipped with the gradients; use 'bf16', "
-                    "'fp32' or 'auto'"
-                )
+            refusal = dp_sgd_refusal(train, self.model.dtype)
+            if refusal is not None:
+                raise FloraError(refusal)
         if privacy.mode == "client-level":
             if not method.client_dp:
                 raise FloraError(
@@ -590,7 +848,18 @@ def config_fingerprint(config: RunConfig) -> str:
     checkpoints record it, and resuming refuses a config that differs in anything else."""
     data = config_to_dict(config)
     data["federation"] = {k: v for k, v in data["federation"].items() if k != "rounds"}
+    for (section, key), default in _LATER_FIELDS.items():  # at their defaults: as before them
+        if data[section].get(key) == default:
+            del data[section][key]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# Fields added after runs were first checkpointed, left out of the fingerprint while they hold
+# their default (the behaviour of the runs written before them), so those runs still resume.
+_LATER_FIELDS: dict[tuple[str, str], Any] = {
+    ("output", "report_to"): [],
+    ("train", "optimizer"): "adamw",
+}
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -2,65 +2,39 @@
 
     python -m flora.config_doc > docs/config.md
 
-Each key's description is the ``#`` comment written beside its field in config.py (on the
-field's lines, or the comment lines right above it), read from the source with ``tokenize``;
-its type and default come from the dataclass. tests/test_config_doc.py fails when the file is
-out of date.
+Each key's description is its field's help, written beside it as
+``field(..., metadata={"help": ...})`` (in config.py, or privacy/config.py for ``[privacy]``);
+its type and default come from the dataclass, a section's introduction from its docstring.
+tests/test_config_doc.py fails when the file is out of date or a key has no help.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
-import io
 import json
 import re
-import tokenize
 import typing
 from typing import Any
 
-from flora import config as config_module
 from flora.config import RunConfig
 
-__all__ = ["field_comments", "render"]
+__all__ = ["field_help", "render"]
 
 _HEADER = """\
 # Config reference
 
 Every key of a flora run config (a TOML file; `flora configs list` shows the shipped ones), with
 its type, its default and what it does. A key given on the command line goes as
-`--set section.key=value` (the value parsed as TOML). Generated from the dataclasses in
-`src/flora/config.py` by `python -m flora.config_doc > docs/config.md`; do not edit by hand.
+`--set section.key=value` (the value parsed as TOML). Generated from the help beside each field
+of the dataclasses in `src/flora/config.py` and `src/flora/privacy/config.py` by
+`python -m flora.config_doc > docs/config.md`; do not edit by hand.
 """
 
 
-def field_comments(source: str) -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the field's comment text, for every dataclass field in
-    ``source``: the comment lines right above the field, then those on its own lines."""
-    comments: dict[int, str] = {}  # line -> comment text
-    code_lines: set[int] = set()  # lines holding code (not only a comment)
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string.lstrip("#").strip()
-        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
-            code_lines.update(range(token.start[0], token.end[0] + 1))
-    found: dict[tuple[str, str], str] = {}
-    for node in ast.parse(source).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for item in node.body:
-            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
-                continue
-            above: list[str] = []
-            line = item.lineno - 1
-            while line in comments and line not in code_lines:
-                above.insert(0, comments[line])
-                line -= 1
-            end = item.end_lineno or item.lineno
-            beside = [comments[n] for n in range(item.lineno, end + 1) if n in comments]
-            found[(node.name, item.target.id)] = " ".join(above + beside)
-    return found
+def field_help(f: dataclasses.Field[Any]) -> str:
+    """A config field's help: ``field(..., metadata={"help": ...})``, "" where it has none."""
+    return " ".join(str(f.metadata.get("help", "")).split())
 
 
 def _toml(value: Any) -> str:
@@ -89,7 +63,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _section(cls: type, title: str, comments: dict[tuple[str, str], str]) -> list[str]:
+def _section(cls: type, title: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     lines = [f"## {title}", ""]
     doc = inspect.getdoc(cls) or ""
@@ -101,21 +75,19 @@ def _section(cls: type, title: str, comments: dict[tuple[str, str], str]) -> lis
             continue  # a section of its own
         kind = re.sub(r"dict\[str, (\w+)\]", r"table of \1", str(f.type))
         kind = kind.replace("table of Any", "table")
-        row = [f"`{f.name}`", f"`{kind}`", f"`{_toml(_default(f))}`",
-               comments.get((cls.__name__, f.name), "")]  # fmt: skip
+        row = [f"`{f.name}`", f"`{kind}`", f"`{_toml(_default(f))}`", field_help(f)]
         lines.append("| " + " | ".join(_cell(cell) for cell in row) + " |")
     return [*lines, ""]
 
 
 def render() -> str:
     """The whole of docs/config.md."""
-    comments = field_comments(inspect.getsource(config_module))
-    lines = [_HEADER, *_section(RunConfig, "Top level (no section)", comments)]
+    lines = [_HEADER, *_section(RunConfig, "Top level (no section)")]
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         section = hints[f.name]
         if dataclasses.is_dataclass(section):
-            lines += _section(typing.cast(type, section), f"[{f.name}]", comments)
+            lines += _section(typing.cast(type, section), f"[{f.name}]")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -6,6 +6,7 @@ against the hardware that is there.
 - :func:`resolve_precision`: bf16 autocast where the device runs it, else fp16 (with a gradient
   scaler) on a GPU without bf16, else fp32. A base held in bf16/fp16 runs in its own precision.
 - :func:`autocast_context` and :func:`grad_scaler`: what the forward and backward passes use.
+- :func:`hold_in`: a base's weights held in bf16/fp16, its target modules kept in fp32.
 
 docs/devices.md lists the supported combinations.
 """
@@ -13,6 +14,7 @@ docs/devices.md lists the supported combinations.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -25,6 +27,7 @@ __all__ = [
     "Precision",
     "autocast_context",
     "grad_scaler",
+    "hold_in",
     "resolve_device",
     "resolve_precision",
 ]
@@ -136,3 +139,23 @@ def autocast_context(
 def grad_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
     """A gradient scaler for fp16 (whose small gradients would underflow); a no-op otherwise."""
     return torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+
+
+def hold_in(model: torch.nn.Module, dtype: str, keep_fp32: Sequence[str]) -> None:
+    """Cast the model's floating-point parameters to ``dtype``, except those of the modules whose
+    leaf name is in ``keep_fp32`` (the fp32 master copies of the target modules). Quantised
+    parameters (integer storage) and buffers are left as they are."""
+    if dtype == "fp32":
+        return
+    keep = set(keep_fp32)
+    kept = {
+        id(param)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in keep
+        for param in module.parameters(recurse=False)
+    }  # a tied weight (lm_head and the embeddings) is kept if either module is
+    for param in model.parameters():  # each shared parameter once
+        if param.is_floating_point() and type(param) is torch.nn.Parameter:
+            # the kept fp32 weights are copied too: a view into the memory-mapped checkpoint
+            # would keep all of its pages mapped (resident), not only theirs
+            param.data = param.data.clone() if id(param) in kept else param.data.to(DTYPES[dtype])

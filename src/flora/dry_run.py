@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from flora.adapters import LoraFactors, lora_scaling
 from flora.client import ClientResult
 from flora.config import RunConfig, config_to_dict
 from flora.devices import resolve_device, resolve_precision
 from flora.engine import GlobalModel
 from flora.errors import FloraError
+from flora.factors import LoraFactors, lora_scaling
 from flora.models import resolved_config
 from flora.protocol import ClientTask
 from flora.server import Server
@@ -89,17 +89,19 @@ def round_traffic(server: Server, sizes: list[int], seed: int = 0) -> list[Traff
 def _upload(
     server: Server, task: ClientTask, size: int, generator: torch.Generator
 ) -> ClientResult:
-    """A client's round result with random factors of its rank (its frozen A where the method
-    freezes it), at its scaling; an empty partition trains nothing."""
+    """A client's round result with random factors of its rank (the parts its plan does not train
+    as it was sent them), at its scaling; an empty partition trains nothing."""
     if size == 0:
         return ClientResult(task.client, task.round, error="its partition holds no examples")
     scaling = lora_scaling(task.alpha, task.rank, server.config.lora.use_rslora)
     factors = {}
     for module, (out_features, in_features) in sorted(server.shapes.items()):
         A = torch.randn(task.rank, in_features, generator=generator) / in_features**0.5
-        if task.freeze_A and task.init is not None:
-            A = task.init[module].A
         B = torch.randn(out_features, task.rank, generator=generator) * 1e-2
+        if task.init is not None:  # the parts it does not train come back as sent
+            sent = task.init[module].with_scaling(scaling)
+            A = A if "A" in task.trains else sent.A
+            B = B if "B" in task.trains else sent.B
         factors[module] = LoraFactors(A, B, scaling)
     return ClientResult(task.client, task.round, factors=factors, examples=size)
 

@@ -1,15 +1,19 @@
-"""The run's core under both runtimes: the server, the server's copy of the model, the outputs,
-and what happens at the start and the end of every round.
+"""The run's core under every runtime: the server, the server's copy of the model, the outputs,
+and the one round loop.
 
-A runtime only moves tasks to clients and results back: the embedded simulator calls
-:func:`flora.client.client_round` in a loop, the Flower ServerApp sends Messages. Both then call
-``Server.complete`` and ``Server.aggregate`` and hand the round to :meth:`RunCore.end_round`,
-which merges the update into the server's model, writes the rows, evaluates where the schedule
-says and checkpoints, in that order, the same way for both.
+Every round is configure -> execute -> complete -> aggregate -> end of round
+(:meth:`RunCore.play_round`). A runtime (:class:`Runtime`) supplies only ``execute``: how a
+list of tasks becomes a list of results (the embedded simulator: a loop over
+:func:`flora.client.client_round`; Flower: Messages to the nodes and their replies), plus
+optional hooks (client-side evaluation, its own server-row fields). :meth:`RunCore.end_round`
+then merges the update into the server's model, writes the rows, evaluates where the schedule
+says and checkpoints, in that order, the same way for all. :func:`drive` runs a whole run on a
+runtime; ``flora.runtimes`` names them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flora.adapters import Adapter
 from flora.checkpoint import Checkpoint, latest_round, load_checkpoint
 from flora.client import ClientData, ClientResult, evaluate_model
 from flora.config import RunConfig, config_fingerprint
@@ -25,13 +28,15 @@ from flora.data.federated import FederatedData, run_data
 from flora.devices import resolve_device, resolve_precision
 from flora.errors import FloraError
 from flora.evaluation.during_run import mmlu_row
+from flora.factors import Adapter
 from flora.models import load_run_model, resolved_config, run_precision
+from flora.node_state import RESYNC
 from flora.outputs import RunOutputs, RunResult
 from flora.protocol import ClientTask
 from flora.server import RoundOutcome, Server
 from flora.weights import applied, merge_update, target_shapes
 
-__all__ = ["GlobalModel", "RunCore"]
+__all__ = ["GlobalModel", "RunCore", "Runtime", "drive"]
 
 
 class GlobalModel:
@@ -72,6 +77,33 @@ class GlobalModel:
             return mmlu_row(self.model, self.tokenizer, self.config.eval, round, self.precision)
 
 
+class Runtime:
+    """How a run's tasks reach clients and their results come back; subclass and define
+    :meth:`execute`. The other hooks are optional."""
+
+    name = "runtime"  # summary.json's ``runtime``
+
+    def execute(self, round: int, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        """One result per task, in order: the client's, or one whose ``error`` says why not
+        (an error containing ``flora-resync`` means the client lost its stored base)."""
+        raise NotImplementedError
+
+    def evaluate(self, round: int) -> None:
+        """Client-side evaluation of the global model after ``round`` (0: before training),
+        before the server's own; it writes its row through ``RunCore.outputs``."""
+
+    def fields(self, round: int, results: Sequence[ClientResult], seconds: float) -> dict[str, Any]:
+        """The runtime's own fields of the round's server row (``seconds``: the round so far)."""
+        return {}
+
+    def sketches(self) -> dict[int, dict[str, torch.Tensor]] | None:
+        """Per-client base sketches to checkpoint (the embedded runtime's catch-up record)."""
+        return None
+
+    def close(self) -> None:
+        """Release what the runtime holds (progress bars, pools); called however the run ends."""
+
+
 class RunCore:
     """One run's shared state and steps; a runtime drives it round by round."""
 
@@ -92,8 +124,7 @@ class RunCore:
             "device": str(where),
             "precision": resolve_precision(config.train.precision, where, config.model.dtype),
         }
-        self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint,
-                                       recorded=recorded)  # fmt: skip
+        self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint, recorded=recorded)
         try:
             self.checkpoint: Checkpoint | None = None
             if resume and latest_round(run_dir) > 0:
@@ -112,7 +143,7 @@ class RunCore:
             self.first_round = 1
             if self.checkpoint is not None:
                 cp = self.checkpoint
-                self.server.restore(cp.state, cp.history, cp.global_lora)
+                self.server.restore(cp.state, cp.history, cp.method_state)
                 self.model.sync(self.server)  # W0 + each round's update, in order: bitwise
                 self.outputs.truncate(cp.round)
                 self.first_round = cp.round + 1
@@ -130,10 +161,10 @@ class RunCore:
         """The server's eval and mmlu rows after ``round``, where the schedule asks for them."""
         eval_config, last = self.config.eval, self.config.federation.rounds
         if eval_config.heldout_at(round, last):
-            loss, samples, per_category = self.model.evaluate(self.server.global_lora)
+            loss, samples, per_category = self.model.evaluate(self.server.adapter)
             self.outputs.eval_row(round, loss, samples, per_category=per_category)
         if eval_config.mmlu_at(round, last):
-            self.outputs.write(self.model.mmlu(round, self.server.global_lora))
+            self.outputs.write(self.model.mmlu(round, self.server.adapter))
 
     def end_round(
         self,
@@ -166,6 +197,42 @@ class RunCore:
         update = outcome.update if outcome is not None else None
         self.outputs.checkpoint(round, self.server, update, sketches)
 
+    def play(self, runtime: Runtime) -> None:
+        """The evaluation before training (a new run), then every round left, on ``runtime``."""
+        if not self.resumed:
+            runtime.evaluate(0)
+            self.evaluate(0)
+        for t in range(self.first_round, self.config.federation.rounds + 1):
+            self.play_round(t, runtime)
+
+    def play_round(self, round: int, runtime: Runtime) -> None:
+        """configure -> execute -> complete -> aggregate -> end of round."""
+        start = time.perf_counter()
+        tasks = self.server.configure(round)
+        results = runtime.execute(round, tasks)
+        if len(results) != len(tasks) or any(
+            r.client != t.client for t, r in zip(tasks, results, strict=False)
+        ):
+            raise FloraError(
+                f"runtime {runtime.name} returned {len(results)} results for "
+                f"{len(tasks)} tasks; return one per task, in order"
+            )
+        done = [r.client for r in results if r.error is None]
+        lost = [r.client for r in results if r.error is not None and RESYNC in r.error]
+        self.server.complete(tasks, done=done, lost=lost)
+        outcome = self.server.aggregate(round, tasks, results)
+        seconds = time.perf_counter() - start
+        extra = {"round_seconds": seconds, **runtime.fields(round, results, seconds)}
+        self.end_round(
+            round,
+            tasks,
+            results,
+            outcome,
+            extra,
+            before_eval=lambda: runtime.evaluate(round),
+            sketches=runtime.sketches(),
+        )
+
     def close(self) -> None:
         """Release the run directory (its lock); a runtime calls it however the run ends."""
         self.outputs.close()
@@ -175,8 +242,39 @@ class RunCore:
         return self.outputs.finish(
             self.model.model,
             self.model.tokenizer,
-            self.server.global_lora,
+            self.server.adapter,
             self.server.history,
             seconds,
             runtime,
         )
+
+
+def drive(
+    config: RunConfig,
+    run_dir: Path,
+    runtime: Callable[[RunCore, bool], Runtime],
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    """Run (or resume) a whole run in ``run_dir`` on the runtime ``runtime(core, quiet)``
+    builds: the clients' data table, every round, then final/ and summary.json."""
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    hint = f"use --resume {run_dir} or another --out"
+    core = RunCore(config, run_dir, resume=resume, hint=hint)
+    try:
+        say = (lambda *_: None) if quiet else print
+        if core.resumed:
+            say(f"resuming {run_dir} after round {core.first_round - 1}")
+        else:
+            say(core.model.data.table)
+        driver = runtime(core, quiet)
+        try:
+            core.play(driver)
+        finally:
+            driver.close()
+        return core.finish(time.perf_counter() - start, driver.name)
+    finally:
+        core.close()

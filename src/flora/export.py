@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.lowrank import exact_refactor, numerical_rank, stack, svd_truncate
+from flora.factors import Adapter, LoraFactors
 from flora.protocol import RoundUpdate
 
 __all__ = ["cumulative_adapter"]

@@ -17,10 +17,16 @@ from transformers import PreTrainedModel
 
 from flora.data.prompts import IGNORE_INDEX
 
-__all__ = ["HEAD_ONLY_TYPES", "response_loss", "response_losses"]
+__all__ = ["HEAD_ONLY_TYPES", "response_loss", "response_losses", "supervised_tokens"]
 
 # model_type values whose CausalLM forward is exactly lm_head(decoder(...)) before the loss
 HEAD_ONLY_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss counts in ``labels`` (B, T): those after the one-token shift
+    that are not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -56,8 +62,9 @@ def response_losses(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> t
         ).last_hidden_state
         logits = head(hidden[:, :-1][keep]).float()  # (N, V)
     else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    use_cache=False)  # fmt: skip
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
         logits = out.logits[:, :-1][keep].float()
     token_losses = F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
     rows = keep.nonzero()[:, 0]  # the example of every response token

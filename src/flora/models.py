@@ -48,6 +48,7 @@ from flora.devices import (
     DTYPES,
     Precision,
     autocast_context,
+    hold_in,
     resolve_device,
     resolve_precision,
 )
@@ -239,12 +240,21 @@ def tiny_model(
     "gpt2") over ``tokenizer``'s vocabulary, identical for one seed."""
     if architecture == "llama":
         return tiny_llama(tokenizer, seed)
-    common: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-              "tie_word_embeddings": True}  # fmt: skip
-    decoder: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "intermediate_size": 128,
-               "max_position_embeddings": 512}  # fmt: skip
+    common: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": True,
+    }
+    decoder: dict[str, Any] = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 512,
+    }
     config: PretrainedConfig
     if architecture == "qwen2":
         config = Qwen2Config(**decoder, **common)
@@ -253,8 +263,9 @@ def tiny_model(
     elif architecture == "gpt2":
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
     else:
-        raise FloraError(f"no tiny model of architecture {architecture!r}; use llama, qwen2, "
-                         "gemma or gpt2")  # fmt: skip
+        raise FloraError(
+            f"no tiny model of architecture {architecture!r}; use llama, qwen2, gemma or gpt2"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -363,26 +374,6 @@ def load_model(
         model.to(device)  # type: ignore[arg-type]  # transformers wraps .to for its own checks
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def hold_in(model: torch.nn.Module, dtype: str, keep_fp32: Sequence[str]) -> None:
-    """Cast the model's floating-point parameters to ``dtype``, except those of the modules whose
-    leaf name is in ``keep_fp32`` (the fp32 master copies of the target modules). Quantised
-    parameters (integer storage) and buffers are left as they are."""
-    if dtype == "fp32":
-        return
-    keep = set(keep_fp32)
-    kept = {
-        id(param)
-        for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in keep
-        for param in module.parameters(recurse=False)
-    }  # a tied weight (lm_head and the embeddings) is kept if either module is
-    for param in model.parameters():  # each shared parameter once
-        if param.is_floating_point() and type(param) is torch.nn.Parameter:
-            # the kept fp32 weights are copied too: a view into the memory-mapped checkpoint
-            # would keep all of its pages mapped (resident), not only theirs
-            param.data = param.data.clone() if id(param) in kept else param.data.to(DTYPES[dtype])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,15 +2,18 @@
 final/model and final/adapter, and summary.json.
 
 The rows (one JSON object a line):
-- ``client``: one per client and round: rank, examples, tokens, steps, train loss, seconds, peak
-  memory while training (``peak_rss_mib``, ``peak_cuda_mib``), bytes
-  up and down, catch-up rounds, and the runtime's own timings (Flower: message timestamps);
+- ``client``: one per client and round: rank, examples, tokens, steps, train loss and its
+  per-step curve (``loss_curve``), seconds, peak memory while training (``peak_rss_mib``,
+  ``peak_cuda_mib``), bytes up and down, catch-up rounds, and the runtime's own timings
+  (Flower: message timestamps);
 - ``server``: one per round: the clients aggregated and those that failed (with their errors),
   aggregation noise, global rank, bytes, seconds;
 - ``eval``: the global model's held-out loss and sample answers, at the rounds
   ``EvalConfig.heldout_at`` names (the last one marked ``final``; ``client`` where a node
   measured it);
 - ``mmlu``: k-shot MMLU of the global model at the rounds ``EvalConfig.mmlu_at`` names.
+Every row goes to metrics.jsonl first, then to the trackers ``output.report_to`` names
+(flora.sinks: TensorBoard, W&B, MLflow).
 """
 
 from __future__ import annotations
@@ -29,18 +32,21 @@ from typing import IO, Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flora.adapters import Adapter, save_peft_adapter
+from flora.adapters import save_peft_adapter
 from flora.aggregation.base import adapter_bytes
 from flora.checkpoint import latest_round, save_checkpoint
 from flora.client import ClientResult
 from flora.config import RECORDED, RunConfig, config_fingerprint, config_to_dict
 from flora.errors import FloraError
 from flora.export import cumulative_adapter
+from flora.factors import Adapter
 from flora.io import atomic_write_json
-from flora.metrics import MetricsLog, read_metrics
+from flora.metrics import read_metrics
 from flora.models import base_reference, load_model
 from flora.protocol import ClientTask, RoundUpdate
 from flora.server import RoundOutcome, Server
+from flora.sinks import check_trackers
+from flora.sinks.fanout import MetricSinks
 from flora.weights import applied, fan_in_fan_out
 
 __all__ = [
@@ -100,7 +106,8 @@ class RunOutputs:
     def __init__(self, run_dir: Path, config: RunConfig, lock: IO[str] | None = None) -> None:
         self.run_dir = run_dir
         self.config = config
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        # metrics.jsonl, then the trackers of output.report_to (flora.sinks), for every row
+        self.metrics = MetricSinks(run_dir, config.output.report_to, config_to_dict(config))
         self._lock = lock
 
     @classmethod
@@ -118,11 +125,14 @@ class RunOutputs:
         ``hint`` says how to resume or pick another. config.json's ``recorded`` block holds
         ``recorded`` (what the settings resolved to here) and the library versions; it is a
         record, not a setting (a resume reads the settings only)."""
+        check_trackers(config.output.report_to)  # before anything is written
         if run_dir.exists() and not run_dir.is_dir():
             raise FloraError(f"{run_dir} is a file, not a run directory; pick another --out")
         if resume and not (run_dir / "config.json").is_file():
-            raise FloraError(f"{run_dir} holds no run to resume (no config.json); start one "
-                             "with a CONFIG instead")  # fmt: skip
+            raise FloraError(
+                f"{run_dir} holds no run to resume (no config.json); start one "
+                "with a CONFIG instead"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(run_dir)
         try:
@@ -144,7 +154,9 @@ class RunOutputs:
         return cls(run_dir, config, lock)
 
     def close(self) -> None:
-        """Release the run directory's lock (the process's exit releases it too)."""
+        """Close the metric sinks and release the run directory's lock (the process's exit
+        releases it too)."""
+        self.metrics.close()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -172,8 +184,15 @@ class RunOutputs:
         failed = {r.client: r.error or "no upload" for r in results if not r.ok}
         for client, reason in sorted(failed.items()):  # one row per left-out client
             stage = "screening" if reason.startswith("rejected: ") else "client"
-            self.metrics.write({"kind": "fault", "round": round, "client": client,
-                                "stage": stage, "reason": reason})  # fmt: skip
+            self.metrics.write(
+                {
+                    "kind": "fault",
+                    "round": round,
+                    "client": client,
+                    "stage": stage,
+                    "reason": reason,
+                }
+            )
         row: dict[str, Any] = {
             "kind": "server",
             "round": round,
@@ -206,8 +225,13 @@ class RunOutputs:
         per_category: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """An ``eval`` row of the global model: the server's own, or ``client``'s."""
-        row: dict[str, Any] = {"kind": "eval", "round": round, "heldout_loss": loss,
-                               "perplexity": math.exp(loss), "samples": samples}  # fmt: skip
+        row: dict[str, Any] = {
+            "kind": "eval",
+            "round": round,
+            "heldout_loss": loss,
+            "perplexity": math.exp(loss),
+            "samples": samples,
+        }
         if per_category:
             row["per_category"] = dict(sorted(per_category.items()))
         if client is not None:
@@ -229,8 +253,15 @@ class RunOutputs:
         sketches: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Round ``round``'s checkpoint: the last step of a round, after its rows."""
-        return save_checkpoint(self.run_dir, round, server.state(), update, server.global_lora,
-                               sketches or {}, config_fingerprint(self.config))  # fmt: skip
+        return save_checkpoint(
+            self.run_dir,
+            round,
+            server.state(),
+            update,
+            server.method_state,
+            sketches or {},
+            config_fingerprint(self.config),
+        )
 
     def truncate(self, round: int) -> None:
         """Drop the rows after ``round`` (a resumed run writes them again; -1: every row)."""
@@ -240,9 +271,10 @@ class RunOutputs:
     def server_evals(self) -> dict[int, dict[str, Any]]:
         """The server's own eval rows by round (client-measured ones left out)."""
         return {
-            int(r["round"]): r for r in read_metrics(self.metrics.path)
+            int(r["round"]): r
+            for r in read_metrics(self.metrics.path)
             if r.get("kind") == "eval" and "client" not in r
-        }  # fmt: skip
+        }
 
     def finish(
         self,
@@ -260,22 +292,39 @@ class RunOutputs:
             raise FloraError(f"the held-out evaluation before or after failed; see {self.run_dir}")
         before, after = evals[0], evals[rounds]
         samples = [
-            {"instruction": b["instruction"], "before": b["answer"], "after": a["answer"],
-             "change": answer_change(b["answer"], a["answer"])}
+            {
+                "instruction": b["instruction"],
+                "before": b["answer"],
+                "after": a["answer"],
+                "change": answer_change(b["answer"], a["answer"]),
+            }
             for b, a in zip(before.get("samples", []), after.get("samples", []), strict=False)
-        ]  # fmt: skip
+        ]
         samples.sort(key=lambda sample: -float(sample["change"]))  # most changed first
         result = RunResult(
             self.run_dir, before["heldout_loss"], after["heldout_loss"], samples, seconds
         )
-        summary = dataclasses.asdict(result) | {"run_dir": str(self.run_dir), "runtime": runtime,
-                                                "versions": package_versions()}  # fmt: skip
+        summary = dataclasses.asdict(result) | {
+            "run_dir": str(self.run_dir),
+            "runtime": runtime,
+            "versions": package_versions(),
+        }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return result
 
 
-RECORDED_PACKAGES = ("flora", "torch", "transformers", "peft", "gguf", "accelerate", "datasets",
-                     "flwr", "opacus", "bitsandbytes")  # fmt: skip
+RECORDED_PACKAGES = (
+    "flora",
+    "torch",
+    "transformers",
+    "peft",
+    "gguf",
+    "accelerate",
+    "datasets",
+    "flwr",
+    "opacus",
+    "bitsandbytes",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -331,6 +380,7 @@ def _client_row(task: ClientTask, result: ClientResult, bytes_up: int) -> dict[s
         "catch_up_rounds": len(task.catch_up),
         "peak_rss_mib": result.peak_rss_mib,  # while training (Linux; the process's resident set)
         "peak_cuda_mib": result.peak_cuda_mib,  # while training, on CUDA
+        "loss_curve": result.loss_curve,  # per local step: the sinks draw it per client
     }
     # Flower: the age of the process that ran the message (a ClientApp, or the node's worker)
     # when it arrived, the time from then until training started (imports, model, base restore

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flora.adapters import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
 from flora.aggregation.base import adapter_bytes, tensor_bytes
+from flora.aggregation.lifecycle import BOTH, initial_lora
 from flora.aggregation.lowrank import exact_refactor, stack
+from flora.factors import Adapter, adapter_from_tensors, adapter_to_tensors
 
 __all__ = [
     "ClientTask",
@@ -53,7 +54,7 @@ class RoundUpdate:
         return out
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Flat named tensors: the factors (flora.adapters' codec) and ``residual.<module>``."""
+        """Flat named tensors: the factors (flora.factors' codec) and ``residual.<module>``."""
         tensors = adapter_to_tensors(self.factors, prefix)
         for module, residual in (self.residual or {}).items():
             tensors[f"{prefix}residual.{module}"] = residual.contiguous()
@@ -77,12 +78,22 @@ class ClientTask:
     rank: int
     alpha: float
     seed: int
-    init: Adapter | None = None  # starting factors (scaling 1), for methods with a global LoRA
-    freeze_A: bool = False  # the method trains B only (ffa-lora)
+    init: Adapter | None = None  # starting factors at scaling 1 (None: PEFT's fresh init)
+    trains: frozenset[str] = BOTH  # the parts it trains ("A", "B"); the rest come back as sent
     catch_up: list[RoundUpdate] = field(default_factory=list)  # merged updates it missed
     since: int = 0  # merged updates the client's base holds before the catch-up ...
     through: int = 0  # ... and after it (the server's history length at configure time)
     bytes_down: int = 0
+
+    @property
+    def freeze_A(self) -> bool:
+        """B trains over a frozen A (FFA-LoRA's plan; what the task's ``trains`` says)."""
+        return "A" not in self.trains
+
+    @property
+    def frozen(self) -> frozenset[str]:
+        """The parts of ``init`` the client must send back unchanged."""
+        return BOTH - self.trains if self.init is not None else frozenset()
 
 
 def client_seed(seed: int, round: int, client: int) -> int:
@@ -97,18 +108,6 @@ def sample_clients(
     count = min(num_clients, max(min_clients, math.ceil(fraction * num_clients - 1e-9)))
     rng = np.random.default_rng([seed, round])
     return sorted(int(k) for k in rng.choice(num_clients, size=count, replace=False))
-
-
-def initial_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Adapter:
-    """The server's starting global LoRA: A Kaiming-uniform as PEFT inits it, B zero, scaling 1."""
-    generator = torch.Generator().manual_seed(seed)
-    adapter: Adapter = {}
-    for module in sorted(shapes):
-        out_features, in_features = shapes[module]
-        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on (rank, in)
-        A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-        adapter[module] = LoraFactors(A, torch.zeros(out_features, rank), 1.0)
-    return adapter
 
 
 def catch_up(missed: Sequence[RoundUpdate], mode: str = "replay") -> tuple[list[RoundUpdate], int]:

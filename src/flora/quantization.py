@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from flora.devices import DTYPES
+from flora.devices import DTYPES, hold_in
 from flora.errors import FloraError
 
 __all__ = ["load_quantized", "require_bitsandbytes"]
@@ -59,8 +59,7 @@ def require_bitsandbytes(device: torch.device, bits: int = 4) -> ModuleType:
 def _check_backward(bnb: ModuleType, device: torch.device, key: str) -> None:
     """A 64x64 NF4 layer passes a finite, non-zero gradient back to its input on ``device``."""
     try:
-        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32,
-                                  quant_type="nf4")  # fmt: skip
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
         _no_cpu_repack(layer)
         layer = layer.to(device)
         x = torch.randn(2, 64, device=device, requires_grad=True)
@@ -100,14 +99,15 @@ def load_quantized(
     """The checkpoint at ``source`` with its linear layers quantised to ``bits`` on ``device``,
     computing in ``compute``; the ``keep_fp32`` modules and the head stay unquantised (fp32 for
     ``keep_fp32``, ``dtype`` for the rest)."""
-    from flora.models import hold_in
-
     bnb = require_bitsandbytes(device, bits)
     options: dict[str, Any] = {"llm_int8_skip_modules": [*keep_fp32, "lm_head"]}
     if bits == 4:
-        options |= {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                    "bnb_4bit_use_double_quant": True,
-                    "bnb_4bit_compute_dtype": DTYPES[compute]}  # fmt: skip
+        options |= {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": DTYPES[compute],
+        }
     else:
         options |= {"load_in_8bit": True}
     try:

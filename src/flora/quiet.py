@@ -24,9 +24,20 @@ QUIET_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "DATASETS_VERBOSITY": "error",
     "PYTHONWARNINGS": "ignore",  # in the processes started from here (Ray's workers)
+    "WANDB_SILENT": "true",  # output.report_to's W&B: its banner and run links
 }
-# loggers held at ERROR: Flower's banners and deprecation notices, Ray's, the HF libraries'
-LOGGERS = ("flwr", "ray", "transformers", "huggingface_hub", "datasets", "accelerate", "peft")
+# loggers held at ERROR: Flower's banners and deprecation notices, Ray's, the HF libraries',
+# MLflow's (output.report_to)
+LOGGERS = (
+    "flwr",
+    "ray",
+    "transformers",
+    "huggingface_hub",
+    "datasets",
+    "accelerate",
+    "peft",
+    "mlflow",
+)
 
 
 @contextlib.contextmanager

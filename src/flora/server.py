@@ -12,27 +12,27 @@ and the Flower ServerApp both drive it, through the same three steps a round:
 3. ``complete(tasks, done, lost)`` advances the catch-up position of the clients that actually
    finished (their base now holds what their task sent), and resets the ones that lost theirs.
 
-How a result is applied follows each method's registry entry (flora.aggregation.registry):
-methods that merge into the base (flora, florist, fedex-lora) append the realised update to the
-history, and clients start fresh LoRAs of their own rank after catching up on what they missed;
-methods that keep a global LoRA (fedit, zero-padding, flexlora, ffa-lora) send each client its
-truncation to r_k (with A frozen where the method freezes it).
+What a client starts from and trains, what the server keeps and how a result is applied are
+the method's own (its :class:`~flora.aggregation.lifecycle.Lifecycle`): the server holds the
+method's opaque state (checkpointed with the round) and the history of merged updates, asks the
+method for each client's plan, and appends what the method merges to the history, which every
+client catches up on before it trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flora.adapters import Adapter
 from flora.aggregation import AggregationReport, aggregate, get_method, measure
-from flora.aggregation.base import adapter_bytes
-from flora.aggregation.lowrank import truncate
+from flora.aggregation.lifecycle import State, check_parts
 from flora.aggregation.screen import Screened, ScreenRules, Upload, screen
 from flora.config import RunConfig
 from flora.errors import FloraError
+from flora.factors import Adapter
 from flora.privacy.client_level import noise_average, noise_generator, update_norm
 from flora.privacy.ledger import Ledger
 from flora.protocol import (
@@ -40,7 +40,6 @@ from flora.protocol import (
     RoundUpdate,
     catch_up,
     client_seed,
-    initial_lora,
     sample_clients,
 )
 
@@ -61,11 +60,10 @@ class RoundOutcome:
     clipped: dict[int, float] = field(default_factory=dict)  # client -> norm clip factor
 
     def travels(self, server: Server) -> Adapter:
-        """What goes down to the clients: the round's merged factors, or the global LoRA."""
+        """What goes down to the clients: the round's merged factors, or the method's LoRA."""
         if self.update is not None:
             return self.update.factors
-        assert server.global_lora is not None
-        return server.global_lora
+        return server.adapter or {}
 
 
 class Server:
@@ -83,8 +81,12 @@ class Server:
         self.shapes = dict(shapes)
         self.sizes = list(sizes) if sizes is not None else None
         screening = config.screening
-        self.rules = ScreenRules(screening.max_update_norm, screening.norm_multiple,
-                                 screening.norm_action, screening.max_examples)  # fmt: skip
+        self.rules = ScreenRules(
+            screening.max_update_norm,
+            screening.norm_multiple,
+            screening.norm_action,
+            screening.max_examples,
+        )
         self.method = get_method(config.federation.method)
         self.ranks = config.client_ranks()
         self.alphas = [config.lora.alpha_ratio * r for r in self.ranks]
@@ -98,12 +100,16 @@ class Server:
                     )
         self.history: list[RoundUpdate] = []
         self.synced = [0] * len(self.ranks)  # rounds of merged updates each client's base holds
-        self.global_lora: Adapter | None = None
         self.shortfall: str | None = None  # why the last aggregate() failed its round
-        if self.method.keeps_global_lora:
-            self.global_lora = initial_lora(shapes, max(self.ranks), config.seed)
+        self.lifecycle = self.method.lifecycle
+        self.method_state: State = self.lifecycle.start(self.shapes, self.ranks, config.seed)
         # privacy: each client's spend; refuses an epsilon target that cannot be met
         self.ledger = Ledger(config, self.sizes, len(self.sample(1)))
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The LoRA the global model applies over the merged base (the method's; None: none)."""
+        return self.lifecycle.adapter(self.method_state)
 
     @property
     def num_clients(self) -> int:
@@ -124,19 +130,18 @@ class Server:
         """
         tasks = []
         for k in self.sample(round) if clients is None else clients:
+            plan = self.lifecycle.plan(self.method_state, k, self.ranks[k], round)
+            seed = client_seed(self.config.seed, round, k)
+            trains = check_parts(plan.trains, f"{self.method.name}'s plan")
             task = ClientTask(
-                k, round, self.ranks[k], self.alphas[k], client_seed(self.config.seed, round, k)
+                k, round, self.ranks[k], self.alphas[k], seed, init=plan.init, trains=trains
             )
-            task.since = task.through = self.synced[k]
-            if self.global_lora is not None:
-                task.init = {m: truncate(f, task.rank) for m, f in self.global_lora.items()}
-                task.freeze_A = self.method.freezes_A
-                task.bytes_down = adapter_bytes(task.init, parts="B" if task.freeze_A else "AB")
-            else:
-                task.catch_up, task.bytes_down = catch_up(
-                    self.history[self.synced[k] :], self.config.federation.catch_up
-                )
-                task.through = len(self.history)
+            task.since = self.synced[k]
+            task.catch_up, missed = catch_up(
+                self.history[self.synced[k] :], self.config.federation.catch_up
+            )
+            task.through = len(self.history)
+            task.bytes_down = plan.bytes_down + missed
             tasks.append(task)
         return tasks
 
@@ -165,12 +170,12 @@ class Server:
                 r.error = f"rejected: the result for client {task.client} claims client {r.client}"
                 r.client = task.client
                 continue
-            frozen = None
-            if task.freeze_A and task.init is not None:
-                frozen = {m: f.A for m, f in task.init.items()}
             known = self.sizes[r.client] if self.sizes is not None else None
-            uploads.append(Upload(r.client, r.factors, float(r.examples), task.rank, known,
-                                  frozen))  # fmt: skip
+            uploads.append(
+                Upload(
+                    r.client, r.factors, float(r.examples), task.rank, known, task.init, task.frozen
+                )
+            )
         screened = screen(uploads, self.shapes, self.rules)
         if self.config.privacy.mode == "client-level":
             self._check_clipped(tasks, screened)
@@ -188,7 +193,7 @@ class Server:
         for upload in screened.accepted:
             task = starts[upload.client]
             assert task.init is not None  # client-level DP runs only with a global LoRA
-            norm = update_norm(upload.factors, task.init, task.freeze_A)
+            norm = update_norm(upload.factors, task.init, task.trains)
             if norm > bound * (1 + 1e-4):
                 screened.rejected[upload.client] = (
                     f"its update's norm {norm:.4g} exceeds privacy.update_norm = {bound:g} "
@@ -205,14 +210,20 @@ class Server:
         fewer than ``federation.min_clients`` remain or the realised update is not finite
         (``self.shortfall`` says why): the round failed."""
         screened = self.screen(tasks, results)
-        self.ledger.record([(t.client, r.examples, r.steps)
-                            for t, r in zip(tasks, results, strict=True)
-                            if r.factors is not None])  # fmt: skip
+        self.ledger.record(
+            [
+                (t.client, r.examples, r.steps)
+                for t, r in zip(tasks, results, strict=True)
+                if r.factors is not None
+            ]
+        )
         self.shortfall = None
         need = self.config.federation.min_clients
         if len(screened.accepted) < need:
-            self.shortfall = (f"{len(screened.accepted)} usable upload(s) of "
-                              f"{len(tasks)} sampled; federation.min_clients = {need}")  # fmt: skip
+            self.shortfall = (
+                f"{len(screened.accepted)} usable upload(s) of "
+                f"{len(tasks)} sampled; federation.min_clients = {need}"
+            )
             return None
         start = time.perf_counter()
         factors = [u.factors for u in screened.accepted]
@@ -226,22 +237,20 @@ class Server:
             self.shortfall = "the realised update is not finite (the accepted uploads overflow)"
             return None
         report = measure(factors, result.weights, result)
+        if private:
+            assert self.ledger.clients is not None
+            privacy = self.config.privacy
+            std = self.ledger.clients.noise_multiplier * privacy.update_norm / len(factors)
+            generator = noise_generator(self.config.seed, round, privacy.reproducible_noise)
+            trained = frozenset().union(*(t.trains for t in tasks))
+            noised = noise_average(result.global_factors, std, generator, trained)
+            result = dataclasses.replace(result, global_factors=noised)
+            self.ledger.noised()
+        step = self.lifecycle.advance(self.method_state, result, round, self.ranks)
+        self.method_state = step.state
         update = None
-        if self.global_lora is not None:
-            average = result.global_factors
-            if private:
-                assert self.ledger.clients is not None
-                privacy = self.config.privacy
-                std = self.ledger.clients.noise_multiplier * privacy.update_norm / len(factors)
-                generator = noise_generator(self.config.seed, round, privacy.reproducible_noise)
-                average = noise_average(average, std, generator, self.method.freezes_A)
-                self.ledger.noised()
-            # Keep the global LoRA at the largest rank of ALL clients: a round's participants may
-            # all be small, and a larger client joining later must get its full rank (zero-padded).
-            width = max(self.ranks)
-            self.global_lora = {m: truncate(f, width) for m, f in average.items()}
-        else:
-            update = RoundUpdate(round, result.global_factors, result.residual)
+        if step.merged is not None:
+            update = RoundUpdate(round, step.merged, step.residual)
             self.history.append(update)
         return RoundOutcome(round, update, report, time.perf_counter() - start, screened.clipped)
 
@@ -253,11 +262,16 @@ class Server:
             "privacy": self.ledger.state(),
         }
 
-    def restore(
-        self, state: dict[str, Any], history: list[RoundUpdate], lora: Adapter | None
-    ) -> None:
+    def restore(self, state: dict[str, Any], history: list[RoundUpdate], method: State) -> None:
+        """The state of a checkpoint: JSON scalars, the merged history and the method's state
+        (every group :meth:`Lifecycle.start` made must be there)."""
         self.synced = [int(v) for v in state["synced"]]
         self.ledger.restore(state.get("privacy"))
         self.history = history
-        if self.method.keeps_global_lora:
-            self.global_lora = lora
+        missing = sorted(set(self.method_state) - set(method))
+        if missing:
+            raise FloraError(
+                f"the checkpoint lacks the method's state {missing} ({self.method.name}); resume "
+                "from an earlier round, or start the run again"
+            )
+        self.method_state = {name: dict(group) for name, group in method.items()}

@@ -5,7 +5,7 @@ removes the LoRA (flora.client.client_round over flora.training), so peak memory
 with K. The round's update goes into the same model (flora.engine.GlobalModel), so a client's
 "catch-up" is bookkeeping: a sketch per client (W_m x_m for a fixed probe x_m) follows what its
 own base would hold, and ``base_drift`` in the server row measures it against the server's.
-Every round ends with the shared rows and checkpoint (flora.engine.RunCore.end_round);
+The round loop, rows and checkpoints are the core's (flora.engine.RunCore.play_round);
 ``resume`` replays the merged history onto the freshly built base, bitwise equal to an
 uninterrupted run.
 """
@@ -13,7 +13,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.client import ClientResult, client_round
 from flora.config import RunConfig
-from flora.engine import RunCore
+from flora.engine import RunCore, Runtime, drive
 from flora.outputs import RunResult
 from flora.protocol import ClientTask, apply_to_sketch, sketch_drift, sketch_probes
 from flora.weights import module_weight
 
-__all__ = ["RunResult", "run"]
+__all__ = ["Embedded", "RunResult", "SharedBase", "run"]
 
 
-class _SharedBase:
+class SharedBase:
     """The shared model as a client's base: it already holds every merged update, so catching
     up moves the client's sketch (and measures its drift from the server's base)."""
 
@@ -61,58 +61,59 @@ class _SharedBase:
         self.drift = max(self.drift, sketch_drift(self.sketches[task.client], self.server_sketch))
 
 
-def _round(core: RunCore, base: _SharedBase, t: int, bar: tqdm) -> None:
-    start = time.perf_counter()
-    tasks = core.server.configure(t)
-    base.start_round()
-    results: list[ClientResult] = []
-    for task in tasks:
-        bar.set_description(f"round {t}/{core.config.federation.rounds} client {task.client}")
-        data = core.model.client_data(task.client)
-        result = client_round(base, data, task, core.config)
+class Embedded(Runtime):
+    """The embedded runtime: every sampled client's round in this process, one after another,
+    on the one shared model."""
+
+    name = "embedded"
+
+    def __init__(self, core: RunCore, quiet: bool) -> None:
+        sketches = core.checkpoint.sketches if core.checkpoint is not None else {}
+        self.core = core
+        self.base = SharedBase(core, sketches)
+        rounds = core.config.federation.rounds
+        per_round = len(core.server.sample(1))
+        self.bar = tqdm(
+            total=(rounds - core.first_round + 1) * per_round, disable=quiet, unit="client"
+        )
+
+    def run_client(self, task: ClientTask) -> ClientResult:
+        """One client's round on the shared model."""
+        data = self.core.model.client_data(task.client)
+        result = client_round(self.base, data, task, self.core.config)
         if result.error is not None:
-            print(f"flora: round {t}, client {task.client} failed: {result.error}",
-                  file=sys.stderr)  # fmt: skip
-        results.append(result)
-        bar.update(1)
-    core.server.complete(tasks, done=[r.client for r in results if r.error is None])
-    outcome = core.server.aggregate(t, tasks, results)
-    train_seconds = sum(r.seconds for r in results)
-    seconds = time.perf_counter() - start
-    extra: dict[str, Any] = {"base_drift": base.drift, "round_seconds": seconds,
-                             "outside_training_share": 1.0 - train_seconds / seconds}  # fmt: skip
-    core.end_round(t, tasks, results, outcome, extra, sketches=base.sketches)
+            print(
+                f"flora: round {task.round}, client {task.client} failed: {result.error}",
+                file=sys.stderr,
+            )
+        return result
+
+    def execute(self, round: int, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        self.base.start_round()
+        results = []
+        for task in tasks:
+            rounds = self.core.config.federation.rounds
+            self.bar.set_description(f"round {round}/{rounds} client {task.client}")
+            results.append(self.run_client(task))
+            self.bar.update(1)
+        return results
+
+    def fields(self, round: int, results: Sequence[ClientResult], seconds: float) -> dict[str, Any]:
+        train_seconds = sum(r.seconds for r in results)
+        return {
+            "base_drift": self.base.drift,
+            "outside_training_share": 1.0 - train_seconds / seconds,
+        }
+
+    def sketches(self) -> dict[int, dict[str, torch.Tensor]]:
+        return self.base.sketches
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run(
     config: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False
 ) -> RunResult:
     """Run (or resume) a federated fine-tuning in ``run_dir``; see the module docstring."""
-    start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    hint = f"use --resume {run_dir} or another --out"
-    core = RunCore(config, run_dir, resume=resume, hint=hint)
-    try:
-        return _run(core, run_dir, quiet, start)
-    finally:
-        core.close()
-
-
-def _run(core: RunCore, run_dir: Path, quiet: bool, start: float) -> RunResult:
-    config = core.config
-    sketches = core.checkpoint.sketches if core.checkpoint is not None else {}
-    base = _SharedBase(core, sketches)
-    say = (lambda *_: None) if quiet else print
-    if core.resumed:
-        say(f"resuming {run_dir} after round {core.first_round - 1}")
-    else:
-        say(core.model.data.table)
-        core.evaluate(0)
-    rounds = config.federation.rounds
-    per_round = len(core.server.sample(1))
-    with tqdm(total=(rounds - core.first_round + 1) * per_round, disable=quiet,
-              unit="client") as bar:  # fmt: skip
-        for t in range(core.first_round, rounds + 1):
-            _round(core, base, t, bar)
-    return core.finish(time.perf_counter() - start, "embedded")
+    return drive(config, run_dir, Embedded, resume=resume, quiet=quiet)

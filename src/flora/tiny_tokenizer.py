@@ -10,13 +10,15 @@ SmolLM..."), which a random model has no use for and which would take 31 of a ti
 few tokens. The vocabulary is package data (``tiny_tokenizer.json``, the ``tokenizers``
 library's format); rebuild it from the SmolLM2 checkpoint with
 
-    python -m flora.tiny_tokenizer    # writes src/flora/tiny_tokenizer.json
+    python scripts/rebuild_tiny_tokenizer.py    # writes src/flora/tiny_tokenizer.json
+
+(a script, not this module's ``__main__``: finding SmolLM2 needs flora.models, which imports
+this module).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +61,3 @@ def derive(smollm2: dict[str, Any], size: int = VOCAB_SIZE) -> dict[str, Any]:
     out["model"]["merges"] = merges
     out["added_tokens"] = [t for t in smollm2["added_tokens"] if t["id"] < size]
     return out
-
-
-def _rebuild() -> None:
-    from flora.models import smollm2_checkpoint
-
-    smollm2 = json.loads((smollm2_checkpoint() / "tokenizer.json").read_text(encoding="utf-8"))
-    text = json.dumps(derive(smollm2), ensure_ascii=False, separators=(",", ":"))
-    TOKENIZER_FILE.write_text(text + "\n", encoding="utf-8")
-    print(f"wrote {TOKENIZER_FILE} ({len(text.encode()) // 1024} KiB)")
-
-
-if __name__ == "__main__":
-    _rebuild()

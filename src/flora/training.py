@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, LoraModel
 from peft.tuners.lora import LoraLayer
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from flora.adapters import Adapter, LoraFactors, lora_scaling
 from flora.config import TrainConfig
-from flora.data.batching import batches, collate
+from flora.data.batching import collate
 from flora.data.prompts import IGNORE_INDEX, Example
-from flora.devices import autocast_context, grad_scaler
+from flora.devices import autocast_context
 from flora.errors import FloraError
-from flora.loss import response_loss, response_losses
+from flora.factors import Adapter, LoraFactors, lora_scaling
+from flora.loss import response_loss, supervised_tokens
 from flora.memory import peak_memory
+from flora.privacy.config import dp_sgd_refusal
+from flora.steps import local_steps
 from flora.weights import fan_in_fan_out
 
 if TYPE_CHECKING:
@@ -149,71 +149,7 @@ def _extract(layers: dict[str, LoraLayer]) -> Adapter:
 
 
 # ---------------------------------------------------------------------------------------------
-# the training loop
-
-
-def _micro_batches(
-    examples: Sequence[Example], config: TrainConfig, seed: int
-) -> Iterator[list[Example]]:
-    """``config``'s number of micro-batches, reshuffled each epoch by (seed, epoch)."""
-    remaining, epoch = config._micro_batches(len(examples)), 0
-    lengths = [len(e["input_ids"]) for e in examples] if config.group_by_length else None
-    while remaining > 0:
-        for batch in batches(examples, config.batch_size, seed, epoch, lengths):
-            if remaining == 0:
-                return
-            remaining -= 1
-            yield batch
-        epoch += 1
-
-
-def _windows(
-    examples: Sequence[Example], config: TrainConfig, seed: int, total: int, sampling: str
-) -> Iterator[tuple[list[list[Example]], int]]:
-    """Each step's micro-batches, and the number its examples' losses are divided by.
-
-    "shuffle": ``grad_accum`` micro-batches of the epoch's shuffle (the divisor: the examples
-    in them). "poisson": every example with probability q = batch_size x grad_accum / n, as
-    DP-SGD's accountant assumes, cut into micro-batches of at most batch_size (the divisor: the
-    expected batch, so the mean stays unbiased; a sample may be empty)."""
-    if sampling == "poisson":
-        from flora.privacy.dp_sgd import poisson_indices  # opacus: imported where it is used
-
-        expected = config.batch_size * config.grad_accum
-        if expected > len(examples):
-            raise FloraError(
-                f"train.sampling = 'poisson' needs a batch (train.batch_size x train.grad_accum "
-                f"= {expected}) no larger than the client's {len(examples)} examples; lower them"
-            )
-        size = config.batch_size
-        for indices in poisson_indices(len(examples), expected / len(examples), total, seed + 1):
-            picked = [examples[i] for i in indices]
-            yield [picked[i : i + size] for i in range(0, len(picked), size)], expected
-        return
-    stream = _micro_batches(examples, config, seed)
-    for _ in range(total):
-        window = list(islice(stream, config.grad_accum))
-        yield window, sum(len(b) for b in window)
-
-
-def _lr_lambda(total: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
-    """Linear warmup over ceil(warmup_ratio * total) steps, then linear or cosine decay."""
-    warmup = math.ceil(warmup_ratio * total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)  # in [0, 1): no step gets lr 0
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return factor
-
-
-def _supervised(labels: torch.Tensor) -> int:
-    """Tokens the causal-LM loss counts: labels after the one-token shift that are not ignored."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+# one client's local training
 
 
 def train_client(
@@ -227,7 +163,7 @@ def train_client(
     seed: int,
     pad_id: int,
     init: Adapter | None = None,
-    freeze_A: bool = False,
+    trains: Collection[str] = ("A", "B"),
     use_rslora: bool = False,
     progress: bool = False,
     privacy: DPSGD | None = None,
@@ -235,8 +171,9 @@ def train_client(
     """Train a rank-``rank`` LoRA on ``examples``; return its factors and leave the model as found.
 
     The LoRA starts from ``init`` (re-expressed at this client's scaling) or from PEFT's seeded
-    init (A Kaiming-uniform, B zero). With ``freeze_A`` only B trains. Everything random (init,
-    dropout, data order) derives from ``seed``, so equal calls give bitwise-equal factors.
+    init (A Kaiming-uniform, B zero). Only the parts in ``trains`` ("A", "B") train; the others
+    stay as they started. Everything random (init, dropout, data order) derives from ``seed``,
+    so equal calls give bitwise-equal factors.
     With ``privacy`` every step is DP-SGD (flora.privacy.dp_sgd): Poisson batches, each
     example's gradient clipped, Gaussian noise on their sum; its noise is seeded by ``seed``
     only with ``privacy.reproducible_noise``.
@@ -260,17 +197,9 @@ def train_client(
         fan_in_fan_out=fan_in_fan_out(model, target_modules),  # GPT-2's Conv1D: weight (in, out)
     )
     total = config.total_steps(len(examples))
-    if privacy is not None and config.gradient_checkpointing:
-        raise FloraError(
-            "privacy.mode = 'dp-sgd' with train.gradient_checkpointing: opacus' per-example "
-            "hooks would see each layer's recomputed forward twice; set "
-            "train.gradient_checkpointing = false"
-        )
-    if privacy is not None and config.precision == "fp16":
-        raise FloraError(
-            "privacy.mode = 'dp-sgd' does not train in fp16 (the gradient scaler's loss scale "
-            "would be clipped with the gradients); set train.precision = 'bf16' or 'fp32'"
-        )
+    refusal = dp_sgd_refusal(config) if privacy is not None else None
+    if refusal is not None:
+        raise FloraError(refusal)
     if config.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", 0):
         raise FloraError(
             f"train.gradient_checkpointing: {type(model).__name__} does not support it; set "
@@ -286,11 +215,11 @@ def train_client(
         with _lora_injected(model, lora_config) as layers:
             if init is not None:
                 _load_init(layers, init, rank, scaling)
-            if freeze_A:
-                for layer in layers.values():
-                    _weights(layer)[0].requires_grad_(False)
+            for layer in layers.values():
+                for part, weight in zip("AB", _weights(layer), strict=True):
+                    weight.requires_grad_(part in trains)
             params = [p for layer in layers.values() for p in _weights(layer) if p.requires_grad]
-            curve, tokens = _run_steps(
+            curve, tokens = local_steps(
                 model, examples, params, config, seed, pad_id, total, progress, privacy
             )
             factors = _extract(layers)
@@ -305,87 +234,6 @@ def train_client(
         peak_rss_mib=memory.rss_mib,
         peak_cuda_mib=memory.cuda_mib,
     )
-
-
-def _run_steps(
-    model: PreTrainedModel,
-    examples: Sequence[Example],
-    params: list[torch.Tensor],
-    config: TrainConfig,
-    seed: int,
-    pad_id: int,
-    total: int,
-    progress: bool,
-    privacy: DPSGD | None = None,
-) -> tuple[list[float], int]:
-    """AdamW + warmup/decay + clipping + accumulation, or DP-SGD's clipped noisy steps; returns
-    (per-step loss, tokens seen)."""
-    if total == 0:
-        return [], 0
-    sampling, weighting = config.resolved(private=privacy is not None)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    factor = _lr_lambda(total, config.warmup_ratio, config.schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    device = next(model.parameters()).device
-    scaler = grad_scaler(config.precision, device.type)  # fp16: scaled loss, skipped inf steps
-    curve: list[float] = []
-    tokens = 0
-    model.train()
-    bar = tqdm(total=total, disable=not progress, desc="local steps", leave=False)
-    with ExitStack() as stack:
-        dp = None
-        if privacy is not None:
-            from flora.privacy.dp_sgd import empty_step, private_optimizer
-
-            dp = stack.enter_context(private_optimizer(model, optimizer, privacy, seed + 2))
-        for window, divisor in _windows(examples, config, seed, total, sampling):
-            batches_ = [collate(b, pad_id) for b in window]
-            supervised = sum(_supervised(batch["labels"]) for batch in batches_)
-            step_loss, summed, count = 0.0, 0.0, 0
-            for i, batch in enumerate(batches_):
-                weight = _supervised(batch["labels"]) / max(1, supervised)
-                if weighting == "tokens" and weight == 0:
-                    continue  # no response token: the model's mean loss would be 0/0
-                tokens += int(batch["attention_mask"].sum())
-                batch = {k: v.to(device) for k, v in batch.items()}
-                if weighting == "tokens":
-                    with autocast_context(config.precision, device.type):
-                        loss = response_loss(model, batch)  # mean over response tokens
-                    scaler.scale(loss * weight).backward()
-                    step_loss += float(loss.detach()) * weight
-                    continue
-                with autocast_context(config.precision, device.type):
-                    losses = response_losses(model, batch)  # each example's own mean
-                # DP-SGD: the sum (each example's gradient is clipped, the optimizer divides)
-                scaler.scale(losses.sum() / (1 if dp else divisor)).backward()
-                summed, count = summed + float(losses.detach().sum()), count + len(losses)
-                if dp is not None and i < len(batches_) - 1:
-                    dp.signal_skip_step(True)  # clip and keep this micro-batch's gradients
-                    dp.step()
-                    dp.zero_grad(set_to_none=True)
-            if weighting == "examples":
-                step_loss = summed / max(1, count)
-            if dp is not None:
-                if not batches_:
-                    empty_step(params)
-                dp.step()  # clip, add the noise, divide by the expected batch, AdamW
-            else:
-                if sampling == "poisson":  # an empty sample still steps, as DP-SGD's does
-                    for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                if config.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-                scaler.update()
-            scheduler.step()
-            (dp or optimizer).zero_grad(set_to_none=True)
-            curve.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-    bar.close()
-    return curve, tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +261,7 @@ def evaluate_loss(
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = collate(examples[start : start + batch_size], pad_id)
-                n = _supervised(batch["labels"])
+                n = supervised_tokens(batch["labels"])
                 if n == 0:
                     continue
                 with autocast_context(precision, device.type):

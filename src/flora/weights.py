@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from flora.adapters import Adapter
 from flora.errors import FloraError
+from flora.factors import Adapter
 from flora.protocol import RoundUpdate
 
 __all__ = [

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
+from flora.factors import Adapter, LoraFactors
 
 SHAPES = {"layers.0.q_proj": (24, 16), "layers.0.v_proj": (8, 16), "layers.1.q_proj": (24, 16)}
 

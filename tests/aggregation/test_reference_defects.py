@@ -56,8 +56,10 @@ def test_reference_zero_padding_weights_both_factors_and_merges_at_its_scaling(m
     # Assert: m (sum_k p_k s_k pad B_k)(sum_k p_k pad A_k), the clients' scalings folded into B
     for module, (out, inp) in SHAPES.items():
         A = sum(pk * padded(c[module].A, 8, inp) for c, pk in zip(clients, p, strict=True))
-        B = sum(pk * c[module].scaling * padded(c[module].B, out, 8)
-                for c, pk in zip(clients, p, strict=True))  # fmt: skip
+        B = sum(
+            pk * c[module].scaling * padded(c[module].B, out, 8)
+            for c, pk in zip(clients, p, strict=True)
+        )
         expected = merge_scaling * (B @ A)
         assert relative_error(result.realised_delta(module), expected) < 1e-6
         # the own terms carry p_k^2: far from FLoRA's exact sum_k p_k s_k B_k A_k
@@ -68,7 +70,9 @@ def test_reference_zero_padding_weights_both_factors_and_merges_at_its_scaling(m
 
 def test_reproductions_are_marked_and_refuse_client_level_dp():
     assert sorted(n for n, m in METHODS.items() if m.defect) == [
-        "reference-fedit", "reference-zero-padding"]  # fmt: skip
+        "reference-fedit",
+        "reference-zero-padding",
+    ]
     with pytest.raises(FloraError, match="merge_scaling"):
         aggregate("reference-zero-padding", make_clients([4, 2]), merge_scaling=0.0)
     with pytest.raises(FloraError, match="reference-fedit"):

@@ -27,8 +27,9 @@ def test_flags_follow_the_registry():
 
 
 def test_method_options_come_from_one_table_checked_at_load():
-    config = load_config("configs/tiny.toml", ["federation.method='florist'",
-                                               "federation.options.energy='squared'"])  # fmt: skip
+    config = load_config(
+        "configs/tiny.toml", ["federation.method='florist'", "federation.options.energy='squared'"]
+    )
     assert config.federation.options == {"tau": 0.9, "energy": "squared"}  # florist's energy
     assert load_config("configs/tiny.toml").federation.options == {}  # flora has none
 
@@ -37,15 +38,25 @@ def test_method_options_come_from_one_table_checked_at_load():
     ("overrides", "message"),
     [
         (["federation.options.tau=0.5"], "federation.options.tau is not an option of flora"),
-        (["federation.method='florist'", "federation.options.tau=0"],
-         "federation.options.tau=0.0 is out of range"),
-        (["federation.method='florist'", "federation.options.energy='cube'"],
-         "federation.options.energy='cube' is unknown; use one of"),
-        (["federation.method='zero-padding'", "lora.ranks=[4, 2, 2]",
-          "federation.options.weighting=1"], "federation.options.weighting=1: expected a str"),
+        (
+            ["federation.method='florist'", "federation.options.tau=0"],
+            "federation.options.tau=0.0 is out of range",
+        ),
+        (
+            ["federation.method='florist'", "federation.options.energy='cube'"],
+            "federation.options.energy='cube' is unknown; use one of",
+        ),
+        (
+            [
+                "federation.method='zero-padding'",
+                "lora.ranks=[4, 2, 2]",
+                "federation.options.weighting=1",
+            ],
+            "federation.options.weighting=1: expected a str",
+        ),
         (["federation.tau=0.5"], "federation.tau' moved: write it as federation.options.tau"),
     ],
-)  # fmt: skip
+)
 def test_bad_method_options_are_refused_before_any_training(overrides, message):
     with pytest.raises(FloraError, match=message):
         load_config("configs/tiny.toml", overrides)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from flora.adapters import LoraFactors
 from flora.aggregation import aggregate
 from flora.errors import FloraError
+from flora.factors import LoraFactors
 
 from .conftest import make_clients
 

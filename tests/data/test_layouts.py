@@ -24,24 +24,36 @@ def jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 
 
 def test_alpaca_files_are_recognised(tmp_path):
-    rows = [{"instruction": "Add 2 and 2", "input": "", "output": "4", "category": "math"},
-            {"instruction": "Summarise", "input": "A long text.", "output": "Short.",
-             "category": "x"}]  # fmt: skip
+    rows = [
+        {"instruction": "Add 2 and 2", "input": "", "output": "4", "category": "math"},
+        {"instruction": "Summarise", "input": "A long text.", "output": "Short.", "category": "x"},
+    ]
     assert load_records(jsonl(tmp_path / "a.jsonl", rows)) == WANT
 
 
 def test_chat_messages_are_recognised(tmp_path):
     rows = [
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Add 2 and 2"},
-                      {"role": "assistant", "content": "4"},
-                      {"role": "user", "content": "And 3?"}], "category": "math"},
-        {"messages": [{"role": "user", "content": "Summarise"},
-                      {"role": "assistant", "content": "Short."}]},
-    ]  # fmt: skip
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Add 2 and 2"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3?"},
+            ],
+            "category": "math",
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Summarise"},
+                {"role": "assistant", "content": "Short."},
+            ]
+        },
+    ]
     records = load_records(jsonl(tmp_path / "c.jsonl", rows))
     assert [(r["instruction"], r["response"], r["category"]) for r in records] == [
-        ("Add 2 and 2", "4", "math"), ("Summarise", "Short.", "all")]  # fmt: skip
+        ("Add 2 and 2", "4", "math"),
+        ("Summarise", "Short.", "all"),
+    ]
 
 
 def test_a_chat_row_without_an_answer_names_the_line(tmp_path):
@@ -54,9 +66,14 @@ def test_a_chat_row_without_an_answer_names_the_line(tmp_path):
 def test_csv_and_parquet_files_with_a_field_mapping(tmp_path, suffix):
     import datasets
 
-    table = datasets.Dataset.from_dict({
-        "question": ["Add 2 and 2", "Summarise"], "passage": [None, "A long text."],
-        "answer": ["4", "Short."], "topic": ["math", "x"]})  # fmt: skip
+    table = datasets.Dataset.from_dict(
+        {
+            "question": ["Add 2 and 2", "Summarise"],
+            "passage": [None, "A long text."],
+            "answer": ["4", "Short."],
+            "topic": ["math", "x"],
+        }
+    )
     path = tmp_path / f"rows{suffix}"
     table.to_csv(str(path), index=False) if suffix == ".csv" else table.to_parquet(str(path))
     fields = {"instruction": "question", "context": "passage", "response": "answer"}
@@ -64,10 +81,13 @@ def test_csv_and_parquet_files_with_a_field_mapping(tmp_path, suffix):
 
 
 def test_any_column_is_the_label_and_a_natural_id_is_kept(tmp_path):
-    rows = [{"instruction": "a", "response": "b", "lang": "fr", "user": 7},
-            {"instruction": "c", "response": "d", "lang": "de", "user": 8}]  # fmt: skip
-    records = load_records(jsonl(tmp_path / "r.jsonl", rows), label_column="lang",
-                           natural_id_column="user")  # fmt: skip
+    rows = [
+        {"instruction": "a", "response": "b", "lang": "fr", "user": 7},
+        {"instruction": "c", "response": "d", "lang": "de", "user": 8},
+    ]
+    records = load_records(
+        jsonl(tmp_path / "r.jsonl", rows), label_column="lang", natural_id_column="user"
+    )
     assert [(r["category"], r["natural_id"]) for r in records] == [("fr", "7"), ("de", "8")]
 
 

@@ -20,8 +20,9 @@ BY_LABEL = [s for s in SCHEMES if s != "natural-id"]
 
 def split(scheme: str, num_clients: int, seed: int, **options: object) -> list[list[int]]:
     natural = {"natural_ids": USERS} if scheme == "natural-id" else {}
-    return partition(LABELS, scheme=scheme, num_clients=num_clients, seed=seed, **natural,
-                     **options)  # type: ignore[arg-type]  # fmt: skip
+    return partition(
+        LABELS, scheme=scheme, num_clients=num_clients, seed=seed, **natural, **options
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("scheme", BY_LABEL)
@@ -80,8 +81,13 @@ def test_dirichlet_gives_up_with_advice_naming_real_keys() -> None:
 def test_shards_bound_labels_per_client(num_clients: int, shards_per_client: int) -> None:
     labels = [label for label in "abcdefgh" for _ in range(25)]  # blocks a multiple of a shard
 
-    parts = partition(labels, scheme="shards", num_clients=num_clients, seed=3,
-                      shards_per_client=shards_per_client)  # fmt: skip
+    parts = partition(
+        labels,
+        scheme="shards",
+        num_clients=num_clients,
+        seed=3,
+        shards_per_client=shards_per_client,
+    )
 
     assert all(len({labels[i] for i in part}) <= shards_per_client for part in parts)
     assert {len(part) for part in parts} == {len(labels) // num_clients}
@@ -112,8 +118,9 @@ def test_natural_id_gives_one_client_per_id() -> None:
         ("pathological", {"num_clients": 2, "classes_per_client": 1}, "every label is dealt"),
     ],
 )
-def test_bad_arguments_are_flora_errors(scheme: str, kwargs: dict[str, object],
-                                        message: str) -> None:  # fmt: skip
+def test_bad_arguments_are_flora_errors(
+    scheme: str, kwargs: dict[str, object], message: str
+) -> None:
     arguments: dict[str, object] = {"num_clients": 4, "seed": 0, **kwargs}
 
     with pytest.raises(FloraError, match=message):

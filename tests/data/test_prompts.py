@@ -131,8 +131,9 @@ def test_a_long_context_is_cut_so_the_answer_stays(smollm2_tokenizer: Any, templ
     assert full.example is not None and not full.shortened
     max_length = 96
     # Execute
-    cut = encode_example(LONG, smollm2_tokenizer, template=template, max_length=max_length,
-                         min_response=8)  # fmt: skip
+    cut = encode_example(
+        LONG, smollm2_tokenizer, template=template, max_length=max_length, min_response=8
+    )
     # Assert: exactly max_length tokens, >= 8 of them answer, the context's start kept
     assert cut.shortened == "context" and cut.example is not None
     ids, labels = cut.example["input_ids"], cut.example["labels"]
@@ -147,8 +148,7 @@ def test_a_long_context_is_cut_so_the_answer_stays(smollm2_tokenizer: Any, templ
 
 def test_a_long_instruction_is_cut_when_there_is_no_context(smollm2_tokenizer: Any):
     record = {"instruction": LONG["context"], "context": "", "response": "Yes.", "category": "x"}
-    cut = encode_example(record, smollm2_tokenizer, template="chat", max_length=64,
-                         min_response=8)  # fmt: skip
+    cut = encode_example(record, smollm2_tokenizer, template="chat", max_length=64, min_response=8)
     assert cut.shortened == "instruction" and cut.example is not None
     answer = [label for label in cut.example["labels"] if label != IGNORE_INDEX]
     assert smollm2_tokenizer.decode(answer).startswith("Yes.")  # all of a short answer kept
@@ -156,16 +156,23 @@ def test_a_long_instruction_is_cut_when_there_is_no_context(smollm2_tokenizer: A
 
 
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
-def test_examples_that_cannot_fit_are_dropped_and_counted(smollm2_tokenizer: Any,
-                                                         template: Template):  # fmt: skip
+def test_examples_that_cannot_fit_are_dropped_and_counted(
+    smollm2_tokenizer: Any, template: Template
+):
     # Prepare: room for the template and 40 tokens, then for the template and 5
     records = [*RECORDS, LONG]
     overhead = len(encode_prompt("", "", smollm2_tokenizer, template))
     # Execute
-    tight = encode_records(records, smollm2_tokenizer, template=template,
-                           max_length=overhead + 40, min_response=8)  # fmt: skip
-    mixed = encode_records([RECORDS[0], LONG], smollm2_tokenizer, template=template,
-                           max_length=overhead + 5, min_response=8)  # fmt: skip
+    tight = encode_records(
+        records, smollm2_tokenizer, template=template, max_length=overhead + 40, min_response=8
+    )
+    mixed = encode_records(
+        [RECORDS[0], LONG],
+        smollm2_tokenizer,
+        template=template,
+        max_length=overhead + 5,
+        min_response=8,
+    )
     # Assert: every row kept, the long one shortened; counts per category
     assert tight.dropped == 0 and len(tight.examples) == 3
     assert tight.counts["summarization"] == (0, 1, 0)
@@ -173,8 +180,9 @@ def test_examples_that_cannot_fit_are_dropped_and_counted(smollm2_tokenizer: Any
     # a 3-token answer fits beside a cut instruction; 8 answer tokens do not
     assert mixed.counts == {"qa": (0, 1, 0), "summarization": (0, 0, 1)}
     with pytest.raises(FloraError, match="even with the context and instruction cut"):
-        encode_records([LONG], smollm2_tokenizer, template=template, max_length=overhead + 2,
-                       min_response=8)  # fmt: skip
+        encode_records(
+            [LONG], smollm2_tokenizer, template=template, max_length=overhead + 2, min_response=8
+        )
 
 
 def test_all_dropped_is_an_error(smollm2_tokenizer: Any) -> None:

@@ -43,17 +43,33 @@ def test_bad_shift_settings_name_the_field():
 
 def test_prepare_data_shifts_one_client(tmp_path, smollm2_tokenizer: Any):
     kinds = ["open_qa", "summarization", "brainstorming"]
-    rows = [{"instruction": f"Question {i}", "output": f"Answer {i}", "input": "",
-             "category": kinds[i % 3]} for i in range(90)]  # fmt: skip
+    rows = [
+        {
+            "instruction": f"Question {i}",
+            "output": f"Answer {i}",
+            "input": "",
+            "category": kinds[i % 3],
+        }
+        for i in range(90)
+    ]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    options: dict[str, Any] = {"source": str(path), "tokenizer": smollm2_tokenizer,
-                               "template": "chat", "max_length": 64, "limit": 0, "heldout": 9,
-                               "scheme": "iid", "num_clients": 3, "seed": 0}  # fmt: skip
+    options: dict[str, Any] = {
+        "source": str(path),
+        "tokenizer": smollm2_tokenizer,
+        "template": "chat",
+        "max_length": 64,
+        "limit": 0,
+        "heldout": 9,
+        "scheme": "iid",
+        "num_clients": 3,
+        "seed": 0,
+    }
     plain = prepare_data(**options)
     data = prepare_data(**options, shift_client=2, shift_category="summarization")
     total = sum(e["category"] == "summarization" for c in plain.clients for e in c)
     assert Counter(e["category"] for e in data.clients[2]) == {
-        "summarization": min(total, len(plain.clients[2]))}  # fmt: skip
+        "summarization": min(total, len(plain.clients[2]))
+    }
     assert sum(map(len, data.clients)) == sum(map(len, plain.clients))
     assert data.heldout == plain.heldout  # the held-out set is not touched

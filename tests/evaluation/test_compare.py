@@ -20,8 +20,12 @@ def _write_run(
     run = root / name
     run.mkdir(parents=True)
     federation = {"method": method, "centralized": extra.get("centralized", False)}
-    config = {"seed": 0, "lora": {"ranks": ranks}, "federation": federation,
-              "model": {"name": "smollm2", "target_modules": ["q_proj"]}}  # fmt: skip
+    config = {
+        "seed": 0,
+        "lora": {"ranks": ranks},
+        "federation": federation,
+        "model": {"name": "smollm2", "target_modules": ["q_proj"]},
+    }
     (run / "config.json").write_text(json.dumps(config))
     categories = extra.get("categories")
     rows = [{"kind": "eval", "round": 0, "heldout_loss": losses[0]}]

@@ -13,8 +13,15 @@ from flora.metrics import read_metrics
 from flora.models import load_model
 
 TINY = "configs/tiny.toml"
-MMLU = ["eval.mmlu=true", "eval.mmlu_limit_per_subject=1", "eval.mmlu_shots=1",
-        "eval.samples=0", "train.max_steps=1", "data.limit=60", "data.heldout=8"]  # fmt: skip
+MMLU = [
+    "eval.mmlu=true",
+    "eval.mmlu_limit_per_subject=1",
+    "eval.mmlu_shots=1",
+    "eval.samples=0",
+    "train.max_steps=1",
+    "data.limit=60",
+    "data.heldout=8",
+]
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -35,16 +42,27 @@ def test_mmlu_rows_come_before_every_n_rounds_and_after(tmp_path):
     assert [r["round"] for r in rows] == [0, 2, 3]
     assert all(r["questions"] == 57 and len(r["per_subject"]) == 57 for r in rows)
     model, tokenizer = load_model(str(tmp_path / "run" / "final" / "model"))
-    again = score_mmlu(model, tokenizer, load_mmlu("test"), load_mmlu("dev"), shots=1,
-                       limit_per_subject=1, batch_size=config.eval.batch_size).scores()  # fmt: skip
+    again = score_mmlu(
+        model,
+        tokenizer,
+        load_mmlu("test"),
+        load_mmlu("dev"),
+        shots=1,
+        limit_per_subject=1,
+        batch_size=config.eval.batch_size,
+    ).scores()
     assert rows[-1]["acc"] == pytest.approx(again["mmlu"].acc)
     assert rows[-1]["acc_macro"] == pytest.approx(again["mmlu"].acc_macro)
     assert rows[-1]["acc_stderr"] is None  # one question a subject: the harness's "N/A"
     assert rows[-1]["groups"]["mmlu_humanities"]["acc"] == pytest.approx(
         again["mmlu_humanities"].acc
     )
-    assert set(rows[-1]["groups"]) == {"mmlu_stem", "mmlu_other", "mmlu_social_sciences",
-                                       "mmlu_humanities"}  # fmt: skip
+    assert set(rows[-1]["groups"]) == {
+        "mmlu_stem",
+        "mmlu_other",
+        "mmlu_social_sciences",
+        "mmlu_humanities",
+    }
     # ... and flora compare takes the run's own MMLU and plots it by round
     summary = summarize_run(tmp_path / "run")
     assert summary.mmlu == rows[-1]["acc"] and summary.mmlu_stderr is None

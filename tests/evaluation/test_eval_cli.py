@@ -104,8 +104,13 @@ def test_eval_mmlu_and_samples_merge_into_eval_json(tiny_run, tmp_path, torch_si
     assert first["results"]["mmlu"]["acc_stderr,none"] == "N/A"  # one question a subject
     assert isinstance(results["mmlu"]["acc_stderr,none"], float)
     assert 0.0 <= results["mmlu"]["acc,none"] <= 1.0
-    assert set(result["groups"]) == {"mmlu", "mmlu_stem", "mmlu_other", "mmlu_social_sciences",
-                                     "mmlu_humanities"}  # fmt: skip
+    assert set(result["groups"]) == {
+        "mmlu",
+        "mmlu_stem",
+        "mmlu_other",
+        "mmlu_social_sciences",
+        "mmlu_humanities",
+    }
     assert result["n-samples"]["mmlu_anatomy"] == {"original": 135, "effective": 2}
     assert result["n-shot"]["mmlu_anatomy"] == 1
     assert result["timings"]["mmlu"]["questions_per_second"] > 0

@@ -83,8 +83,13 @@ def test_categories_are_groups_of_their_subjects():
     # Execute
     scores = group_scores(COUNTS | {"marketing": (0, 0)})  # a subject with no question: left out
     # Assert
-    assert list(scores) == ["mmlu", "mmlu_stem", "mmlu_humanities",
-                            "mmlu_abstract_algebra", "mmlu_world_religions"]  # fmt: skip
+    assert list(scores) == [
+        "mmlu",
+        "mmlu_stem",
+        "mmlu_humanities",
+        "mmlu_abstract_algebra",
+        "mmlu_world_religions",
+    ]
     assert scores["mmlu_stem"].acc == 0.25 and scores["mmlu_humanities"].acc == 0.75
     assert scores["mmlu_stem"].acc_stderr == pytest.approx(0.25)  # one subject: its own
     with pytest.raises(FloraError, match="no question was scored"):
@@ -95,8 +100,12 @@ def test_the_57_subjects_fall_in_the_harness_categories():
     # Assert: counts from lm_eval/tasks/mmlu/default/mmlu_*.yaml (tag) of the harness v0.4.12
     counts = Counter(SUBJECT_CATEGORIES.values())
     assert len(SUBJECT_CATEGORIES) == 57
-    assert counts == {"mmlu_stem": 19, "mmlu_other": 13, "mmlu_social_sciences": 12,
-                      "mmlu_humanities": 13}  # fmt: skip
+    assert counts == {
+        "mmlu_stem": 19,
+        "mmlu_other": 13,
+        "mmlu_social_sciences": 12,
+        "mmlu_humanities": 13,
+    }
     marker = find_shared_data("mmlu/test/abstract_algebra_test.csv")
     if marker is not None:
         subjects = {p.name.removesuffix("_test.csv") for p in marker.parent.glob("*_test.csv")}
@@ -107,8 +116,16 @@ def test_results_are_keyed_as_the_harness_keys_them():
     # Execute
     out = harness_results(COUNTS | {"anatomy": (1, 1)}, {"abstract_algebra": 100}, shots=5)
     # Assert
-    assert set(out) == {"results", "groups", "group_subtasks", "configs", "versions", "n-shot",
-                        "higher_is_better", "n-samples"}  # fmt: skip
+    assert set(out) == {
+        "results",
+        "groups",
+        "group_subtasks",
+        "configs",
+        "versions",
+        "n-shot",
+        "higher_is_better",
+        "n-samples",
+    }
     results = out["results"]
     assert results["mmlu_world_religions"] == {
         "name": "mmlu_world_religions",
@@ -134,4 +151,7 @@ def test_results_are_keyed_as_the_harness_keys_them():
     assert out["higher_is_better"]["mmlu_stem"] == {"acc": True}
     config = out["configs"]["mmlu_anatomy"]
     assert (config["dataset_name"], config["num_fewshot"], config["tag"]) == (
-        "anatomy", 5, "mmlu_stem_tasks")  # fmt: skip
+        "anatomy",
+        5,
+        "mmlu_stem_tasks",
+    )

@@ -15,8 +15,8 @@ import torch
 
 import flora.client
 import flora.simulation
-from flora.adapters import LoraFactors
 from flora.client import ClientResult
+from flora.factors import LoraFactors
 
 Change = Callable[[ClientResult], ClientResult]
 
@@ -76,8 +76,9 @@ def nan() -> Change:
 
 
 def integer() -> Change:
-    return lambda r: _each(r, lambda f: LoraFactors(f.A.to(torch.int32), f.B.to(torch.int32),
-                                                     f.scaling))  # fmt: skip
+    return lambda r: _each(
+        r, lambda f: LoraFactors(f.A.to(torch.int32), f.B.to(torch.int32), f.scaling)
+    )
 
 
 def examples(count: int) -> Change:

@@ -18,8 +18,14 @@ from flora.errors import FloraError
 from flora.metrics import read_metrics
 
 TINY = "configs/tiny.toml"
-FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit=60",
-        "data.heldout=8", "data.max_length=48"]  # fmt: skip
+FAST = [
+    "train.max_steps=1",
+    "train.batch_size=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=48",
+]
 RUNTIMES = ["embedded", "flower"]
 
 
@@ -95,8 +101,15 @@ def test_clipping_keeps_a_hostile_update_within_the_bound(tmp_path, tamper, runt
 
 def test_an_absolute_bound_rejects_what_it_should(tmp_path, tamper):
     tamper(2, 1, t.scaled(1e3))
-    config = load_config(TINY, [*FAST, "screening.max_update_norm=1.0", "federation.rounds=1",
-                                "screening.norm_multiple=0"])  # fmt: skip
+    config = load_config(
+        TINY,
+        [
+            *FAST,
+            "screening.max_update_norm=1.0",
+            "federation.rounds=1",
+            "screening.norm_multiple=0",
+        ],
+    )
     run_dir = run(config, tmp_path / "run", "embedded")
     (fault,) = rows(run_dir, "fault")
     assert fault["client"] == 2 and "exceeds max_update_norm 1" in fault["reason"]

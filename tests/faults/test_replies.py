@@ -23,8 +23,15 @@ from flora.flower.server_app import run_server
 from flora.metrics import read_metrics
 
 TINY = "configs/tiny.toml"
-FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit=60",
-        "data.heldout=8", "data.max_length=48", "federation.rounds=2"]  # fmt: skip
+FAST = [
+    "train.max_steps=1",
+    "train.batch_size=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=48",
+    "federation.rounds=2",
+]
 Meddle = Callable[[Message], Message | None]
 
 
@@ -94,8 +101,9 @@ def test_a_missing_or_malformed_reply_is_named_and_left_out(tmp_path, case):
     servers = [r for r in rows if r["kind"] == "server"]
     assert [(r["clients"], r["failed"]) for r in servers] == [([0, 2], [1]), ([0, 1, 2], [])]
     # client 1 used nothing of round 1, so round 2 resends it round 1's merged update
-    round2 = {r["client"]: r["catch_up_rounds"] for r in rows
-              if r["kind"] == "client" and r["round"] == 2}  # fmt: skip
+    round2 = {
+        r["client"]: r["catch_up_rounds"] for r in rows if r["kind"] == "client" and r["round"] == 2
+    }
     assert round2[1] == 1
     model = load_file(tmp_path / "run" / "final" / "model" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values())

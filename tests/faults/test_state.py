@@ -24,9 +24,22 @@ from flora.metrics import read_metrics
 from flora.outputs import RunOutputs
 
 TINY = "configs/tiny.toml"
-FAST = ["--set", "eval.samples=0", "--set", "data.limit=60", "--set", "data.heldout=8",
-        "--set", "data.max_length=48", "--set", "train.max_steps=1",
-        "--set", "train.batch_size=2", "--set", "threads=1"]  # fmt: skip
+FAST = [
+    "--set",
+    "eval.samples=0",
+    "--set",
+    "data.limit=60",
+    "--set",
+    "data.heldout=8",
+    "--set",
+    "data.max_length=48",
+    "--set",
+    "train.max_steps=1",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "threads=1",
+]
 # threads=1 in every run: bitwise comparisons across runs need the same reduction order
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,8 +90,9 @@ def test_a_flipped_bit_in_a_checkpoint_file_is_refused(finished_run, tmp_path, n
 def test_an_earlier_rounds_update_is_checked_too(finished_run, tmp_path, capsys):
     crashed = crashed_copy(finished_run, tmp_path / "run", keep=2)
     shutil.rmtree(crashed / "checkpoints" / "round_0002")  # keep=1 ... but with 2's history:
-    shutil.copytree(finished_run / "checkpoints" / "round_0002",
-                    crashed / "checkpoints" / "round_0002")  # fmt: skip
+    shutil.copytree(
+        finished_run / "checkpoints" / "round_0002", crashed / "checkpoints" / "round_0002"
+    )
     path = crashed / "checkpoints" / "round_0001" / "update.safetensors"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
@@ -96,12 +110,16 @@ def test_an_unreadable_state_is_one_line(finished_run, tmp_path, capsys):
 
 DAMAGE = {
     "binary garbage": (b"garbage\x00\xff{{\n", "byte 8 is not UTF-8 text"),
-    "a line that is not JSON": (b'{"kind": "eval", "round": 0}\nnot json\n{"kind": "x"}\n',
-                                "line 2 is not a JSON row"),
-    "a row without a kind": (b'[1, 2]\n', "line 1 is not a JSON object with a kind"),
-    "a round that is not a number": (b'{"kind": "eval", "round": "x"}\n',
-                                     "line 1: round 'x' is not an integer"),
-}  # fmt: skip
+    "a line that is not JSON": (
+        b'{"kind": "eval", "round": 0}\nnot json\n{"kind": "x"}\n',
+        "line 2 is not a JSON row",
+    ),
+    "a row without a kind": (b"[1, 2]\n", "line 1 is not a JSON object with a kind"),
+    "a round that is not a number": (
+        b'{"kind": "eval", "round": "x"}\n',
+        "line 1: round 'x' is not an integer",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
@@ -155,11 +173,18 @@ def test_an_edited_config_is_refused(finished_run, tmp_path, capsys):
 def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
     # Prepare: another process holds the run directory
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from flora.outputs import _lock; h = _lock(Path(sys.argv[1])); print('held', "
-         "flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from flora.outputs import _lock; h = _lock(Path(sys.argv[1])); print('held', "
+            "flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         # Execute / Assert: refused at once, naming the holder; nothing written
@@ -229,8 +254,20 @@ def test_a_pickled_model_directory_is_refused(tmp_path, capsys):
     (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "model" / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     spec = f"model.name='{tmp_path / 'model'}'"
-    assert flora("run", TINY, *FAST, "--set", spec, "--set", "model.target_modules=['q_proj']",
-                 "--out", str(tmp_path / "r")) == 2  # fmt: skip
+    assert (
+        flora(
+            "run",
+            TINY,
+            *FAST,
+            "--set",
+            spec,
+            "--set",
+            "model.target_modules=['q_proj']",
+            "--out",
+            str(tmp_path / "r"),
+        )
+        == 2
+    )
     assert "holds only pickled weights" in capsys.readouterr().err
 
 
@@ -239,10 +276,10 @@ def _kill_and_resume(reference: Path, work: Path, moment: tuple[int, float]) -> 
     (a moment tied to the run's progress, not to this machine's speed); then resume it."""
     rows, extra = moment
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "flora.cli", "run", TINY, *FAST, "--out", str(work),
-               "--quiet"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [sys.executable, "-m", "flora.cli", "run", TINY, *FAST, "--out", str(work), "--quiet"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = work / "metrics.jsonl"
     while process.poll() is None and len(read_metrics(metrics)) < rows:
         time.sleep(0.02)

@@ -65,8 +65,11 @@ def test_an_unregistered_node_is_refused(deployment):
 
 
 def test_intruder_without_auth_is_a_usage_error(tmp_path):
-    done = subprocess.run(["bash", "scripts/flower-deploy.sh", "--intruder", "-n", "1",
-                           "-o", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "scripts/flower-deploy.sh", "--intruder", "-n", "1", "-o", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == "flower-deploy: --intruder needs --auth"

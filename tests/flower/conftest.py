@@ -45,7 +45,7 @@ def fail_client() -> Iterator[Callable[[int, int], None]]:
 def _clear_node_caches() -> Iterator[None]:
     yield
     try:
-        from flora.flower.state import clear_caches
+        from flora.node_state import clear_caches
     except ImportError:  # flwr not installed: the modules skip themselves
         return
     clear_caches()

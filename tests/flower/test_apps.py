@@ -28,8 +28,14 @@ from flora.metrics import read_metrics
 
 TINY = "configs/tiny.toml"
 # one short step per client and round: the tests compare runtimes, not learning
-FAST = ["train.max_steps=1", "train.batch_size=2", "eval.samples=0", "data.limit=60",
-        "data.heldout=8", "data.max_length=48"]  # fmt: skip
+FAST = [
+    "train.max_steps=1",
+    "train.batch_size=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=48",
+]
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -66,8 +72,13 @@ def test_every_method_with_partial_participation_matches_the_embedded_runtime(tm
     # Prepare: 2 of 3 clients a round, so some client catches up on a round it missed.
     fraction = 0.6
     ranks = [4, 2, 2] if METHODS[method].mixed_ranks else [2, 2, 2]
-    overrides = [*FAST, f"federation.method='{method}'", f"federation.fraction={fraction}",
-                 f"lora.ranks={ranks}", "federation.rounds=2"]  # fmt: skip
+    overrides = [
+        *FAST,
+        f"federation.method='{method}'",
+        f"federation.fraction={fraction}",
+        f"lora.ranks={ranks}",
+        "federation.rounds=2",
+    ]
     config = load_config(TINY, overrides)
     # Execute
     flower = run_flower(config, tmp_path)
@@ -88,8 +99,13 @@ def test_svd_catch_up_gives_the_embedded_updates_to_float_precision(tmp_path):
     # is smaller than the replay whatever training gives (at ranks 8, 4, 2 the 18 stacked rows fit
     # every layer: it was smaller only by the one row of numerical-rank deficiency that SmolLM2's
     # tokenizer's data happened to give, and the tiny tokenizer's does not)
-    overrides = [*FAST, "federation.fraction=0.34", "federation.rounds=3",
-                 "federation.catch_up='svd'", "lora.ranks=[24, 24, 24]"]  # fmt: skip
+    overrides = [
+        *FAST,
+        "federation.fraction=0.34",
+        "federation.rounds=3",
+        "federation.catch_up='svd'",
+        "lora.ranks=[24, 24, 24]",
+    ]
     # one client a round: client 0 trains in rounds 2 and 3, missing round 1
     config = load_config(TINY, overrides)
     flower = run_flower(config, tmp_path)
@@ -156,8 +172,11 @@ def test_a_node_that_lost_its_state_gets_every_update_again(tmp_path):
     # Assert: left out of round 3, then sent all three merged updates, from the pristine weights
     servers = rows(tmp_path / "flower", "server")
     assert [r["failed"] for r in servers] == [[], [], [0], []]
-    round4 = {r["client"]: r["catch_up_rounds"] for r in rows(tmp_path / "flower", "client")
-              if r["round"] == 4}  # fmt: skip
+    round4 = {
+        r["client"]: r["catch_up_rounds"]
+        for r in rows(tmp_path / "flower", "client")
+        if r["round"] == 4
+    }
     assert round4 == {0: 3, 1: 1, 2: 1}
 
 
@@ -176,8 +195,13 @@ def test_zero_padding_partial_participation_regression(tmp_path):
     """Regression: the global LoRA once took the largest rank among *that round's* clients, so a
     later client of higher rank got a too-narrow init (FloraError in train_client). The server now
     keeps it at the largest rank of all clients; both runtimes agree and no client fails."""
-    overrides = [*FAST, "federation.method='zero-padding'", "federation.fraction=0.34",
-                 "federation.rounds=3", "lora.ranks=[2, 4, 8]"]  # fmt: skip
+    overrides = [
+        *FAST,
+        "federation.method='zero-padding'",
+        "federation.fraction=0.34",
+        "federation.rounds=3",
+        "lora.ranks=[2, 4, 8]",
+    ]
     config = load_config(TINY, overrides)
     simulation.run(config, tmp_path / "embedded", quiet=True)
     flower = run_flower(config, tmp_path)
@@ -213,8 +237,16 @@ class ServerCrash(Exception):
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, method):
     # Prepare: the reference run, then one whose ServerApp dies in round 3 after one node
     # already trained (and stored its new base) there
-    config = load_config(TINY, [*FAST, "federation.rounds=4", f"federation.method='{method}'",
-                                "federation.fraction=0.6", "lora.ranks=[2, 2, 2]"])  # fmt: skip
+    config = load_config(
+        TINY,
+        [
+            *FAST,
+            "federation.rounds=4",
+            f"federation.method='{method}'",
+            "federation.fraction=0.6",
+            "lora.ranks=[2, 2, 2]",
+        ],
+    )
     reference = run_flower(config, tmp_path / "reference")
     trains: list[int] = []
 

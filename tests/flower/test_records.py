@@ -9,12 +9,15 @@ pytest.importorskip("flwr", reason="the Flower tests need `pip install -e '.[flo
 import torch
 from flwr.app import ArrayRecord
 
-from flora.adapters import LoraFactors
+from flora.client import ClientResult
 from flora.config import load_config
+from flora.factors import LoraFactors
 from flora.flower.records import (
     adapter_from_record,
     adapter_to_record,
     config_json,
+    result_from_content,
+    result_to_content,
     task_from_record,
     task_to_record,
     updates_from_record,
@@ -29,11 +32,12 @@ def _adapter(rank: int, scaling: float = 1.0, seed: int = 0) -> dict[str, LoraFa
     generator = torch.Generator().manual_seed(seed)
     return {
         m: LoraFactors(
-            torch.randn(rank, i, generator=generator), torch.randn(o, rank, generator=generator),
+            torch.randn(rank, i, generator=generator),
+            torch.randn(o, rank, generator=generator),
             scaling,
         )
         for m, (o, i) in SHAPES.items()
-    }  # fmt: skip
+    }
 
 
 def test_an_adapter_survives_an_array_record_bitwise():
@@ -64,7 +68,7 @@ def test_catch_up_updates_keep_their_order_rounds_and_residuals():
 
 def test_a_task_carries_its_config_and_catch_up_range():
     config = load_config("configs/tiny.toml")
-    task = ClientTask(2, 3, 4, 8.0, 12345, freeze_A=True, bytes_down=99)
+    task = ClientTask(2, 3, 4, 8.0, 12345, trains=frozenset("B"), bytes_down=99)
     task.catch_up = [RoundUpdate(1, _adapter(2)), RoundUpdate(2, _adapter(2))]
     task.since, task.through = 0, 2
     info = task_from_record(task_to_record(task, config_json(config)))
@@ -72,3 +76,18 @@ def test_a_task_carries_its_config_and_catch_up_range():
     assert info.task.alpha == 8.0 and info.task.freeze_A and info.task.bytes_down == 99
     assert (info.since, info.through, info.catch_up_rounds) == (0, 2, [1, 2])
     assert info.config == config
+
+
+@pytest.mark.parametrize("curve", [[2.5, 2.25, 1.0 / 3.0], []], ids=["steps", "no step"])
+def test_a_result_carries_its_local_loss_curve_over_the_wire(curve):
+    # Prepare
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    result = ClientResult(1, 2, factors=_adapter(2), examples=7, steps=len(curve))
+    result.loss_curve = list(curve)
+    # Execute: to a reply, through Flower's protobuf (what a real node sends), and back
+    content = recorddict_from_proto(recorddict_to_proto(result_to_content(result)))
+    back = result_from_content(content)
+    # Assert
+    assert back.loss_curve == curve  # bitwise: float64 both ways
+    assert back.timing == {}  # the curve is not mistaken for one of the node's timings

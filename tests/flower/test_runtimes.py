@@ -58,8 +58,9 @@ def test_flower_sim_gives_the_embedded_global_update(tmp_path, torch_single_thre
     assert not (sim / "nodes").exists()  # the node state is dropped after a good run
 
 
-def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch,
-                                                               torch_single_thread):  # fmt: skip
+def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(
+    tmp_path, monkeypatch, torch_single_thread
+):
     # Prepare: the ServerApp dies right after round 2's checkpoint
     sim, embedded = tmp_path / "sim", tmp_path / "embedded"
     overrides = [arg for o in [*TWO_CLIENTS, "federation.rounds=3"] for arg in ("--set", o)]
@@ -72,8 +73,10 @@ def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, monkey
         return path
 
     monkeypatch.setattr(RunOutputs, "checkpoint", checkpoint_then_die)
-    assert main(["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim),
-                 "--quiet"]) == 2  # fmt: skip
+    assert (
+        main(["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim), "--quiet"])
+        == 2
+    )
     assert len(list((sim / "nodes").glob("run-*/partition-*/base-1.safetensors"))) == 2
     monkeypatch.setattr(RunOutputs, "checkpoint", real)
     # Execute
@@ -81,8 +84,7 @@ def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, monkey
     assert main(["run", "--resume", str(sim), "--runtime", "flower-sim", "--quiet"]) == 0
     # Assert: the embedded run's updates, each server row once, the nodes went on from their
     # stored bases (one update to catch up, not two), their state dropped at the end
-    simulation.run(load_config(TINY, [*TWO_CLIENTS, "federation.rounds=3"]), embedded,
-                   quiet=True)  # fmt: skip
+    simulation.run(load_config(TINY, [*TWO_CLIENTS, "federation.rounds=3"]), embedded, quiet=True)
     for t in (1, 2, 3):
         ours, theirs = update(sim, t), update(embedded, t)
         for key in theirs:

@@ -17,7 +17,7 @@ def _node_caches_and_flwr_home(tmp_path_factory, monkeypatch) -> Iterator[None]:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
     yield
     try:
-        from flora.flower.state import clear_caches
+        from flora.node_state import clear_caches
     except ImportError:  # flwr not installed: those tests skip themselves
         return
     clear_caches()

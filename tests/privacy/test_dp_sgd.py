@@ -61,8 +61,9 @@ def _private_step(model, params, examples, pad_id, privacy, micro: int):
 
 
 @pytest.mark.parametrize("micro", [4, 1])  # one micro-batch, or one per example (accumulated)
-def test_every_examples_gradient_is_clipped_before_the_sum(tiny_model, token_examples,
-                                                           tokenizer, micro):  # fmt: skip
+def test_every_examples_gradient_is_clipped_before_the_sum(
+    tiny_model, token_examples, tokenizer, micro
+):
     pad = tokenizer.pad_token_id
     params = _lora_params(tiny_model)
     grads = _per_example_gradients(tiny_model, params, token_examples, pad)
@@ -72,8 +73,9 @@ def test_every_examples_gradient_is_clipped_before_the_sum(tiny_model, token_exa
     clipped = [g * min(1.0, bound / float(g.norm())) for g in grads]
     assert all(float(c.norm()) <= bound * (1 + 1e-6) for c in clipped)
     expected = torch.stack(clipped).sum(0) / len(token_examples)
-    applied = _private_step(tiny_model, params, token_examples, pad,
-                            DPSGD(0.0, bound, len(token_examples)), micro)  # fmt: skip
+    applied = _private_step(
+        tiny_model, params, token_examples, pad, DPSGD(0.0, bound, len(token_examples)), micro
+    )
     torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-6)
     unclipped = torch.stack(grads).sum(0) / len(token_examples)
     assert not torch.allclose(applied, unclipped, rtol=1e-3)  # the bound did bind
@@ -84,8 +86,9 @@ def test_the_noise_has_the_configured_standard_deviation(tiny_model, token_examp
     params = _lora_params(tiny_model)
     state = [p.detach().clone() for p in params]
     bound, sigma, expected_batch = 0.05, 2.0, 4
-    quiet = _private_step(tiny_model, params, token_examples, pad,
-                          DPSGD(0.0, bound, expected_batch), 4)  # fmt: skip
+    quiet = _private_step(
+        tiny_model, params, token_examples, pad, DPSGD(0.0, bound, expected_batch), 4
+    )
     with torch.no_grad():
         for p, s in zip(params, state, strict=True):
             p.copy_(s)
@@ -96,36 +99,57 @@ def test_the_noise_has_the_configured_standard_deviation(tiny_model, token_examp
     assert abs(float(z.mean())) < 0.1 and 0.93 < float(z.std()) < 1.07
 
 
-def test_the_hooks_come_off_and_the_base_is_bitwise_as_before(tiny_model, token_examples,
-                                                              tokenizer):  # fmt: skip
+def test_the_hooks_come_off_and_the_base_is_bitwise_as_before(
+    tiny_model, token_examples, tokenizer
+):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    train_client(tiny_model, token_examples, rank=4, alpha=8.0, seed=0,
-                 pad_id=tokenizer.pad_token_id, config=TrainConfig(batch_size=2, max_steps=3),
-                 privacy=DPSGD(1.0, 0.5, 2))  # fmt: skip
+    train_client(
+        tiny_model,
+        token_examples,
+        rank=4,
+        alpha=8.0,
+        seed=0,
+        pad_id=tokenizer.pad_token_id,
+        config=TrainConfig(batch_size=2, max_steps=3),
+        privacy=DPSGD(1.0, 0.5, 2),
+    )
     after = tiny_model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     for module in tiny_model.modules():
         assert not module._forward_hooks and not module._backward_hooks
         assert not hasattr(module, "activations")
-    assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad")
-                   for p in tiny_model.parameters())  # fmt: skip
+    assert not any(
+        hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in tiny_model.parameters()
+    )
     assert not hasattr(tiny_model, "autograd_grad_sample_hooks")
 
 
 def _factors(model, examples, pad, privacy=None, target_modules=("q_proj", "v_proj"), **train):
-    config = TrainConfig(**{"lr": 1e-2, "batch_size": 2, "max_steps": 5, "lora_dropout": 0.0,
-                            **train})  # fmt: skip
-    return train_client(model, examples, rank=4, alpha=8.0, seed=7, pad_id=pad, config=config,
-                        privacy=privacy, target_modules=target_modules).factors  # fmt: skip
+    config = TrainConfig(
+        **{"lr": 1e-2, "batch_size": 2, "max_steps": 5, "lora_dropout": 0.0, **train}
+    )
+    return train_client(
+        model,
+        examples,
+        rank=4,
+        alpha=8.0,
+        seed=7,
+        pad_id=pad,
+        config=config,
+        privacy=privacy,
+        target_modules=target_modules,
+    ).factors
 
 
-def test_no_noise_and_an_unbounded_clip_reproduce_the_non_private_run(tiny_model, tokenizer,
-                                                                      token_examples):  # fmt: skip
+def test_no_noise_and_an_unbounded_clip_reproduce_the_non_private_run(
+    tiny_model, tokenizer, token_examples
+):
     pad = tokenizer.pad_token_id
     examples = token_examples * 3  # 12 examples: Poisson samples of expected size 2
     private = _factors(tiny_model, examples, pad, DPSGD(0.0, 1e30, 2))
-    plain = _factors(tiny_model, examples, pad, sampling="poisson", loss_weighting="examples",
-                     max_grad_norm=0.0)  # fmt: skip
+    plain = _factors(
+        tiny_model, examples, pad, sampling="poisson", loss_weighting="examples", max_grad_norm=0.0
+    )
     for module in plain:
         torch.testing.assert_close(private[module].A, plain[module].A, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(private[module].B, plain[module].B, rtol=1e-5, atol=1e-6)
@@ -163,8 +187,9 @@ def test_dp_sgd_refuses_fp16_and_gradient_checkpointing(tiny_model, tokenizer, t
         _factors(tiny_model, token_examples, pad, DPSGD(1.0, 1.0, 2), gradient_checkpointing=True)
 
 
-@pytest.mark.parametrize(("architecture", "targets"), [("gpt2", ["c_attn"]),
-                                                      ("gemma", ["q_proj", "v_proj"])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("architecture", "targets"), [("gpt2", ["c_attn"]), ("gemma", ["q_proj", "v_proj"])]
+)
 def test_dp_sgd_on_architectures_whose_loss_takes_the_models_own_forward(
     tokenizer, token_examples, architecture, targets
 ):
@@ -175,9 +200,10 @@ def test_dp_sgd_on_architectures_whose_loss_takes_the_models_own_forward(
     pad = tokenizer.pad_token_id
     examples = token_examples * 3
     runs = []
-    for privacy, extra in ((DPSGD(0.0, 1e30, 2), {}),
-                           (None, {"sampling": "poisson", "loss_weighting": "examples",
-                                   "max_grad_norm": 0.0})):  # fmt: skip
+    for privacy, extra in (
+        (DPSGD(0.0, 1e30, 2), {}),
+        (None, {"sampling": "poisson", "loss_weighting": "examples", "max_grad_norm": 0.0}),
+    ):
         model = tiny_model(architecture, tokenizer, seed=0)
         runs.append(_factors(model, examples, pad, privacy, target_modules=targets, **extra))
     private, plain = runs

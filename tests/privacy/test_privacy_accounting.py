@@ -22,8 +22,9 @@ def _stepped(accountant, noise: float, rate: float, steps: int, delta: float) ->
     return accountant.get_epsilon(delta=delta)
 
 
-@pytest.mark.parametrize(("noise", "rate", "steps"), [(1.1, 0.01, 500), (0.6, 0.2, 40),
-                                                      (2.0, 1.0, 3)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("noise", "rate", "steps"), [(1.1, 0.01, 500), (0.6, 0.2, 40), (2.0, 1.0, 3)]
+)
 def test_epsilon_equals_the_rdp_accountant_stepped_the_same(noise, rate, steps):
     expected = _stepped(RDPAccountant(), noise, rate, steps, 1e-5)
     assert epsilon_spent(noise, rate, steps, 1e-5, "rdp") == pytest.approx(expected, rel=1e-12)
@@ -71,9 +72,16 @@ def test_a_client_smaller_than_a_batch_is_refused():
 
 
 def test_client_budget_samples_clients_at_m_over_k():
-    config = load_config(TINY, ['privacy.mode="client-level"', "privacy.epsilon=6",
-                                "federation.method='fedit'", "lora.ranks=[4, 4, 4]",
-                                "federation.rounds=5"])  # fmt: skip
+    config = load_config(
+        TINY,
+        [
+            'privacy.mode="client-level"',
+            "privacy.epsilon=6",
+            "federation.method='fedit'",
+            "lora.ranks=[4, 4, 4]",
+            "federation.rounds=5",
+        ],
+    )
     budget = client_budget(config.privacy, config.federation, sampled=2)
     assert budget.sample_rate == 2 / 3 and budget.delta == 1 / 3 and budget.steps_per_round == 1
     assert 5.98 < budget.epsilon(5) <= 6.0
@@ -96,8 +104,9 @@ def test_the_ledger_counts_every_upload_and_survives_a_restore():
 def test_a_target_that_cannot_be_met_refuses_the_run_before_it_trains(tmp_path):
     from flora import simulation
 
-    config = load_config(TINY, ['privacy.mode="dp-sgd"', "privacy.epsilon=1e-6",
-                                "privacy.delta=1e-5"])  # fmt: skip
+    config = load_config(
+        TINY, ['privacy.mode="dp-sgd"', "privacy.epsilon=1e-6", "privacy.delta=1e-5"]
+    )
     with pytest.raises(FloraError, match="cannot be met for client 0"):
         simulation.run(config, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run" / "checkpoints").exists()

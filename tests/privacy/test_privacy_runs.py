@@ -23,11 +23,22 @@ from flora.protocol import initial_lora
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 TINY = "configs/tiny.toml"
-FAST = ["train.max_steps=2", "train.batch_size=2", "eval.samples=0", "data.limit=60",
-        "data.heldout=8", "data.max_length=48", "threads=1"]  # fmt: skip
+FAST = [
+    "train.max_steps=2",
+    "train.batch_size=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=48",
+    "threads=1",
+]
 DP_SGD = ['privacy.mode="dp-sgd"', "privacy.epsilon=8", "privacy.max_grad_norm=0.5"]
-CLIENT = ['privacy.mode="client-level"', "privacy.epsilon=8", "privacy.update_norm=0.05",
-          "lora.ranks=[4, 4, 4]"]  # fmt: skip
+CLIENT = [
+    'privacy.mode="client-level"',
+    "privacy.epsilon=8",
+    "privacy.update_norm=0.05",
+    "lora.ranks=[4, 4, 4]",
+]
 
 
 def rows(run_dir: Path, kind: str) -> list[dict]:
@@ -93,15 +104,17 @@ def test_client_level_needs_more_than_one_client():
 @pytest.mark.parametrize("method", list(METHODS))
 def test_dp_sgd_runs_every_method_and_reports_the_accountants_epsilon(tmp_path, method):
     ranks = "[4, 2, 2]" if METHODS[method].mixed_ranks else "[2, 2, 2]"
-    config = load_config(TINY, [*FAST, *DP_SGD, f"federation.method='{method}'",
-                                f"lora.ranks={ranks}"])  # fmt: skip
+    config = load_config(
+        TINY, [*FAST, *DP_SGD, f"federation.method='{method}'", f"lora.ranks={ranks}"]
+    )
     simulation.run(config, tmp_path, quiet=True)
     clients = rows(tmp_path, "client")
     assert len(clients) == 6 and not rows(tmp_path, "fault")
     for row in clients:
         assert row["private_steps"] == 2 * row["round"]
-        expected = rdp(row["noise_multiplier"], row["sample_rate"], row["private_steps"],
-                       row["delta"])  # fmt: skip
+        expected = rdp(
+            row["noise_multiplier"], row["sample_rate"], row["private_steps"], row["delta"]
+        )
         assert row["epsilon"] == pytest.approx(expected, rel=1e-9)
         assert row["delta"] == 1 / row["examples"]
         assert row["sample_rate"] == 2 / row["examples"]
@@ -112,16 +125,46 @@ def test_the_epsilon_grows_on_resume_and_a_target_cannot_be_stretched(tmp_path, 
     fixed = ["--set", 'privacy.mode="dp-sgd"', "--set", "privacy.noise_multiplier=1.2"]
     flags = [f for item in FAST for f in ("--set", item)]
     short = tmp_path / "short"
-    assert main(["run", TINY, *flags, *fixed, "--set", "federation.rounds=1", "--out",
-                 str(short), "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                TINY,
+                *flags,
+                *fixed,
+                "--set",
+                "federation.rounds=1",
+                "--out",
+                str(short),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["run", "--resume", str(short), "--rounds", "3", "--quiet"]) == 0
     by_round = {r["round"]: r for r in rows(short, "client") if r["client"] == 0}
     assert [by_round[t]["private_steps"] for t in (1, 2, 3)] == [2, 4, 6]
     assert by_round[1]["epsilon"] < by_round[2]["epsilon"] < by_round[3]["epsilon"]
     target = tmp_path / "target"
-    assert main(["run", TINY, *flags, "--set", 'privacy.mode="dp-sgd"', "--set",
-                 "privacy.epsilon=8", "--set", "federation.rounds=1", "--out", str(target),
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                TINY,
+                *flags,
+                "--set",
+                'privacy.mode="dp-sgd"',
+                "--set",
+                "privacy.epsilon=8",
+                "--set",
+                "federation.rounds=1",
+                "--out",
+                str(target),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["run", "--resume", str(target), "--rounds", "2", "--quiet"]) == 2
     assert "privacy.epsilon = 8 over 1 rounds" in capsys.readouterr().err
@@ -132,8 +175,16 @@ def test_the_epsilon_grows_on_resume_and_a_target_cannot_be_stretched(tmp_path, 
 
 @pytest.mark.parametrize("method", ["fedit", "ffa-lora"])
 def test_client_level_noise_and_epsilon(tmp_path, method):
-    config = load_config(TINY, [*FAST, *CLIENT, f"federation.method='{method}'",
-                                "federation.fraction=0.6", "federation.rounds=3"])  # fmt: skip
+    config = load_config(
+        TINY,
+        [
+            *FAST,
+            *CLIENT,
+            f"federation.method='{method}'",
+            "federation.fraction=0.6",
+            "federation.rounds=3",
+        ],
+    )
     simulation.run(config, tmp_path, quiet=True)
     servers = rows(tmp_path, "server")
     assert [r["noised_rounds"] for r in servers] == [1, 2, 3]
@@ -153,8 +204,11 @@ def test_client_level_noise_and_epsilon(tmp_path, method):
 
 
 def config_shapes() -> dict[str, tuple[int, int]]:
-    return {f"model.layers.{i}.self_attn.{p}": (o, 64)
-            for i in range(2) for p, o in (("q_proj", 64), ("v_proj", 32))}  # fmt: skip
+    return {
+        f"model.layers.{i}.self_attn.{p}": (o, 64)
+        for i in range(2)
+        for p, o in (("q_proj", 64), ("v_proj", 32))
+    }
 
 
 def test_a_client_that_does_not_clip_is_named_and_left_out(tmp_path):
@@ -185,8 +239,13 @@ def test_a_client_that_does_not_clip_is_named_and_left_out(tmp_path):
 @pytest.mark.parametrize(("mode", "method"), [("dp-sgd", "flora"), ("client-level", "fedit")])
 def test_the_flower_apps_give_the_embedded_private_rounds_bitwise(tmp_path, mode, method):
     extra = DP_SGD if mode == "dp-sgd" else CLIENT
-    overrides = [*FAST, *extra, f"federation.method='{method}'",
-                 "privacy.reproducible_noise=true", "federation.fraction=0.6"]  # fmt: skip
+    overrides = [
+        *FAST,
+        *extra,
+        f"federation.method='{method}'",
+        "privacy.reproducible_noise=true",
+        "federation.fraction=0.6",
+    ]
     config = load_config(TINY, overrides)
     flower = run_flower(config, tmp_path)
     simulation.run(config, tmp_path / "embedded", quiet=True)
@@ -201,8 +260,21 @@ def test_the_flower_apps_give_the_embedded_private_rounds_bitwise(tmp_path, mode
 
 
 def test_the_dry_run_prints_every_clients_noise_and_budget(capsys):
-    assert main(["run", TINY, "--dry-run", "--set", 'privacy.mode="dp-sgd"', "--set",
-                 "privacy.epsilon=8", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                TINY,
+                "--dry-run",
+                "--set",
+                'privacy.mode="dp-sgd"',
+                "--set",
+                "privacy.epsilon=8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     lines = out.split("DP-SGD per client")[1].strip().splitlines()[2:5]
     assert [int(line.split()[0]) for line in lines] == [0, 1, 2]
@@ -213,12 +285,16 @@ def test_flower_sims_nodes_train_with_dp_sgd_and_match_the_embedded_run(tmp_path
     # Flower's own simulation runtime (Ray, the ClientApp in its workers): the nodes run DP-SGD
     # themselves and the accounting and the update match the embedded runtime's
     pytest.importorskip("flwr")
-    extra = [*FAST, *DP_SGD, "privacy.reproducible_noise=true", "federation.num_clients=2",
-             "lora.ranks=[8, 4]"]  # fmt: skip
+    extra = [
+        *FAST,
+        *DP_SGD,
+        "privacy.reproducible_noise=true",
+        "federation.num_clients=2",
+        "lora.ranks=[8, 4]",
+    ]
     flags = [f for item in extra for f in ("--set", item)]
     sim = tmp_path / "sim"
-    assert main(["run", TINY, *flags, "--runtime", "flower-sim", "--out", str(sim),
-                 "--quiet"]) == 0  # fmt: skip
+    assert main(["run", TINY, *flags, "--runtime", "flower-sim", "--out", str(sim), "--quiet"]) == 0
     simulation.run(load_config(TINY, extra), tmp_path / "embedded", quiet=True)
     keys = ("client", "round", "epsilon", "private_steps", "noise_multiplier")
     ours = [{k: r[k] for k in keys} for r in rows(sim, "client")]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from flora.adapters import Adapter
 from flora.aggregation.base import AggregationResult
 from flora.aggregation.registry import get_method
 from flora.aggregation.validate import check_clients, normalize_weights
+from flora.factors import Adapter
 
 __all__ = ["aggregate"]
 

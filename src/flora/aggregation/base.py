@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flora.adapters import Adapter
 from flora.aggregation.lowrank import all_finite
+from flora.factors import Adapter
 
 __all__ = ["AggregationResult", "adapter_bytes", "tensor_bytes", "uploads"]
 

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, tensor_bytes, uploads
 from flora.aggregation.fedit import average_module
 from flora.aggregation.lowrank import stacked
 from flora.aggregation.validate import check_equal_ranks
+from flora.factors import Adapter, LoraFactors
 
 __all__ = ["aggregate", "residual_module"]
 

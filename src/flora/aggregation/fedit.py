@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lifecycle import GlobalLora
 from flora.aggregation.lowrank import fold, weighted_sum
 from flora.aggregation.validate import check_equal_ranks
+from flora.factors import Adapter, LoraFactors
 
-__all__ = ["aggregate", "average_module"]
+__all__ = ["LIFECYCLE", "aggregate", "average_module"]
+
+# clients continue from the averaged global LoRA, truncated to their rank
+LIFECYCLE = GlobalLora()
 
 
 def average_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lifecycle import GlobalLora
 from flora.aggregation.lowrank import fold, weighted_sum
 from flora.aggregation.validate import check_equal_ranks, check_shared_A
+from flora.factors import Adapter, LoraFactors
 
-__all__ = ["aggregate", "average_B_module"]
+__all__ = ["LIFECYCLE", "aggregate", "average_B_module"]
+
+# clients train B over the shared A of the global LoRA, which never changes: only B travels
+LIFECYCLE = GlobalLora(trains=frozenset({"B"}))
 
 
 def average_B_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:

@@ -18,11 +18,15 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lifecycle import GlobalLora
 from flora.aggregation.lowrank import lowrank_svd, stacked, svd_truncate
+from flora.factors import Adapter, LoraFactors
 
-__all__ = ["aggregate", "svd_module"]
+__all__ = ["LIFECYCLE", "aggregate", "svd_module"]
+
+# clients continue from the SVD of the exact sum, truncated to their rank
+LIFECYCLE = GlobalLora()
 
 
 def svd_module(

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
 from flora.aggregation.lowrank import fold, stack_finite
 from flora.aggregation.validate import not_finite
+from flora.factors import Adapter, LoraFactors
 
 __all__ = ["aggregate"]
 
@@ -28,8 +28,7 @@ __all__ = ["aggregate"]
 def _stacked(module: str, factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """One module stacked, its values checked in the same pass (the registry's
     ``checks_values``: flora.aggregation.aggregate skips its own pass over them)."""
-    A, B, bad = stack_finite([f.A for f in factors], [f.B for f in factors],
-                             fold(factors, weights))  # fmt: skip
+    A, B, bad = stack_finite([f.A for f in factors], [f.B for f in factors], fold(factors, weights))
     if bad is not None:
         raise not_finite(bad[0], module, f"lora_{bad[1]}")
     return LoraFactors(A, B, 1.0)

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
 from flora.aggregation.flexlora import svd_module
 from flora.aggregation.lowrank import svd_truncate
 from flora.errors import FloraError
+from flora.factors import Adapter
 
 __all__ = ["ENERGIES", "aggregate", "threshold_rank"]
 

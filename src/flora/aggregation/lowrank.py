@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import LoraFactors
+from flora.factors import LoraFactors
 
 __all__ = [
     "all_finite",

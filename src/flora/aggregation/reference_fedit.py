@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lifecycle import GlobalLora
 from flora.aggregation.validate import check_equal_ranks
+from flora.factors import Adapter, LoraFactors
 
-__all__ = ["aggregate", "first_client_module"]
+__all__ = ["LIFECYCLE", "aggregate", "first_client_module"]
+
+# as the reference code: clients continue from the (defective) global LoRA
+LIFECYCLE = GlobalLora()
 
 
 def first_client_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
 from flora.aggregation.zero_padding import pad_average_module
+from flora.factors import Adapter, LoraFactors
 
 __all__ = ["aggregate", "published_module"]
 

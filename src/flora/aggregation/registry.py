@@ -13,7 +13,7 @@ from typing import Any
 
 from flora.errors import FloraError
 
-__all__ = ["METHODS", "Method", "Option", "get_method"]
+__all__ = ["METHODS", "Method", "Option", "get_method", "register"]
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,18 @@ class Option:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered aggregation method and the facts the engine, the config and the CLI need."""
+    """A registered aggregation method and the facts the engine, the config and the CLI need.
+
+    What its clients train and what its server keeps is the method's own: the ``LIFECYCLE`` of
+    its module (flora.aggregation.lifecycle; FLoRA's merge-each-round where it defines none).
+    """
 
     name: str
-    module: str  # flora.aggregation.<module> holds its ``aggregate``
+    module: str  # flora.aggregation.<module> (or a dotted path) holds ``aggregate``, ``LIFECYCLE``
     exact: bool  # realised update == sum_k p_k s_k B_k A_k
     mixed_ranks: bool  # accepts clients of different ranks
-    keeps_global_lora: bool  # clients continue from the global LoRA (else merged into W)
     paper: str
     summary: str  # one line for `flora aggregate --help`
-    freezes_A: bool = False  # clients train B only, over the shared A of the global LoRA
     options: tuple[Option, ...] = ()
     # why client-level DP (privacy.mode = "client-level") does not apply; "" where it does: the
     # methods that average one global LoRA, whose clipped updates' mean takes Gaussian noise
@@ -68,15 +70,39 @@ class Method:
         """Client-level DP (clip each update, noise on the equal-weight mean) applies."""
         return not self.client_dp_refusal
 
+    def _code(self) -> Any:
+        path = self.module if "." in self.module else f"flora.aggregation.{self.module}"
+        return importlib.import_module(path)
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        """The method's pure ``aggregate(clients, weights, **options)``."""
+        return self._code().aggregate
+
+    @property
+    def lifecycle(self) -> Any:
+        """Its :class:`flora.aggregation.lifecycle.Lifecycle`: what clients train, what the
+        server keeps, what each client downloads (imports torch)."""
+        from flora.aggregation.lifecycle import MergeEachRound
+
+        return getattr(self._code(), "LIFECYCLE", None) or MergeEachRound()
+
+    @property
+    def keeps_global_lora(self) -> bool:
+        """Its server keeps a LoRA that the global model applies (imports torch)."""
+        from flora.aggregation.lifecycle import GlobalLora
+
+        return isinstance(self.lifecycle, GlobalLora)
+
     @property
     def merges_into_base(self) -> bool:
         """Each round's update goes into the base weights; clients start fresh LoRAs."""
         return not self.keeps_global_lora
 
     @property
-    def run(self) -> Callable[..., Any]:
-        """The method's pure ``aggregate(clients, weights, **options)``."""
-        return importlib.import_module(f"flora.aggregation.{self.module}").aggregate
+    def freezes_A(self) -> bool:
+        """Its clients train B over a frozen A every round (imports torch)."""
+        return "A" not in self.lifecycle.trains
 
     def option(self, name: str) -> Option:
         for option in self.options:
@@ -108,68 +134,153 @@ class Method:
 
 
 _TAU = Option(
-    "tau", float, 0.9, "florist: energy share of the singular values to keep, in (0, 1]; 1 is "
-    "exact", check=lambda v: 0.0 < v <= 1.0, expected="0 < tau <= 1 (1 is exact)",
-)  # fmt: skip
+    name="tau",
+    type=float,
+    default=0.9,
+    help="florist: energy share of the singular values to keep, in (0, 1]; 1 is exact",
+    check=lambda v: 0.0 < v <= 1.0,
+    expected="0 < tau <= 1 (1 is exact)",
+)
 _ENERGY = Option(
-    "energy", str, "sum", "florist: energy of sigma_i: 'sum' (sigma) or 'squared' (sigma^2)",
+    name="energy",
+    type=str,
+    default="sum",
+    help="florist: energy of sigma_i: 'sum' (sigma) or 'squared' (sigma^2)",
     choices=("sum", "squared"),
-)  # fmt: skip
-_STACKING = ("the server stacks every client's own factors unnoised and sends them all to every "
-             "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
-             "secure aggregation either")  # fmt: skip
-_SUMMED = ("the server takes each client's product B_k A_k into an SVD and sends every client its "
-           "own truncation, so there is no one average to add calibrated noise to")  # fmt: skip
+)
 _WEIGHTING = Option(
-    "weighting", str, "examples", "zero-padding: client weights, 'examples' (p_k) or HetLoRA's "
-    "'norm' (||s_k B_k A_k||_F)", choices=("examples", "norm"),
-)  # fmt: skip
-
+    name="weighting",
+    type=str,
+    default="examples",
+    help="zero-padding: client weights, 'examples' (p_k) or HetLoRA's 'norm' (||s_k B_k A_k||_F)",
+    choices=("examples", "norm"),
+)
 _MERGE_SCALING = Option(
-    "merge_scaling", float, 16.0, "reference-zero-padding: the merge's LoRA scaling over the "
-    "clients' (16 as published up to October 2024; 1 keeps only the p_k^2 defect)",
-    check=lambda v: v > 0.0, expected="a scaling above 0",
-)  # fmt: skip
-_REPRODUCTION = ("it reproduces a defect of the FLoRA reference code for the study's comparison; "
-                 "use the faithful method instead")  # fmt: skip
+    name="merge_scaling",
+    type=float,
+    default=16.0,
+    help="reference-zero-padding: the merge's LoRA scaling over the clients' (16 as published "
+    "up to October 2024; 1 keeps only the p_k^2 defect)",
+    check=lambda v: v > 0.0,
+    expected="a scaling above 0",
+)
+_STACKING = (
+    "the server stacks every client's own factors unnoised and sends them all to every "
+    "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
+    "secure aggregation either"
+)
+_SUMMED = (
+    "the server takes each client's product B_k A_k into an SVD and sends every client its "
+    "own truncation, so there is no one average to add calibrated noise to"
+)
+_REPRODUCTION = (
+    "it reproduces a defect of the FLoRA reference code for the study's comparison; "
+    "use the faithful method instead"
+)
+_REFERENCE = "FLoRA reference code (ATP-1010/FederatedLLM)"
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("flora", "flora", True, True, False, "Wang et al., NeurIPS 2024",
-               "stacking, exact, mixed ranks; global rank = sum of client ranks",
-               client_dp_refusal=_STACKING, checks_values=True),
-        Method("fedit", "fedit", False, False, True, "Zhang et al., ICASSP 2024",
-               "FedAvg of A and B separately; equal ranks; not exact"),
-        Method("zero-padding", "zero_padding", False, True, True, "Cho et al., EMNLP 2024",
-               "HetLoRA: pad to max rank, average, truncate per client (writes clients/)",
-               options=(_WEIGHTING,),
-               client_dp_refusal="it pads and weights factors of different ranks (by examples "
-               "or by norm), which flora's equal-weight client-level accounting does not cover"),
-        Method("flexlora", "flexlora", False, True, True, "Bai et al., NeurIPS 2024",
-               "SVD of the exact sum, truncated per client (writes clients/)",
-               client_dp_refusal=_SUMMED),
-        Method("ffa-lora", "ffa_lora", True, False, True, "Sun et al., ICLR 2024",
-               "shared frozen A, averaged B; equal ranks; exact given the shared A",
-               freezes_A=True),
-        Method("fedex-lora", "fedex_lora", True, False, False, "Singhal et al., 2025",
-               "FedIT plus a dense residual for the base weights (writes residual.safetensors)",
-               client_dp_refusal="its dense residual is computed from every client's own "
-               "factors and merged into the base unnoised"),
-        Method("florist", "florist", False, True, False, "Ramesh and Dass, 2025",
-               "stacking + singular value thresholding at tau; exact at tau=1",
-               options=(_TAU, _ENERGY), client_dp_refusal=_STACKING),
-        Method("reference-fedit", "reference_fedit", False, False, True,
-               "FLoRA reference code (ATP-1010/FederatedLLM)",
-               "DEFECT REPRODUCTION: the published FedIT keeps client 0's adapter times p_0",
-               client_dp_refusal=_REPRODUCTION, defect=True),
-        Method("reference-zero-padding", "reference_zero_padding", False, True, False,
-               "FLoRA reference code (ATP-1010/FederatedLLM)",
-               "DEFECT REPRODUCTION: the published zero-padding, p_k on both factors, merged "
-               "at 16x the clients' scaling", options=(_MERGE_SCALING,),
-               client_dp_refusal=_REPRODUCTION, defect=True),
-    )
-}  # fmt: skip
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (a name already taken is refused); returns it."""
+    if method.name in METHODS:
+        raise FloraError(f"method '{method.name}' is registered already; pick another name")
+    METHODS[method.name] = method
+    return method
+
+
+for _method in (
+    Method(
+        name="flora",
+        module="flora",
+        exact=True,
+        mixed_ranks=True,
+        paper="Wang et al., NeurIPS 2024",
+        summary="stacking, exact, mixed ranks; global rank = sum of client ranks",
+        client_dp_refusal=_STACKING,
+        checks_values=True,
+    ),
+    Method(
+        name="fedit",
+        module="fedit",
+        exact=False,
+        mixed_ranks=False,
+        paper="Zhang et al., ICASSP 2024",
+        summary="FedAvg of A and B separately; equal ranks; not exact",
+    ),
+    Method(
+        name="zero-padding",
+        module="zero_padding",
+        exact=False,
+        mixed_ranks=True,
+        paper="Cho et al., EMNLP 2024",
+        summary="HetLoRA: pad to max rank, average, truncate per client (writes clients/)",
+        options=(_WEIGHTING,),
+        client_dp_refusal="it pads and weights factors of different ranks (by examples or by "
+        "norm), which flora's equal-weight client-level accounting does not cover",
+    ),
+    Method(
+        name="flexlora",
+        module="flexlora",
+        exact=False,
+        mixed_ranks=True,
+        paper="Bai et al., NeurIPS 2024",
+        summary="SVD of the exact sum, truncated per client (writes clients/)",
+        client_dp_refusal=_SUMMED,
+    ),
+    Method(
+        name="ffa-lora",
+        module="ffa_lora",
+        exact=True,
+        mixed_ranks=False,
+        paper="Sun et al., ICLR 2024",
+        summary="shared frozen A, averaged B; equal ranks; exact given the shared A",
+    ),
+    Method(
+        name="fedex-lora",
+        module="fedex_lora",
+        exact=True,
+        mixed_ranks=False,
+        paper="Singhal et al., 2025",
+        summary="FedIT plus a dense residual for the base weights (writes residual.safetensors)",
+        client_dp_refusal="its dense residual is computed from every client's own factors and "
+        "merged into the base unnoised",
+    ),
+    Method(
+        name="florist",
+        module="florist",
+        exact=False,
+        mixed_ranks=True,
+        paper="Ramesh and Dass, 2025",
+        summary="stacking + singular value thresholding at tau; exact at tau=1",
+        options=(_TAU, _ENERGY),
+        client_dp_refusal=_STACKING,
+    ),
+    Method(
+        name="reference-fedit",
+        module="reference_fedit",
+        exact=False,
+        mixed_ranks=False,
+        paper=_REFERENCE,
+        summary="DEFECT REPRODUCTION: the published FedIT keeps client 0's adapter times p_0",
+        client_dp_refusal=_REPRODUCTION,
+        defect=True,
+    ),
+    Method(
+        name="reference-zero-padding",
+        module="reference_zero_padding",
+        exact=False,
+        mixed_ranks=True,
+        paper=_REFERENCE,
+        summary="DEFECT REPRODUCTION: the published zero-padding, p_k on both factors, merged "
+        "at 16x the clients' scaling",
+        options=(_MERGE_SCALING,),
+        client_dp_refusal=_REPRODUCTION,
+        defect=True,
+    ),
+):
+    register(_method)
 
 
 def get_method(name: str) -> Method:

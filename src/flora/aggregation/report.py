@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult
 from flora.aggregation.lowrank import frobenius, stacked
+from flora.factors import Adapter, LoraFactors
 
 __all__ = ["AggregationReport", "measure"]
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.validate import check_module
 from flora.errors import FloraError
+from flora.factors import Adapter, LoraFactors
 
 __all__ = ["NORM_ACTIONS", "ScreenRules", "Screened", "Upload", "screen", "update_norm"]
 
@@ -50,7 +50,8 @@ class Upload:
     examples: float
     rank: int | None = None  # the rank it was assigned (None: any)
     known_examples: int | None = None  # its partition's size, where the server knows it
-    frozen_A: Mapping[str, torch.Tensor] | None = None  # the A it had to keep
+    sent: Adapter | None = None  # the factors it started from (scaling 1), where it was sent some
+    frozen: frozenset[str] = frozenset()  # the parts of ``sent`` it had to send back unchanged
 
 
 @dataclass
@@ -81,13 +82,20 @@ def _structure(upload: Upload, shapes: Mapping[str, tuple[int, int]]) -> str | N
             return str(error)
         out, inp = shapes[module]
         if (factors.out_features, factors.in_features) != (out, inp):
-            return (f"module '{module}' is {factors.out_features}x{factors.in_features}, the "
-                    f"layer is {out}x{inp}")  # fmt: skip
+            return (
+                f"module '{module}' is {factors.out_features}x{factors.in_features}, the "
+                f"layer is {out}x{inp}"
+            )
         if upload.rank is not None and factors.rank != upload.rank:
-            return (f"module '{module}' has rank {factors.rank}, the client was assigned "
-                    f"{upload.rank}")  # fmt: skip
-        if upload.frozen_A is not None and not torch.equal(factors.A, upload.frozen_A[module]):
-            return f"module '{module}': lora_A differs from the frozen A the client was sent"
+            return (
+                f"module '{module}' has rank {factors.rank}, the client was assigned {upload.rank}"
+            )
+        if upload.frozen and upload.sent is not None:
+            start = upload.sent[module].with_scaling(factors.scaling)  # as the client loads it
+            for part in sorted(upload.frozen):
+                if not torch.equal(getattr(factors, part), getattr(start, part)):
+                    sent = f"the frozen {part} the client was sent"
+                    return f"module '{module}': lora_{part} differs from {sent}"
     examples = upload.examples
     if not (math.isfinite(examples) and examples >= 1 and float(examples).is_integer()):
         return f"example count {examples} is not a whole number >= 1"
@@ -133,8 +141,9 @@ def screen(
             reason = "its update norm overflows (factors too large to multiply in float64)"
         if reason is None and rules.max_update_norm > 0:
             bounds = dict.fromkeys(norms, rules.max_update_norm)
-            kept, reason, scale = _bounded(upload, norms, bounds, rules.norm_action,
-                                           "max_update_norm")  # fmt: skip
+            kept, reason, scale = _bounded(
+                upload, norms, bounds, rules.norm_action, "max_update_norm"
+            )
             if kept is not None:
                 upload = kept
                 if scale < 1:
@@ -149,8 +158,7 @@ def screen(
             others = reference[:index] + reference[index + 1 :]
             medians = {m: statistics.median(o[m] for o in others) for m in norms}
             # a module whose other updates are all zero gives no yardstick: no relative bound
-            bounds = {m: rules.norm_multiple * v if v > 0 else math.inf
-                      for m, v in medians.items()}  # fmt: skip
+            bounds = {m: rules.norm_multiple * v if v > 0 else math.inf for m, v in medians.items()}
             why = f"{rules.norm_multiple:g} x the others' median"
             kept, reason, scale = _bounded(upload, norms, bounds, rules.norm_action, why)
             if kept is None:

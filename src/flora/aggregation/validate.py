@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter
 from flora.aggregation.lowrank import all_finite
 from flora.errors import FloraError
+from flora.factors import Adapter
 
 __all__ = [
     "check_clients",

@@ -17,12 +17,16 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.lifecycle import GlobalLora
 from flora.aggregation.lowrank import fold, frobenius, truncate
 from flora.errors import FloraError
+from flora.factors import Adapter, LoraFactors
 
-__all__ = ["WEIGHTINGS", "aggregate", "norm_weights", "pad_average_module"]
+__all__ = ["LIFECYCLE", "WEIGHTINGS", "aggregate", "norm_weights", "pad_average_module"]
+
+# clients continue from the padded average, truncated to their rank
+LIFECYCLE = GlobalLora()
 
 WEIGHTINGS = ("examples", "norm")
 

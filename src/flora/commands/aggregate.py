@@ -11,8 +11,8 @@ from flora.aggregation.registry import METHODS, get_method
 from flora.errors import FloraError
 
 if TYPE_CHECKING:
-    from flora.adapters import Adapter
     from flora.aggregation.report import AggregationReport
+    from flora.factors import Adapter
 
 __all__ = ["CLIENT_INFO", "add_parser", "run"]
 
@@ -122,8 +122,9 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
-def _screened(clients: list[Adapter], directories: list[Path], args: argparse.Namespace
-              ) -> list[Adapter]:  # fmt: skip
+def _screened(
+    clients: list[Adapter], directories: list[Path], args: argparse.Namespace
+) -> list[Adapter]:
     """The clients after flora.aggregation.screen (shapes from the first; bounds from the
     flags): a rejected one is an error naming it, a clipped one is said."""
     from flora.aggregation.screen import ScreenRules, Upload, screen
@@ -136,8 +137,10 @@ def _screened(clients: list[Adapter], directories: list[Path], args: argparse.Na
     result = screen(uploads, shapes, rules)
     if result.rejected:
         k = min(result.rejected)
-        raise FloraError(f"client {k} ({directories[k]}): {result.rejected[k]}; drop it, fix "
-                         "it, or pass --norm-action clip for a norm")  # fmt: skip
+        raise FloraError(
+            f"client {k} ({directories[k]}): {result.rejected[k]}; drop it, fix "
+            "it, or pass --norm-action clip for a norm"
+        )
     for k, scale in sorted(result.clipped.items()):
         print(f"client {k} ({directories[k]}): update clipped by {scale:.3g} onto the bound")
     return [u.factors for u in result.accepted]

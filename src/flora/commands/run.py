@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,9 +14,10 @@ from flora.errors import FloraError
 from flora.flower.home import own_flower_home
 from flora.packaged import config_path
 from flora.quiet import quieted
+from flora.runtimes import RUNTIMES, driver, owner
 
 if TYPE_CHECKING:
-    from flora.outputs import RunResult
+    pass
 
 __all__ = ["add_parser", "run"]
 
@@ -67,10 +67,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--runtime",
-        choices=("embedded", "flower-sim"),
+        choices=list(RUNTIMES),
         default="embedded",
-        help="embedded: all clients in this process (default); flower-sim: the Flower apps on "
-        "Flower's simulation runtime (needs `pip install -e '.[flower]'`)",
+        help="; ".join(
+            f"{e.name}: {e.help}" + (f" (needs `{e.install}`)" if e.install else "")
+            for e in RUNTIMES.values()
+        ),
     )
     parser.set_defaults(handler=run)
 
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         stack.enter_context(quieted(args.quiet))
         if args.dry_run:
             return _dry_run(args)
-        if args.runtime == "flower-sim":
+        if RUNTIMES[args.runtime].flower_home:
             stack.enter_context(own_flower_home())
         return _run(args)
 
@@ -89,29 +91,34 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from flora.config import load_run_config
     from flora.outputs import finished
-    from flora.simulation import run as simulate
 
-    if args.runtime == "flower-sim":
-        simulate = _flower_sim()
+    simulate = driver(args.runtime)
     if args.resume:
         if args.config or args.overrides:
             raise FloraError("--resume takes the run's own config.json; drop CONFIG and --set")
         run_dir = Path(args.resume)
         config = _extended(load_run_config(run_dir), args.rounds)
-        if args.runtime == "embedded" and (run_dir / "flower.json").is_file():
-            raise FloraError(f"{run_dir} ran on Flower; resume it with --runtime flower-sim")
+        ran_on = owner(run_dir)
+        if ran_on is not None and ran_on != args.runtime:
+            raise FloraError(f"{run_dir} ran on {ran_on}; resume it with --runtime {ran_on}")
         if finished(run_dir, config.federation.rounds):
-            print(f"{run_dir} finished all {config.federation.rounds} rounds; nothing changed "
-                  f"(extend it with: flora run --resume {run_dir} --rounds N)")  # fmt: skip
+            print(
+                f"{run_dir} finished all {config.federation.rounds} rounds; nothing changed "
+                f"(extend it with: flora run --resume {run_dir} --rounds N)"
+            )
             return 0
         result = simulate(config, run_dir, resume=True, quiet=args.quiet)
     else:
         if not args.config:
-            raise FloraError("give a CONFIG.toml or a shipped config's name (`flora configs "
-                             "list`), or --resume RUN_DIR")  # fmt: skip
+            raise FloraError(
+                "give a CONFIG.toml or a shipped config's name (`flora configs "
+                "list`), or --resume RUN_DIR"
+            )
         if args.rounds is not None:
-            raise FloraError("--rounds extends a run: use it with --resume RUN_DIR (for a new "
-                             "run, --set federation.rounds=N)")  # fmt: skip
+            raise FloraError(
+                "--rounds extends a run: use it with --resume RUN_DIR (for a new "
+                "run, --set federation.rounds=N)"
+            )
         config, run_dir = _new_run(args)
         result = simulate(config, run_dir, quiet=args.quiet)
     saved = "final/adapter, final/model" if config.output.model else "final/adapter"
@@ -122,8 +129,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     shown = result.samples[:3]  # summary.json holds them all, the most changed first
     if shown:
-        print(f"\nthe {len(shown)} of {len(result.samples)} held-out sample answers that changed "
-              "most (greedy, no 3-gram twice):")  # fmt: skip
+        print(
+            f"\nthe {len(shown)} of {len(result.samples)} held-out sample answers that changed "
+            "most (greedy, no 3-gram twice):"
+        )
     for sample in shown:
         print(f"\nprompt: {sample['instruction']}")
         print(f"before: {sample['before']}")
@@ -168,13 +177,3 @@ def _extended(config: RunConfig, rounds: int | None) -> RunConfig:
         )
     federation = dataclasses.replace(config.federation, rounds=rounds)
     return dataclasses.replace(config, federation=federation)
-
-
-def _flower_sim() -> Callable[..., RunResult]:
-    try:
-        from flora.flower.sim import simulate
-    except ImportError as error:
-        raise FloraError(
-            f"--runtime flower-sim needs Flower ({error}); run `pip install -e '.[flower]'`"
-        ) from None
-    return simulate

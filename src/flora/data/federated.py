@@ -86,8 +86,12 @@ def prepare_data(
     if heldout >= len(records):
         raise FloraError(f"data.heldout={heldout} leaves no training rows of {len(records)}")
     train_idx, held_idx = split_heldout(len(records), heldout / len(records), seed)
-    options = {"template": template, "max_length": max_length, "min_response": min_response,
-               "truncation": truncation}  # fmt: skip
+    options = {
+        "template": template,
+        "max_length": max_length,
+        "min_response": min_response,
+        "truncation": truncation,
+    }
     train_records = [records[i] for i in train_idx]  # each record's "category" is its label
     train = encode_records(train_records, tokenizer, **options)  # type: ignore[arg-type]
     held = encode_records([records[i] for i in held_idx], tokenizer, **options)  # type: ignore[arg-type]

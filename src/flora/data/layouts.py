@@ -51,16 +51,23 @@ def detect_layout(columns: Sequence[str], fields: Mapping[str, str], where: str)
         absent = sorted(f"{k} = {v!r}" for k, v in fields.items() if v not in present)
         if absent:
             lacking = ", ".join(absent)
-            raise FloraError(f"{where}: data.fields names column(s) it lacks ({lacking}); "
-                             f"its columns: {sorted(present)}")  # fmt: skip
+            raise FloraError(
+                f"{where}: data.fields names column(s) it lacks ({lacking}); "
+                f"its columns: {sorted(present)}"
+            )
         if "messages" in fields:
             return Layout("mapped", messages=fields["messages"])
-        layout = Layout("mapped", fields.get("instruction", ""), fields.get("context", ""),
-                        fields.get("response", ""))  # fmt: skip
+        layout = Layout(
+            "mapped",
+            fields.get("instruction", ""),
+            fields.get("context", ""),
+            fields.get("response", ""),
+        )
         if layout.instruction and layout.response:
             return layout
-        raise FloraError("data.fields must name the instruction and response columns (or a "
-                         "messages column)")  # fmt: skip
+        raise FloraError(
+            "data.fields must name the instruction and response columns (or a messages column)"
+        )
     for name, names in _LAYOUTS.items():
         if names["instruction"] in present and names["response"] in present:
             context = names["context"] if names["context"] in present else ""
@@ -75,9 +82,12 @@ def detect_layout(columns: Sequence[str], fields: Mapping[str, str], where: str)
 
 
 def to_record(
-    row: Mapping[str, Any], layout: Layout, where: str, label: str = "category",
+    row: Mapping[str, Any],
+    layout: Layout,
+    where: str,
+    label: str = "category",
     natural_id: str = "",
-) -> Record:  # fmt: skip
+) -> Record:
     """One row as a record; ``label`` and ``natural_id`` name the columns of the partition
     label and of the natural id (required where given)."""
     if not isinstance(row, Mapping):
@@ -89,8 +99,12 @@ def to_record(
         instruction = _text(row, layout.instruction, where, required=True)
         response = _text(row, layout.response, where, required=True)
         context = _text(row, layout.context, where) if layout.context else ""
-    record: Record = {"instruction": instruction, "context": context, "response": response,
-                      "category": _label(row.get(label))}  # fmt: skip
+    record: Record = {
+        "instruction": instruction,
+        "context": context,
+        "response": response,
+        "category": _label(row.get(label)),
+    }
     if natural_id:
         value = row.get(natural_id)
         if value is None or value == "":
@@ -107,8 +121,10 @@ def _text(row: Mapping[str, Any], column: str, where: str, *, required: bool = F
     value = row.get(column)
     if value is None:
         if required:
-            raise FloraError(f"{where}: missing field {column!r} (found {sorted(row)}); every "
-                             "record needs an instruction and a response")  # fmt: skip
+            raise FloraError(
+                f"{where}: missing field {column!r} (found {sorted(row)}); every "
+                "record needs an instruction and a response"
+            )
         return ""
     if not isinstance(value, str):
         raise FloraError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
@@ -121,8 +137,14 @@ def _chat_pair(messages: Any, where: str) -> tuple[str, str]:
         raise FloraError(f"{where}: messages must be a list of {{role, content}} turns")
     for i, turn in enumerate(messages):
         if isinstance(turn, Mapping) and turn.get("role") == "user":
-            answer = next((t for t in messages[i + 1 :] if isinstance(t, Mapping)
-                           and t.get("role") == "assistant"), None)  # fmt: skip
+            answer = next(
+                (
+                    t
+                    for t in messages[i + 1 :]
+                    if isinstance(t, Mapping) and t.get("role") == "assistant"
+                ),
+                None,
+            )
             if answer is None:
                 break
             return _text(turn, "content", where, required=True), _text(

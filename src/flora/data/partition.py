@@ -54,12 +54,16 @@ def partition(
     if num_clients < 1:
         raise FloraError(f"federation.num_clients must be >= 1, got {num_clients}")
     if n < num_clients:
-        raise FloraError(f"{n} training rows cannot give {num_clients} clients a row each; "
-                         "lower federation.num_clients or raise data.limit")  # fmt: skip
+        raise FloraError(
+            f"{n} training rows cannot give {num_clients} clients a row each; "
+            "lower federation.num_clients or raise data.limit"
+        )
     if scheme in LABEL_SCHEMES and len(set(labels)) < 2:
-        raise FloraError(f"data.partition = {scheme!r} splits by label, but the rows hold one "
-                         f"label ({labels[0]!r}); set data.label_column to a column with "
-                         "several values, or use 'iid'")  # fmt: skip
+        raise FloraError(
+            f"data.partition = {scheme!r} splits by label, but the rows hold one "
+            f"label ({labels[0]!r}); set data.label_column to a column with "
+            "several values, or use 'iid'"
+        )
     import datasets  # deferred: importing datasets costs seconds
     from flwr_datasets import partitioner as fp
 
@@ -69,9 +73,11 @@ def partition(
             raise FloraError("data.partition = 'natural-id' needs data.natural_id_column")
         found = natural_clients(natural_ids)
         if found != num_clients:
-            raise FloraError(f"data.natural_id_column holds {found} distinct ids, so 'natural-id' "
-                             f"makes {found} clients: set federation.num_clients = {found} "
-                             f"and give lora.ranks {found} ranks")  # fmt: skip
+            raise FloraError(
+                f"data.natural_id_column holds {found} distinct ids, so 'natural-id' "
+                f"makes {found} clients: set federation.num_clients = {found} "
+                f"and give lora.ranks {found} ranks"
+            )
         columns["natural_id"] = list(natural_ids)
     dataset = datasets.Dataset.from_dict(columns)
     made: Any
@@ -84,15 +90,25 @@ def partition(
         )
     elif scheme == "shards":
         if n < num_clients * shards_per_client:
-            raise FloraError(f"{n} rows cannot fill {num_clients} x {shards_per_client} shards; "
-                             "lower data.shards_per_client or federation.num_clients")  # fmt: skip
-        made = fp.ShardPartitioner(num_clients, "label", num_shards_per_partition=shards_per_client,
-                                   keep_incomplete_shard=True, seed=seed)  # fmt: skip
+            raise FloraError(
+                f"{n} rows cannot fill {num_clients} x {shards_per_client} shards; "
+                "lower data.shards_per_client or federation.num_clients"
+            )
+        made = fp.ShardPartitioner(
+            num_clients,
+            "label",
+            num_shards_per_partition=shards_per_client,
+            keep_incomplete_shard=True,
+            seed=seed,
+        )
     elif scheme == "pathological":
         made = fp.PathologicalPartitioner(  # client k's first label is label k: all are dealt
-            num_clients, "label", num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic", seed=seed,
-        )  # fmt: skip
+            num_clients,
+            "label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
     else:
         made = fp.NaturalIdPartitioner("natural_id")
     made.dataset = dataset
@@ -101,27 +117,29 @@ def partition(
             warnings.simplefilter("ignore", UserWarning)
             parts = [sorted(made.load_partition(k)["row"]) for k in range(num_clients)]
     except ValueError as error:
-        raise FloraError(f"data.partition = {scheme!r} with {num_clients} clients over {n} rows: "
-                         f"{error} ({_hint(scheme)})") from None  # fmt: skip
+        raise FloraError(
+            f"data.partition = {scheme!r} with {num_clients} clients over {n} rows: "
+            f"{error} ({_hint(scheme)})"
+        ) from None
     used = sum(len(part) for part in parts)
     if used != n:  # e.g. a label no client was dealt: refuse rather than drop rows silently
-        raise FloraError(f"data.partition = {scheme!r} placed {used} of {n} rows; "
-                         f"{_hint(scheme)}")  # fmt: skip
+        raise FloraError(f"data.partition = {scheme!r} placed {used} of {n} rows; {_hint(scheme)}")
     empty = [k for k, part in enumerate(parts) if not part]
     if empty:
-        raise FloraError(f"data.partition = {scheme!r} left client(s) {empty} without rows; "
-                         f"{_hint(scheme)}")  # fmt: skip
+        raise FloraError(
+            f"data.partition = {scheme!r} left client(s) {empty} without rows; {_hint(scheme)}"
+        )
     return parts
 
 
 def _hint(scheme: str) -> str:
     return {
         "dirichlet": "raise data.dirichlet_alpha, lower data.min_partition_size or "
-                     "federation.num_clients, or raise data.limit",
+        "federation.num_clients, or raise data.limit",
         "shards": "lower data.shards_per_client or federation.num_clients",
         "pathological": "use at least as many clients as labels, or raise "
-                        "data.classes_per_client, so that every label is dealt to a client",
-    }.get(scheme, "lower federation.num_clients or raise data.limit")  # fmt: skip
+        "data.classes_per_client, so that every label is dealt to a client",
+    }.get(scheme, "lower federation.num_clients or raise data.limit")
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

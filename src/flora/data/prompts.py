@@ -179,8 +179,14 @@ def encode_records(
     positions: list[int] = []
     counts: dict[str, Counter[str]] = {}
     for position, record in enumerate(records):
-        encoded = encode_example(record, tokenizer, template=template, max_length=max_length,
-                                 min_response=min_response, truncation=truncation)  # fmt: skip
+        encoded = encode_example(
+            record,
+            tokenizer,
+            template=template,
+            max_length=max_length,
+            min_response=min_response,
+            truncation=truncation,
+        )
         category = counts.setdefault(str(record.get("category", "all")), Counter())
         if encoded.example is None:
             category["dropped"] += 1

@@ -23,15 +23,20 @@ def shift_to_category(
 ) -> list[list[int]]:
     """``parts`` with client ``client`` holding only rows labelled ``category`` (sorted lists)."""
     if not 0 <= client < len(parts):
-        raise FloraError(f"data.shift_client = {client} is not a client; pick 0 to "
-                         f"{len(parts) - 1}, or -1 for no shift")  # fmt: skip
+        raise FloraError(
+            f"data.shift_client = {client} is not a client; pick 0 to "
+            f"{len(parts) - 1}, or -1 for no shift"
+        )
     if category not in set(labels):
-        raise FloraError(f"data.shift_category = {category!r} is not a label of the training "
-                         f"rows; use one of {sorted(set(labels))}")  # fmt: skip
+        raise FloraError(
+            f"data.shift_category = {category!r} is not a label of the training "
+            f"rows; use one of {sorted(set(labels))}"
+        )
     out = [list(part) for part in parts]
     others = [i for i in out[client] if labels[i] != category]
-    pool = [(k, i) for k, part in enumerate(out) if k != client for i in part
-            if labels[i] == category]  # fmt: skip
+    pool = [
+        (k, i) for k, part in enumerate(out) if k != client for i in part if labels[i] == category
+    ]
     order = make_rng(seed, 7).permutation(len(pool)).tolist()
     pool = [pool[j] for j in order]
     mine = [i for i in out[client] if labels[i] == category]

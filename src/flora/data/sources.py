@@ -90,15 +90,16 @@ def load_records(
     columns = list(getattr(rows, "column_names", None) or _first_keys(rows))
     layout = detect_layout(columns, dict(fields or {}), f"data.source {where!r}")
     if natural_id_column and natural_id_column not in columns:
-        raise FloraError(f"data.natural_id_column {natural_id_column!r} is not a column of "
-                         f"{where!r}; its columns: {sorted(columns)}")  # fmt: skip
+        raise FloraError(
+            f"data.natural_id_column {natural_id_column!r} is not a column of "
+            f"{where!r}; its columns: {sorted(columns)}"
+        )
     records: list[Record] = []
     for number, row in enumerate(rows, start=1):
         if limit is not None and len(records) >= limit:
             break
         place = f"line {lines[number - 1]}" if lines else f"{unit} {number}"
-        records.append(to_record(row, layout, f"{where}: {place}", label_column,
-                                 natural_id_column))  # fmt: skip
+        records.append(to_record(row, layout, f"{where}: {place}", label_column, natural_id_column))
     return records
 
 
@@ -118,8 +119,10 @@ def _file_rows(path: Path) -> tuple[Any, str, list[int]]:
         )
     builder = FILE_BUILDERS.get(path.suffix)
     if builder is None:
-        raise FloraError(f"data.source {str(path)!r}: unknown file type {path.suffix!r}; use one "
-                         f"of {sorted(FILE_BUILDERS)}")  # fmt: skip
+        raise FloraError(
+            f"data.source {str(path)!r}: unknown file type {path.suffix!r}; use one "
+            f"of {sorted(FILE_BUILDERS)}"
+        )
     import datasets  # deferred: importing datasets costs seconds
 
     unit, lines = "row", list[int]()
@@ -186,6 +189,8 @@ def load_hub_split(
 
 
 def _hub_rows(hub_id: str, subset: str, split: str) -> Any:
-    fix = (f"give a local .json/.jsonl/.csv/.parquet path, or set {DATA_DIR_ENV} to a folder "
-           f"holding {DOLLY_FILE}")  # fmt: skip
+    fix = (
+        f"give a local .json/.jsonl/.csv/.parquet path, or set {DATA_DIR_ENV} to a folder "
+        f"holding {DOLLY_FILE}"
+    )
     return load_hub_split(hub_id, split, what="data.source", fix=fix, config=subset or None)

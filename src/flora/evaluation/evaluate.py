@@ -92,8 +92,10 @@ def resolve_target(spec: str) -> Target:
             return Target(name, str(final / "model"), config, path)
         if (final / "adapter" / "adapter_config.json").is_file():  # output.model = false
             return Target(name, config.model.name, config, path, adapter=final / "adapter")
-        raise FloraError(f"{path}: the run has no final/model or final/adapter yet; finish it "
-                         "with flora run --resume")  # fmt: skip
+        raise FloraError(
+            f"{path}: the run has no final/model or final/adapter yet; finish it "
+            "with flora run --resume"
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FloraError(f"{path}: neither a flora run directory nor a model checkpoint")
@@ -140,8 +142,11 @@ def evaluate(
     if "mmlu" in options.tasks:
         mmlu = _mmlu(model, tokenizer, options, precision, quiet)
         sections.append(mmlu.harness())
-        timings["mmlu"] = {"seconds": mmlu.seconds, "questions": mmlu.questions,
-                           "questions_per_second": mmlu.questions_per_second}  # fmt: skip
+        timings["mmlu"] = {
+            "seconds": mmlu.seconds,
+            "questions": mmlu.questions,
+            "questions_per_second": mmlu.questions_per_second,
+        }
     if "samples" in options.tasks:
         begun = time.perf_counter()
         samples = _samples(target, options, model, tokenizer, precision, out, say)
@@ -217,8 +222,9 @@ def _samples(
     if base_name is not None:
         say(f"answering them with the base model {base_name} ...")
         device = next(model.parameters()).device
-        base_model = load_model(base_name, precision=precision, seed=target.config.seed,
-                                device=device)  # fmt: skip
+        base_model = load_model(
+            base_name, precision=precision, seed=target.config.seed, device=device
+        )
         base = answers(*base_model)
         rows = [
             {k: v for k, v in q.items() if k != "answer"} | {"base": b, "tuned": t}

@@ -93,9 +93,13 @@ def load_mmlu(split: str) -> dict[str, list[Question]]:
 
 
 def _load_hub(split: str) -> dict[str, list[Question]]:
-    rows = load_hub_split(MMLU_HUB_ID, split, config="all",
-                          what=f"MMLU (no shared copy in shared/data/{MMLU_DIR}/)",
-                          fix=f"set FLORA_DATA_DIR to a folder holding {MMLU_DIR}/")  # fmt: skip
+    rows = load_hub_split(
+        MMLU_HUB_ID,
+        split,
+        config="all",
+        what=f"MMLU (no shared copy in shared/data/{MMLU_DIR}/)",
+        fix=f"set FLORA_DATA_DIR to a folder holding {MMLU_DIR}/",
+    )
     out: dict[str, list[Question]] = {}
     for row in rows:
         listed = [str(c) for c in row["choices"]]

@@ -192,8 +192,13 @@ def summarize(per_subject: Mapping[str, tuple[int, int]]) -> Score:
 
 def _entry(name: str, alias: str, score: Score, group: bool) -> dict[str, Any]:
     stderr = NA if score.acc_stderr is None else score.acc_stderr
-    entry = {"name": name, "alias": alias, "sample_len": score.questions,
-             "acc,none": score.acc, "acc_stderr,none": stderr}  # fmt: skip
+    entry = {
+        "name": name,
+        "alias": alias,
+        "sample_len": score.questions,
+        "acc,none": score.acc,
+        "acc_stderr,none": stderr,
+    }
     return entry | {"acc_macro,none": score.acc_macro} if group else entry
 
 
@@ -233,8 +238,10 @@ def harness_results(
     tasks = {task_name(s): s for s in subjects}
     results |= {t: _entry(t, s, scores[t], group=False) for t, s in tasks.items()}
     names = [*groups, *tasks]
-    counts = {t: {"original": available.get(s, per_subject[s][1]), "effective": per_subject[s][1]}
-              for t, s in tasks.items()}  # fmt: skip
+    counts = {
+        t: {"original": available.get(s, per_subject[s][1]), "effective": per_subject[s][1]}
+        for t, s in tasks.items()
+    }
     return {
         "results": results,
         "groups": {g: results[g] for g in groups},

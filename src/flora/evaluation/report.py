@@ -132,9 +132,13 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 def _look(k: int) -> dict[str, Any]:
     """Run k's colour, marker, marker size and fill, and line style: distinct for the first 40
     runs; sizes shrink and fills alternate, so runs on the same points show as nested marks."""
-    return {"color": f"C{k % 10}", "marker": _MARKERS[k % len(_MARKERS)],
-            "markersize": 10.0 - 1.5 * (k % 4), "fill": k % 2 == 0,
-            "linestyle": _STYLES[(k // 2) % len(_STYLES)]}  # fmt: skip
+    return {
+        "color": f"C{k % 10}",
+        "marker": _MARKERS[k % len(_MARKERS)],
+        "markersize": 10.0 - 1.5 * (k % 4),
+        "fill": k % 2 == 0,
+        "linestyle": _STYLES[(k // 2) % len(_STYLES)],
+    }
 
 
 def segments(points: Sequence[tuple[float, float]], rounds: Sequence[int]) -> list[list[int]]:
@@ -163,19 +167,37 @@ def _curves(ax: Axes, runs: Sequence[RunSummary], attr: str, scale: float = 1.0)
         xs = [x * scale for x, _ in points]
         ys = [y for _, y in points]
         face = look["color"] if look["fill"] else "none"
-        marks = {"marker": look["marker"], "markersize": look["markersize"],
-                 "markerfacecolor": face, "markeredgecolor": look["color"]}  # fmt: skip
+        marks = {
+            "marker": look["marker"],
+            "markersize": look["markersize"],
+            "markerfacecolor": face,
+            "markeredgecolor": look["color"],
+        }
         ax.plot(xs, ys, linestyle="none", alpha=0.85, zorder=3 + k, **marks)
         for seg in segments(points, rounds):
             if len(seg) > 1:
-                ax.plot([xs[i] for i in seg], [ys[i] for i in seg], color=look["color"],
-                        linestyle=look["linestyle"], alpha=0.85, zorder=2)  # fmt: skip
-        handles.append(Line2D([], [], color=look["color"], linestyle=look["linestyle"],
-                              label=run.name, **marks))  # fmt: skip
+                ax.plot(
+                    [xs[i] for i in seg],
+                    [ys[i] for i in seg],
+                    color=look["color"],
+                    linestyle=look["linestyle"],
+                    alpha=0.85,
+                    zorder=2,
+                )
+        handles.append(
+            Line2D(
+                [], [], color=look["color"], linestyle=look["linestyle"], label=run.name, **marks
+            )
+        )
         drawn = True
     if drawn:
-        ax.legend(handles=handles, fontsize="small", loc="upper left",
-                  bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # fmt: skip
+        ax.legend(
+            handles=handles,
+            fontsize="small",
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0,
+        )
     return drawn
 
 
@@ -194,8 +216,11 @@ def _round_plot(runs: Sequence[RunSummary], path: Path) -> Path | None:
     if not _curves(ax, runs, "loss_by_round"):
         return None
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    gaps = any(len(segments(r.loss_by_round, [x for x, _ in r.loss_by_round])) > 1
-               for r in runs if r.loss_by_round)  # fmt: skip
+    gaps = any(
+        len(segments(r.loss_by_round, [x for x, _ in r.loss_by_round])) > 1
+        for r in runs
+        if r.loss_by_round
+    )
     note = " (lines join consecutive rounds only)" if gaps else ""
     return _finish(fig, ax, "held-out loss by round" + note, "round", "held-out loss", path)
 
@@ -226,11 +251,23 @@ def _category_plot(runs: Sequence[RunSummary], path: Path) -> Path | None:
     fig, ax = _figure(max(7.6, 1.0 * len(categories) + 2.5), 4.4)
     for j, (k, run) in enumerate(with_data):
         xs = [i + (j - (len(with_data) - 1) / 2) * width for i in range(len(categories))]
-        ys = [(lambda c: c[1] - c[0])(run.category_change[c]) if c in run.category_change
-              else float("nan") for c in categories]  # fmt: skip
+        ys = [
+            (lambda c: c[1] - c[0])(run.category_change[c])
+            if c in run.category_change
+            else float("nan")
+            for c in categories
+        ]
         hatch = ["", "//", "..", "xx"][(k // 10) % 4]
-        ax.bar(xs, ys, width=width, label=run.name, color=_look(k)["color"], hatch=hatch,
-               edgecolor="black", linewidth=0.4)  # fmt: skip
+        ax.bar(
+            xs,
+            ys,
+            width=width,
+            label=run.name,
+            color=_look(k)["color"],
+            hatch=hatch,
+            edgecolor="black",
+            linewidth=0.4,
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
     ax.grid(axis="y", alpha=0.3)
@@ -248,8 +285,14 @@ def _mmlu_plot(runs: Sequence[RunSummary], path: Path) -> Path | None:
         return None
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
-    return _finish(fig, ax, "MMLU accuracy by round (in-run eval.mmlu)", "round",
-                   "MMLU acc (weighted by subject size)", path)  # fmt: skip
+    return _finish(
+        fig,
+        ax,
+        "MMLU accuracy by round (in-run eval.mmlu)",
+        "round",
+        "MMLU acc (weighted by subject size)",
+        path,
+    )
 
 
 def plot_runs(runs: Sequence[RunSummary], out: Path) -> list[Path]:

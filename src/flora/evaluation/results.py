@@ -36,8 +36,16 @@ __all__ = [
     "samples_sections",
 ]
 
-SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
-            "higher_is_better", "n-samples")  # fmt: skip
+SECTIONS = (
+    "results",
+    "groups",
+    "group_subtasks",
+    "configs",
+    "versions",
+    "n-shot",
+    "higher_is_better",
+    "n-samples",
+)
 HELDOUT, SAMPLES = "flora_heldout", "flora_samples"
 
 
@@ -51,9 +59,14 @@ def owner(name: str) -> str:
 
 
 def _loss_entry(name: str, alias: str, row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"name": name, "alias": alias, "sample_len": row["examples"],
-            "loss,none": row["loss"], "perplexity,none": row["perplexity"],
-            "tokens": row["tokens"]}  # fmt: skip
+    return {
+        "name": name,
+        "alias": alias,
+        "sample_len": row["examples"],
+        "loss,none": row["loss"],
+        "perplexity,none": row["perplexity"],
+        "tokens": row["tokens"],
+    }
 
 
 def heldout_sections(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

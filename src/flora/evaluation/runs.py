@@ -124,16 +124,19 @@ def summarize_run(run_dir: Path, name: str | None = None) -> RunSummary:
         count = last.get("questions", "?")
         source = f"in-run eval.mmlu after round {last.get('round')}, {count} questions"
     results = evaluation.get("results", {})
-    per_category = {results[n]["alias"]: results[n]["loss,none"]
-                    for n in evaluation.get("group_subtasks", {}).get(HELDOUT, [])}  # fmt: skip
+    per_category = {
+        results[n]["alias"]: results[n]["loss,none"]
+        for n in evaluation.get("group_subtasks", {}).get(HELDOUT, [])
+    }
     by_round, by_bytes = _curves(rows)
     federation = config.get("federation", {})
     first = next((r for r in evals if int(r["round"]) == 0), None)
     change = {}
     if first and final and first.get("per_category") and final.get("per_category"):
         after = final["per_category"]
-        change = {k: (float(v), float(after[k])) for k, v in first["per_category"].items()
-                  if k in after}  # fmt: skip
+        change = {
+            k: (float(v), float(after[k])) for k, v in first["per_category"].items() if k in after
+        }
     return RunSummary(
         name=name or run_dir.resolve().name,
         method="centralized" if federation.get("centralized") else federation.get("method", "?"),
@@ -172,8 +175,11 @@ def _setup(config: dict[str, Any]) -> str:
     model, data = config.get("model", {}), config.get("data", {})
     federation, train = config.get("federation", {}), config.get("train", {})
     targets = ",".join(model.get("target_modules") or []) or "default targets"
-    clients = "1 client (centralized)" if federation.get("centralized") else \
-        f"{federation.get('num_clients', '?')} clients"  # fmt: skip
+    clients = (
+        "1 client (centralized)"
+        if federation.get("centralized")
+        else f"{federation.get('num_clients', '?')} clients"
+    )
     fraction = federation.get("fraction", 1.0)
     if fraction not in (None, 1.0):
         clients += f" ({fraction:.0%} a round)"
@@ -181,10 +187,12 @@ def _setup(config: dict[str, Any]) -> str:
     if scheme == "dirichlet":
         scheme += f" alpha {data.get('dirichlet_alpha')}"
     rows = data.get("limit") or "all"
-    return (f"{model.get('name', '?')} ({targets}), {clients}, {federation.get('rounds', '?')} "
-            f"rounds x {train.get('max_steps', '?')} steps, batch {train.get('batch_size', '?')}, "
-            f"lr {train.get('lr', '?')}, {scheme}, max_length {data.get('max_length', '?')}, "
-            f"{rows} rows")  # fmt: skip
+    return (
+        f"{model.get('name', '?')} ({targets}), {clients}, {federation.get('rounds', '?')} "
+        f"rounds x {train.get('max_steps', '?')} steps, batch {train.get('batch_size', '?')}, "
+        f"lr {train.get('lr', '?')}, {scheme}, max_length {data.get('max_length', '?')}, "
+        f"{rows} rows"
+    )
 
 
 def _row_acc(run_dir: Path, row: dict[str, Any]) -> float:

@@ -1,7 +1,7 @@
 """A client node's work on one message: flora's client round on this node's own base.
 
 The ClientApp and the node's warm worker both call these. Each reads the task, finds the node's
-cached model and data partition (flora.flower.state), runs :func:`flora.client.client_round`
+cached model and data partition (flora.node_state), runs :func:`flora.client.client_round`
 with the node's base (restore the stored snapshot, merge the missed updates: bitwise as the
 server's copy merges them), stores the new base after a success, and returns the reply.
 """
@@ -25,7 +25,7 @@ from flora.flower.records import (
     task_from_record,
     updates_from_record,
 )
-from flora.flower.state import NodeBase, load_base, load_data
+from flora.node_state import NodeBase, load_base, load_data
 
 __all__ = ["WORK", "Node", "evaluate", "process_age", "train"]
 
@@ -73,8 +73,12 @@ def _work(content: RecordDict, node: Node, *, train: bool) -> RecordDict:
     if result.error is None:
         base.store(task)
     if train:
-        result.timing = {"process-age": age, "prepare-seconds": loaded + result.sync_seconds,
-                         "received-at": received, "replied-at": time.time()}  # fmt: skip
+        result.timing = {
+            "process-age": age,
+            "prepare-seconds": loaded + result.sync_seconds,
+            "received-at": received,
+            "replied-at": time.time(),
+        }
     return result_to_content(result)
 
 

@@ -38,8 +38,12 @@ class Node:
         return run_directory(self.state_dir, self.run) / f"partition-{self.partition}"
 
     def to_json(self) -> dict[str, str | int]:
-        return {"partition": self.partition, "state_dir": str(self.state_dir), "run": self.run,
-                "device": self.device}  # fmt: skip
+        return {
+            "partition": self.partition,
+            "state_dir": str(self.state_dir),
+            "run": self.run,
+            "device": self.device,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Node:

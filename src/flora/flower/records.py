@@ -2,16 +2,18 @@
 
 Server to client (train and evaluate messages):
   ``task``      ConfigRecord: the ClientTask's scalars (``since`` / ``through``: the merged
-                updates the client's base holds before / after catch-up) and the run config
+                updates the client's base holds before / after catch-up; ``trains``: the parts
+                its method's plan trains) and the run config
   ``catch-up``  ArrayRecord: the merged updates it missed, ``<i>/`` + RoundUpdate.to_tensors
-  ``init``      ArrayRecord: its starting LoRA, for methods with a global LoRA (train)
+  ``init``      ArrayRecord: its starting LoRA, where its method's plan gives one (train)
   ``lora``      ArrayRecord: the global LoRA to evaluate (evaluate, methods that keep one)
 Client to server (one ClientResult):
-  ``factors``   ArrayRecord: the trained factors, flora.adapters' codec, fp32, bitwise (train)
+  ``factors``   ArrayRecord: the trained factors, flora.factors' codec, fp32, bitwise (train)
   ``metrics``   MetricRecord: partition, round, num-examples, tokens, steps, train-loss, seconds,
-                sync-seconds, scaling, heldout-loss (evaluate), and the node's timings
+                sync-seconds, scaling, heldout-loss (evaluate), loss-curve (each local
+                step's loss, a list of floats; empty when no step ran), and the node's timings
   ``samples``   ConfigRecord: instructions and answers (evaluate, when eval.samples > 0)
-Tensors use flora.adapters' one codec (``<module>.lora_A.weight``) under a record prefix.
+Tensors use flora.factors' one codec (``<module>.lora_A.weight``) under a record prefix.
 Flower splits large arrays into 5 MiB chunks by itself.
 """
 
@@ -24,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues, RecordDict
 
-from flora.adapters import Adapter, adapter_from_tensors, adapter_to_tensors
+from flora.aggregation.lifecycle import check_parts
 from flora.client import ClientResult
 from flora.config import RunConfig, config_from_dict, config_to_dict
 from flora.errors import FloraError
+from flora.factors import Adapter, adapter_from_tensors, adapter_to_tensors
 from flora.protocol import ClientTask, RoundUpdate
 
 __all__ = [
@@ -54,6 +57,13 @@ def _number(record: ConfigRecord | MetricRecord, key: str) -> float:
             "on the server and every node"
         )
     return float(value)
+
+
+def _floats(record: MetricRecord, key: str) -> list[float]:
+    value = record.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, float) for v in value):
+        raise FloraError(f"record field '{key}' is {value!r}, expected a list of floats")
+    return [float(v) for v in value]
 
 
 def _strings(record: ConfigRecord, key: str) -> list[str]:
@@ -137,7 +147,7 @@ def task_to_record(task: ClientTask, config_json: str, run_key: str = "") -> Con
             "rank": task.rank,
             "alpha": float(task.alpha),
             "seed": task.seed,
-            "freeze-a": task.freeze_A,
+            "trains": sorted(task.trains),
             "since": task.since,
             "through": task.through,
             "catch-up-rounds": ",".join(str(u.round) for u in task.catch_up),
@@ -156,7 +166,7 @@ def task_from_record(record: ConfigRecord) -> TaskInfo:
         rank=int(_number(record, "rank")),
         alpha=_number(record, "alpha"),
         seed=int(_number(record, "seed")),
-        freeze_A=bool(record.get("freeze-a", False)),
+        trains=check_parts(_strings(record, "trains"), "the task's trains"),
         since=int(_number(record, "since")),
         through=int(_number(record, "through")),
         bytes_down=int(_number(record, "bytes-down")),
@@ -184,10 +194,13 @@ def result_to_content(result: ClientResult) -> RecordDict:
         "train-loss": result.train_loss,
         "seconds": result.seconds,
         "sync-seconds": result.sync_seconds,
+        "loss-curve": [float(v) for v in result.loss_curve],
         **result.timing,
     }
-    for key, value in (("peak-rss-mib", result.peak_rss_mib),
-                       ("peak-cuda-mib", result.peak_cuda_mib)):  # fmt: skip
+    for key, value in (
+        ("peak-rss-mib", result.peak_rss_mib),
+        ("peak-cuda-mib", result.peak_cuda_mib),
+    ):
         if value is not None:
             metrics[key] = value
     content = RecordDict({})
@@ -226,8 +239,20 @@ def result_from_content(content: RecordDict) -> ClientResult:
         result.peak_rss_mib = _number(metrics, "peak-rss-mib")
     if "peak-cuda-mib" in metrics:
         result.peak_cuda_mib = _number(metrics, "peak-cuda-mib")
-    known = {"partition", "round", "num-examples", "train-loss", "scaling", "heldout-loss",
-             "peak-rss-mib", "peak-cuda-mib", *_SCALARS}  # fmt: skip
+    if "loss-curve" in metrics:
+        result.loss_curve = _floats(metrics, "loss-curve")
+    known = {
+        "partition",
+        "round",
+        "num-examples",
+        "train-loss",
+        "scaling",
+        "heldout-loss",
+        "peak-rss-mib",
+        "peak-cuda-mib",
+        "loss-curve",
+        *_SCALARS,
+    }
     result.timing = {k: _number(metrics, k) for k in metrics if k not in known}
     if "factors" in content.array_records:
         tensors = _tensors(content.array_records["factors"])

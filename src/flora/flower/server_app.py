@@ -1,4 +1,4 @@
-"""The ServerApp: find the nodes, run flora's rounds through FloraStrategy, write the results.
+"""The ServerApp: find the nodes, run flora's rounds on them (FlowerRuntime), write the results.
 
 Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
 ``flwr run ... --run-config "config='/abs/tiny.toml' run-dir='/abs/runs/x'"``):
@@ -33,7 +33,6 @@ import time
 import uuid
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict, UserConfig
 from flwr.common import log
@@ -44,7 +43,7 @@ from flora.engine import RunCore
 from flora.errors import FloraError
 from flora.flower.grid import PollingGrid
 from flora.flower.records import config_json, node_from_content
-from flora.flower.strategy import FloraStrategy
+from flora.flower.runtime import FlowerRuntime
 from flora.io import atomic_write_json
 from flora.outputs import RunResult, finished
 from flora.packaged import config_path
@@ -66,8 +65,12 @@ def discover_partitions(grid: Grid, num_partitions: int, wait: float) -> dict[in
     nodes: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=wait):
         if reply.has_error():
-            log(WARNING, "node %d did not answer: %s", reply.metadata.src_node_id,
-                reply.error.reason)  # fmt: skip
+            log(
+                WARNING,
+                "node %d did not answer: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
             continue
         try:
             k, n = node_from_content(reply.content)
@@ -121,8 +124,12 @@ def forget_node_state(grid: Grid, nodes: dict[int, int], run_key: str, timeout: 
     messages = [Message(content, node, MessageType.QUERY) for node in nodes.values()]
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            log(WARNING, "node %d kept its state: %s", reply.metadata.src_node_id,
-                reply.error.reason)  # fmt: skip
+            log(
+                WARNING,
+                "node %d kept its state: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
 
 
 def run_server(
@@ -154,38 +161,22 @@ def _run(
     log(INFO, "flora: clients' data\n%s", core.model.data.table)
     nodes = discover_partitions(grid, core.server.num_clients, float(options.get("node-wait", 300)))
     log(INFO, "flora: partitions on nodes %s", nodes)
-    client_eval = bool(options.get("client-eval", False))
-    strategy = FloraStrategy(core.server, nodes, config_json(core.config), client_eval, run_key)
-    timeout = float(options.get("round-timeout", 3600))
-    started = {"perf": time.perf_counter(), "unix": time.time()}
-
-    def client_evaluation(round: int) -> None:
-        evaluation = strategy.evaluation
-        if evaluation is not None and evaluation.heldout_loss is not None:
-            loss, samples = evaluation.heldout_loss, evaluation.samples
-            core.outputs.eval_row(round, loss, samples, client=evaluation.client)
-
-    def end_round(t: int) -> None:
-        uploads = [r for r in strategy.results if r.ok]
-        extra: dict[str, Any] = {"round_seconds": time.perf_counter() - started["perf"],
-                                 "started_at": started["unix"]}  # fmt: skip
-        if uploads:  # the nodes train in parallel
-            extra["train_seconds_max"] = max(r.seconds for r in uploads)
-        core.end_round(t, strategy.tasks, strategy.results, strategy.outcome, extra,
-                       before_eval=lambda: client_evaluation(t))  # fmt: skip
-        started.update(perf=time.perf_counter(), unix=time.time())
-
+    runtime = FlowerRuntime(
+        core,
+        grid,
+        nodes,
+        config_json(core.config),
+        timeout=float(options.get("round-timeout", 3600)),
+        client_eval=bool(options.get("client-eval", False)),
+        run_key=run_key,
+    )
+    runtime.summary()
     if core.resumed:
         log(INFO, "flora: resuming %s after round %d", run_dir, core.first_round - 1)
-    else:
-        strategy.evaluate_on_client(grid, 0, timeout)
-        client_evaluation(0)
-        core.evaluate(0)
-    started.update(perf=time.perf_counter(), unix=time.time())
-    strategy.run_rounds(grid, core.first_round, timeout, end_round)
-    result = core.finish(time.perf_counter() - start, "flower")
+    core.play(runtime)
+    result = core.finish(time.perf_counter() - start, runtime.name)
     if not bool(options.get("keep-node-state", False)):
-        forget_node_state(grid, nodes, run_key, timeout)
+        forget_node_state(grid, nodes, run_key, runtime.timeout)
     return result
 
 

@@ -110,6 +110,9 @@ def simulate(
     shutil.rmtree(nodes, ignore_errors=True)
     data = json.loads(summary.read_text(encoding="utf-8"))
     return RunResult(
-        Path(data["run_dir"]), data["loss_before"], data["loss_after"], data["samples"],
+        Path(data["run_dir"]),
+        data["loss_before"],
+        data["loss_after"],
+        data["samples"],
         data["seconds"],
-    )  # fmt: skip
+    )

@@ -49,8 +49,9 @@ class Budget:
 
     def epsilon(self, steps: int) -> float:
         """The epsilon spent after ``steps`` steps (inf without noise, 0 before any step)."""
-        return epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta,
-                             self.accountant)  # fmt: skip
+        return epsilon_spent(
+            self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant
+        )
 
 
 def epsilon_spent(
@@ -83,9 +84,13 @@ def noise_for(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "optimal order is the largest alpha"
-            noise = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                         sample_rate=sample_rate, steps=steps,
-                                         accountant=accountant)  # fmt: skip
+            noise = get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
         return float(noise)
     except ValueError:
         raise FloraError(
@@ -114,8 +119,9 @@ def sample_budget(
     noise = privacy.noise_multiplier
     if privacy.epsilon > 0:
         what = f"client {client} ({examples} examples, {steps} steps x {rounds} rounds at rate "
-        noise = noise_for(privacy.epsilon, delta, rate, steps * rounds, privacy.accountant,
-                          what + f"{rate:.3g})")  # fmt: skip
+        noise = noise_for(
+            privacy.epsilon, delta, rate, steps * rounds, privacy.accountant, what + f"{rate:.3g})"
+        )
     return Budget(noise, rate, steps, delta, privacy.accountant)
 
 
@@ -128,8 +134,7 @@ def client_budget(privacy: PrivacyConfig, federation: FederationConfig, sampled:
     noise = privacy.noise_multiplier
     if privacy.epsilon > 0:
         what = f"the clients ({sampled} of {clients} a round, {federation.rounds} rounds)"
-        noise = noise_for(privacy.epsilon, delta, rate, federation.rounds, privacy.accountant,
-                          what)  # fmt: skip
+        noise = noise_for(privacy.epsilon, delta, rate, federation.rounds, privacy.accountant, what)
     return Budget(noise, rate, 1, delta, privacy.accountant)
 
 
@@ -143,5 +148,6 @@ def dp_sgd_plan(config: RunConfig, examples: int, client: int) -> DPSGD | None:
 
     budget = sample_budget(privacy, config.train, examples, config.federation.rounds, client)
     expected = config.train.batch_size * config.train.grad_accum
-    return DPSGD(budget.noise_multiplier, privacy.max_grad_norm, expected,
-                 privacy.reproducible_noise)  # fmt: skip
+    return DPSGD(
+        budget.noise_multiplier, privacy.max_grad_norm, expected, privacy.reproducible_noise
+    )

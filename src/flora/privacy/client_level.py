@@ -17,49 +17,50 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Collection
 
 import torch
 
-from flora.adapters import Adapter, LoraFactors
+from flora.factors import Adapter, LoraFactors
 
 __all__ = ["clip_update", "noise_average", "noise_generator", "update_norm"]
 
 
 def _deltas(
-    trained: Adapter, start: Adapter, freeze_A: bool
-) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
-    out: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    trained: Adapter, start: Adapter, trains: Collection[str]
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Per module, the change of each trained part at scaling 1 (None: the part did not train)."""
+    out: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     for module in sorted(start):
         t, s = trained[module].with_scaling(1.0), start[module].with_scaling(1.0)
-        delta_A = None if freeze_A else t.A.float() - s.A.float()
-        out[module] = (delta_A, t.B.float() - s.B.float())
+        delta_A = t.A.float() - s.A.float() if "A" in trains else None
+        delta_B = t.B.float() - s.B.float() if "B" in trains else None
+        out[module] = (delta_A, delta_B)
     return out
 
 
-def update_norm(trained: Adapter, start: Adapter, freeze_A: bool = False) -> float:
-    """The L2 norm of the update over every module's A (unless frozen) and B, at scaling 1."""
+def update_norm(trained: Adapter, start: Adapter, trains: Collection[str] = "AB") -> float:
+    """The L2 norm of the update over every module's trained parts (``trains``: "A", "B"), at
+    scaling 1."""
     total = 0.0
-    for delta_A, delta_B in _deltas(trained, start, freeze_A).values():
-        total += float(delta_B.double().square().sum())
-        if delta_A is not None:
-            total += float(delta_A.double().square().sum())
+    for deltas in _deltas(trained, start, trains).values():
+        total += sum(float(d.double().square().sum()) for d in deltas if d is not None)
     return math.sqrt(total)
 
 
 def clip_update(
-    trained: Adapter, start: Adapter, bound: float, freeze_A: bool = False
+    trained: Adapter, start: Adapter, bound: float, trains: Collection[str] = "AB"
 ) -> tuple[Adapter, float]:
     """``start`` + the update scaled onto L2 norm <= ``bound`` (scaling 1), and the update's
-    norm before clipping. A frozen A is the trained one, untouched."""
-    norm = update_norm(trained, start, freeze_A)
+    norm before clipping. A part that did not train is the trained one, untouched."""
+    norm = update_norm(trained, start, trains)
     factor = min(1.0, bound / norm) if norm > 0 else 1.0
     clipped: Adapter = {}
-    for module, (delta_A, delta_B) in _deltas(trained, start, freeze_A).items():
-        s = start[module].with_scaling(1.0)
-        A = trained[module].A.float() if delta_A is None else s.A.float() + factor * delta_A
-        clipped[module] = LoraFactors(
-            A.contiguous(), (s.B.float() + factor * delta_B).contiguous(), 1.0
-        )
+    for module, (delta_A, delta_B) in _deltas(trained, start, trains).items():
+        s, t = start[module].with_scaling(1.0), trained[module]
+        A = t.A.float() if delta_A is None else s.A.float() + factor * delta_A
+        B = t.with_scaling(1.0).B.float() if delta_B is None else s.B.float() + factor * delta_B
+        clipped[module] = LoraFactors(A.contiguous(), B.contiguous(), 1.0)
     return clipped, norm
 
 
@@ -75,18 +76,18 @@ def noise_generator(seed: int, round: int, reproducible: bool) -> torch.Generato
 
 
 def noise_average(
-    average: Adapter, std: float, generator: torch.Generator, freeze_A: bool = False
+    average: Adapter, std: float, generator: torch.Generator, trains: Collection[str] = "AB"
 ) -> Adapter:
-    """``average`` (scaling 1) with N(0, std^2) added to every coordinate of B, and of A unless
-    it is frozen (a frozen A is the same for every client and carries no client's data)."""
+    """``average`` (scaling 1) with N(0, std^2) added to every coordinate of the parts that
+    trained (``trains``); a part that did not train is the same for every client and carries no
+    client's data. B's noise is drawn after A's, module by module."""
     noised: Adapter = {}
     for module in sorted(average):
         f = average[module].with_scaling(1.0)
-        A = (
-            f.A
-            if freeze_A
-            else f.A + std * torch.randn(f.A.shape, generator=generator, dtype=f.A.dtype)
-        )
-        B = f.B + std * torch.randn(f.B.shape, generator=generator, dtype=f.B.dtype)
+        A, B = f.A, f.B
+        if "A" in trains:
+            A = A + std * torch.randn(A.shape, generator=generator, dtype=A.dtype)
+        if "B" in trains:
+            B = B + std * torch.randn(B.shape, generator=generator, dtype=B.dtype)
         noised[module] = LoraFactors(A, B, 1.0)
     return noised

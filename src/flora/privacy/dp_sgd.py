@@ -6,9 +6,11 @@ each example with probability q = expected batch / n), computes every example's 
 own loss (opacus' ``GradSampleModule`` hooks on the trainable ``lora_A`` / ``lora_B`` linears
 only; the frozen base gets none), clips each to ``max_grad_norm`` over all trainable factors
 together, sums, adds N(0, (noise_multiplier x max_grad_norm)^2) per coordinate and divides by
-the expected batch (opacus' ``DPOptimizer`` around the client's AdamW). A logical batch larger
-than ``train.batch_size`` runs as several micro-batches whose clipped gradients accumulate
-before the one noisy step, as opacus' ``BatchMemoryManager`` does it.
+the expected batch (opacus' ``DPOptimizer`` around the client's ``train.optimizer``). A
+logical batch larger than ``train.batch_size`` runs as several micro-batches whose clipped
+gradients accumulate before the one noisy step, as opacus' ``BatchMemoryManager`` does it.
+The step loop that drives these pieces is :func:`flora.steps.dp_sgd_steps`; what DP-SGD
+refuses is :func:`flora.privacy.config.dp_sgd_refusal`.
 
 Opacus rather than a hand-written per-example loop: its hooks fit flora's inject-and-unload
 design (they attach to the injected layers and come off with :func:`private_optimizer`'s exit,

@@ -50,8 +50,9 @@ class Ledger:
         key = (client, examples)
         if key not in self._budgets:
             rounds = self.config.federation.rounds
-            self._budgets[key] = sample_budget(self.config.privacy, self.config.train, examples,
-                                               rounds, client)  # fmt: skip
+            self._budgets[key] = sample_budget(
+                self.config.privacy, self.config.train, examples, rounds, client
+            )
         return self._budgets[key]
 
     def record(self, uploads: Sequence[tuple[int, int, int]]) -> None:
@@ -99,21 +100,27 @@ class Ledger:
         rounds = self.config.federation.rounds
         if self.clients is not None:
             c = self.clients
-            return (f"client-level DP: noise multiplier {c.noise_multiplier:.4g} (std "
-                    f"{c.noise_multiplier * self.config.privacy.update_norm:.4g} / m on the "
-                    f"average), clients sampled at rate {c.sample_rate:.3g}, delta {c.delta:.3g}: "
-                    f"epsilon {c.epsilon(rounds):.3f} after {rounds} rounds")  # fmt: skip
+            return (
+                f"client-level DP: noise multiplier {c.noise_multiplier:.4g} (std "
+                f"{c.noise_multiplier * self.config.privacy.update_norm:.4g} / m on the "
+                f"average), clients sampled at rate {c.sample_rate:.3g}, delta {c.delta:.3g}: "
+                f"epsilon {c.epsilon(rounds):.3f} after {rounds} rounds"
+            )
         if self.mode != "dp-sgd":
             return "privacy: none (privacy.mode = 'none')"
-        lines = ["DP-SGD per client (epsilon after the last round, taking part in every round)",
-                 f"{'client':>6} {'examples':>9} {'noise':>8} {'rate':>7} {'delta':>9} "
-                 f"{'steps':>6} {'epsilon':>8}"]  # fmt: skip
+        lines = [
+            "DP-SGD per client (epsilon after the last round, taking part in every round)",
+            f"{'client':>6} {'examples':>9} {'noise':>8} {'rate':>7} {'delta':>9} "
+            f"{'steps':>6} {'epsilon':>8}",
+        ]
         for client, examples in enumerate(sizes):
             b = self.budget(client, examples)
             steps = b.steps_per_round * rounds
-            lines.append(f"{client:>6} {examples:>9} {b.noise_multiplier:>8.4g} "
-                         f"{b.sample_rate:>7.3g} {b.delta:>9.3g} {steps:>6} "
-                         f"{b.epsilon(steps):>8.3f}")  # fmt: skip
+            lines.append(
+                f"{client:>6} {examples:>9} {b.noise_multiplier:>8.4g} "
+                f"{b.sample_rate:>7.3g} {b.delta:>9.3g} {steps:>6} "
+                f"{b.epsilon(steps):>8.3f}"
+            )
         return "\n".join(lines)
 
     def state(self) -> dict[str, Any]:

@@ -1,12 +1,13 @@
-"""A client node's state between messages: its base model and its data partition, on disk.
+"""A client node's state between rounds: its base model and its data partition, on disk.
 
-A SuperNode starts a fresh ClientApp process for every message, so what a client must remember
-across rounds lives in a directory per run and partition::
+Any runtime whose clients hold their own copy of the base uses it (Flower's nodes; a test's
+thread-pool runtime). A SuperNode starts a fresh ClientApp process for every message, so what a
+client must remember across rounds lives in a directory per run and partition::
 
     <state dir>/run-<run key>/partition-<k>/base-<n>.safetensors
 
 ``base-<n>`` holds the target modules' weights after the first ``n`` merged updates of the run
-(methods that merge into the base: flora, florist, fedex-lora), written only after a
+(the history of merged updates: flora, florist, fedex-lora), written only after a
 round's training succeeded. The snapshot the server last assumed (``since``) is kept too, so a
 reply lost after the write can be retried. Everything else of the model comes from flora's
 model cache (:func:`flora.models.load_model`), and the encoded partition from
@@ -130,8 +131,15 @@ def load_base(config: RunConfig, device: str | None = None) -> ClientBase:
     process; ``restore`` moves it."""
     config = with_default_targets(config)
     m = config.model
-    key = (m.name, config.seed, device or config.train.device, m.dtype, m.quantization,
-           m.exact_merge, tuple(m.target_modules))  # fmt: skip
+    key = (
+        m.name,
+        config.seed,
+        device or config.train.device,
+        m.dtype,
+        m.quantization,
+        m.exact_merge,
+        tuple(m.target_modules),
+    )
     if key not in _MODELS:
         _MODELS.clear()  # one model per process
         model, tokenizer = load_run_model(config, device)
