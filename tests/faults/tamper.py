@@ -117,9 +117,9 @@ def narrower_A() -> Change:
 def crash_in_training(partition: int, round: int) -> Callable[[], None]:
     """That partition's training in that round raises from its first loss, after the LoRA was
     injected into the base (shared, in the embedded runtime); returns what undoes it."""
-    import flora.training
+    import flora.steps  # the step loops call response_loss
 
-    real_round, real_loss = flora.client.client_round, flora.training.response_loss
+    real_round, real_loss = flora.client.client_round, flora.steps.response_loss
 
     def failing_loss(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected mid-training (tamper.py)")
@@ -127,10 +127,10 @@ def crash_in_training(partition: int, round: int) -> Callable[[], None]:
     def tampered(base: Any, data: Any, task: Any, config: Any, **kwargs: Any) -> ClientResult:
         if not (kwargs.get("train", True) and (task.client, task.round) == (partition, round)):
             return real_round(base, data, task, config, **kwargs)
-        flora.training.response_loss = failing_loss  # type: ignore[assignment]
+        flora.steps.response_loss = failing_loss  # type: ignore[assignment]
         try:
             return real_round(base, data, task, config, **kwargs)
         finally:
-            flora.training.response_loss = real_loss
+            flora.steps.response_loss = real_loss
 
     return _install(tampered)
