@@ -14,18 +14,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "flora"
 HEAVY = ("torch", "transformers", "peft", "safetensors", "flwr", "datasets")
 
 
-def _imports(path: Path, *, type_checking: bool = True) -> set[str]:
-    """Every module a file imports, at any depth (lazy imports included; those under
-    ``if TYPE_CHECKING:`` too, unless ``type_checking`` is false)."""
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports and those under
+    ``if TYPE_CHECKING:`` included)."""
     names: set[str] = set()
-    todo: list[ast.AST] = [ast.parse(path.read_text(encoding="utf-8"))]
-    while todo:
-        node = todo.pop()
-        guard = ast.unparse(node.test) if isinstance(node, ast.If) else ""
-        if "TYPE_CHECKING" in guard and not type_checking:
-            todo += node.orelse  # the else branch runs
-            continue
-        todo += ast.iter_child_nodes(node)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -42,14 +35,14 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(path): path for path in sorted(SRC.rglob("*.py"))}
 
 
-def _flora_imports(module: str, *, type_checking: bool = True) -> set[str]:
+def _flora_imports(module: str) -> set[str]:
     """The flora modules ``module`` imports, lazily or not (as :func:`_imports` reads them):
     each imported name taken to the deepest module it names (``from flora.aggregation.lowrank
     import stack`` -> flora.aggregation.lowrank). Importing a submodule also runs its package's
     ``__init__``, which is not counted: Python starts a package before its children, so that
     edge closes no circle."""
     found: set[str] = set()
-    for name in _imports(MODULES[module], type_checking=type_checking):
+    for name in _imports(MODULES[module]):
         while name and name not in MODULES:
             name = name.rpartition(".")[0]
         if name and name != module:
@@ -58,8 +51,6 @@ def _flora_imports(module: str, *, type_checking: bool = True) -> set[str]:
 
 
 GRAPH = {module: _flora_imports(module) for module in MODULES}
-# what runs: every import but those under `if TYPE_CHECKING:`
-RUNTIME_GRAPH = {module: _flora_imports(module, type_checking=False) for module in MODULES}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -104,12 +95,11 @@ def test_only_the_flower_package_imports_flwr():
 
 
 def test_no_import_cycles_among_flora_modules():
-    # an import inside a function counts: it only hides a circle until the function runs, and
-    # the design still has it. One under `if TYPE_CHECKING:` does not: it never runs, and it is
-    # Python's way to name, in an annotation, a class of a module that imports this one (today
-    # flora.optim's factories and flora.privacy.config.dp_sgd_refusal take a config.TrainConfig).
-    # No module is exempt.
-    circle = _cycle(RUNTIME_GRAPH)
+    # every import counts: one inside a function only hides a circle until the function runs,
+    # and one under `if TYPE_CHECKING:` still ties the two modules' designs together (a module
+    # that needs only some attributes of a class above it types them with a Protocol of its own,
+    # as flora.optim and flora.privacy.config do for the config's TrainConfig). None is exempt.
+    circle = _cycle(GRAPH)
     assert not circle, (
         f"import circle: {' -> '.join(circle)}; move what both sides need into a module below "
         "them (docs/architecture.md's layers)"

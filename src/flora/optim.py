@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from flora.config import TrainConfig
+
+class TrainConfig(Protocol):
+    """What the factories read of a ``flora.config.TrainConfig`` (typed here: the config
+    imports this module's tables to validate its names)."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    schedule: str
+    warmup_ratio: float
+
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "lr_factor", "make_optimizer", "make_scheduler"]
 

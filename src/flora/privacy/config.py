@@ -23,14 +23,22 @@ costs from what noise costs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from flora.errors import need
 
-if TYPE_CHECKING:
-    from flora.config import TrainConfig
 
-__all__ = ["ACCOUNTANTS", "PRIVACY_MODES", "PrivacyConfig", "dp_sgd_refusal"]
+class TrainSettings(Protocol):
+    """What :func:`dp_sgd_refusal` reads of a ``flora.config.TrainConfig`` (typed here, so that
+    this section of the config does not import the config that imports it)."""
+
+    sampling: str
+    loss_weighting: str
+    gradient_checkpointing: bool
+    precision: str
+
+
+__all__ = ["ACCOUNTANTS", "PRIVACY_MODES", "PrivacyConfig", "TrainSettings", "dp_sgd_refusal"]
 
 PRIVACY_MODES = ("none", "dp-sgd", "client-level")
 ACCOUNTANTS = ("rdp", "prv")  # opacus' Renyi DP and privacy-loss-random-variable accountants
@@ -122,7 +130,7 @@ class PrivacyConfig:
         return self.delta if self.delta > 0 else 1.0 / max(1, units)
 
 
-def dp_sgd_refusal(train: TrainConfig, base_dtype: str = "fp32") -> str | None:
+def dp_sgd_refusal(train: TrainSettings, base_dtype: str = "fp32") -> str | None:
     """Why DP-SGD cannot train with ``train`` on a base held in ``base_dtype``, or None.
 
     The one statement of what ``privacy.mode = "dp-sgd"`` refuses, read when the config loads
