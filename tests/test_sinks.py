@@ -135,13 +135,15 @@ def test_a_resumed_run_hands_its_sinks_the_rows_it_kept(recorder, tmp_path):
         ("['missing']", ["output.report_to", "pip install 'flora-lora[missing-extra]'"]),
     ],
 )
+@pytest.mark.parametrize("dry", [False, True])
 def test_a_bad_report_to_is_one_line_naming_the_field_and_the_fix(
-    monkeypatch, tmp_path, capsys, value, words
+    monkeypatch, tmp_path, capsys, value, words, dry
 ):
     not_installed = Tracker(Recorder, module="flora_no_such_package", extra="missing-extra")
     monkeypatch.setitem(SINKS, "missing", not_installed)
     run_dir = tmp_path / "run"
     argv = ["run", TINY, "--out", str(run_dir), "--quiet", "--set", f"output.report_to={value}"]
+    argv += ["--dry-run"] if dry else []
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err

@@ -30,6 +30,7 @@ from flora.factors import LoraFactors, lora_scaling
 from flora.models import resolved_config
 from flora.protocol import ClientTask
 from flora.server import Server
+from flora.sinks import check_trackers
 
 __all__ = ["Traffic", "config_toml", "dry_run", "round_traffic"]
 
@@ -49,6 +50,7 @@ def dry_run(config: RunConfig, run_dir: Path) -> str:
     """The dry run's report: the resolved config, the model's target layers, the data tables
     and the bytes per round and client."""
     config = resolved_config(config)
+    check_trackers(config.output.report_to)  # as the run would, before anything loads
     device = resolve_device(config.train.device, "train.device")
     precision = resolve_precision(config.train.precision, device, config.model.dtype)
     model = GlobalModel(config, "cpu")  # the shapes and the data; no training here
