@@ -139,7 +139,8 @@ def client_round(
         base.catch_up(task)
         result.sync_seconds = time.perf_counter() - start
         if train:
-            lifecycle = get_method(config.federation.method).lifecycle
+            fed = config.federation
+            lifecycle = get_method(fed.method).lifecycle_for(fed.options)
             precision = run_precision(config, base.model)
             local = train_client(
                 base.model,
@@ -152,6 +153,7 @@ def client_round(
                 pad_id=int(base.tokenizer.pad_token_id),
                 init=lifecycle.start_factors(task.init, task.rank),
                 trains=task.trains,
+                fold_init=task.fold,
                 use_rslora=config.lora.use_rslora,
                 privacy=dp_sgd_plan(config, len(data.examples), task.client),
             )

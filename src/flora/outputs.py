@@ -206,6 +206,7 @@ class RunOutputs:
         else:
             row |= {
                 "clipped": {str(k): v for k, v in sorted(outcome.clipped.items())},
+                **outcome.fields,
                 "noise": outcome.report.noise,
                 "global_rank": max(outcome.report.global_ranks.values()),
                 "bytes_up": sum(outcome.report.bytes_up),

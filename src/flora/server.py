@@ -58,6 +58,7 @@ class RoundOutcome:
     report: AggregationReport
     seconds: float
     clipped: dict[int, float] = field(default_factory=dict)  # client -> norm clip factor
+    fields: dict[str, float] = field(default_factory=dict)  # the method's own server-row fields
 
     def travels(self, server: Server) -> Adapter:
         """What goes down to the clients: the round's merged factors, or the method's LoRA."""
@@ -101,7 +102,7 @@ class Server:
         self.history: list[RoundUpdate] = []
         self.synced = [0] * len(self.ranks)  # rounds of merged updates each client's base holds
         self.shortfall: str | None = None  # why the last aggregate() failed its round
-        self.lifecycle = self.method.lifecycle
+        self.lifecycle = self.method.lifecycle_for(config.federation.options)
         self.method_state: State = self.lifecycle.start(self.shapes, self.ranks, config.seed)
         # privacy: each client's spend; refuses an epsilon target that cannot be met
         self.ledger = Ledger(config, self.sizes, len(self.sample(1)))
@@ -136,6 +137,7 @@ class Server:
             task = ClientTask(
                 k, round, self.ranks[k], self.alphas[k], seed, init=plan.init, trains=trains
             )
+            task.fold = plan.fold and plan.init is not None
             task.since = self.synced[k]
             task.catch_up, missed = catch_up(
                 self.history[self.synced[k] :], self.config.federation.catch_up
@@ -246,13 +248,16 @@ class Server:
             noised = noise_average(result.global_factors, std, generator, trained)
             result = dataclasses.replace(result, global_factors=noised)
             self.ledger.noised()
-        step = self.lifecycle.advance(self.method_state, result, round, self.ranks)
+        starts = {t.client: t.init for t in tasks}
+        accepted = [starts[u.client] for u in screened.accepted]
+        step = self.lifecycle.advance(self.method_state, result, round, self.ranks, accepted)
         self.method_state = step.state
         update = None
         if step.merged is not None:
             update = RoundUpdate(round, step.merged, step.residual)
             self.history.append(update)
-        return RoundOutcome(round, update, report, time.perf_counter() - start, screened.clipped)
+        seconds = time.perf_counter() - start
+        return RoundOutcome(round, update, report, seconds, screened.clipped, step.fields)
 
     def state(self) -> dict[str, Any]:
         """JSON-ready scalar state (tensors are checkpointed separately)."""

@@ -34,7 +34,7 @@ from flora.loss import response_loss, supervised_tokens
 from flora.memory import peak_memory
 from flora.privacy.config import dp_sgd_refusal
 from flora.steps import local_steps
-from flora.weights import fan_in_fan_out
+from flora.weights import applied, fan_in_fan_out
 
 if TYPE_CHECKING:
     from flora.privacy.dp_sgd import DPSGD
@@ -164,6 +164,7 @@ def train_client(
     pad_id: int,
     init: Adapter | None = None,
     trains: Collection[str] = ("A", "B"),
+    fold_init: bool = False,
     use_rslora: bool = False,
     progress: bool = False,
     privacy: DPSGD | None = None,
@@ -172,8 +173,10 @@ def train_client(
 
     The LoRA starts from ``init`` (re-expressed at this client's scaling) or from PEFT's seeded
     init (A Kaiming-uniform, B zero). Only the parts in ``trains`` ("A", "B") train; the others
-    stay as they started. Everything random (init, dropout, data order) derives from ``seed``,
-    so equal calls give bitwise-equal factors.
+    stay as they started. With ``fold_init`` the init is part of the model already: training
+    runs over the base minus init's B @ A (restored bitwise after), so the client starts from
+    exactly the model it was given (a warm start). Everything random (init, dropout, data order)
+    derives from ``seed``, so equal calls give bitwise-equal factors.
     With ``privacy`` every step is DP-SGD (flora.privacy.dp_sgd): Poisson batches, each
     example's gradient clipped, Gaussian noise on their sum; its noise is seeded by ``seed``
     only with ``privacy.reproducible_noise``.
@@ -205,11 +208,17 @@ def train_client(
             f"train.gradient_checkpointing: {type(model).__name__} does not support it; set "
             "train.gradient_checkpointing = false"
         )
+    folded = None  # W - B0 A0 (scaling 1) while the LoRA holds B0 A0: the function stays W's
+    if fold_init:
+        if init is None:
+            raise FloraError("fold_init folds an init into the base: give the init to fold")
+        folded = {m: LoraFactors(f.A, -f.B, 1.0) for m, f in init.items()}
     start = time.perf_counter()
     with (
         torch.random.fork_rng(devices=[]),
         peak_memory() as memory,
         _checkpointing(model, config.gradient_checkpointing),
+        applied(model, folded),
     ):
         torch.manual_seed(seed)
         with _lora_injected(model, lora_config) as layers:

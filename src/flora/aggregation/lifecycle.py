@@ -29,7 +29,7 @@ alone trained).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +96,9 @@ class ClientPlan:
     init: Adapter | None = None  # its starting factors at scaling 1 (None: PEFT's fresh init)
     trains: frozenset[str] = BOTH  # the parts it trains; the others come back as sent
     bytes_down: int = 0  # what this download costs (catch-up is counted apart)
+    # the init is part of the global model already: the client trains over its base minus
+    # B0 @ A0, so that its starting function is the global model's (a warm start)
+    fold: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Step:
     state: State
     merged: Adapter | None = None  # low-rank factors (scaling 1) merged into the base ...
     residual: dict[str, torch.Tensor] | None = None  # ... and a dense (out, in) part of it
+    fields: dict[str, float] = field(default_factory=dict)  # the method's server-row fields
 
 
 @dataclass(frozen=True)
@@ -124,9 +128,16 @@ class Lifecycle:
         return ClientPlan(trains=self.trains)
 
     def advance(
-        self, state: State, result: AggregationResult, round: int, ranks: list[int]
+        self,
+        state: State,
+        result: AggregationResult,
+        round: int,
+        ranks: list[int],
+        starts: Sequence[Adapter | None] = (),
     ) -> Step:
-        """The state after ``result``, and what merges into every base."""
+        """The state after ``result``, and what merges into every base. ``starts``: the
+        aggregated clients' starting factors (their plans' ``init``), in ``result.weights``'
+        order."""
         return Step(state, result.global_factors, result.residual)
 
     def adapter(self, state: State) -> Adapter | None:
@@ -165,7 +176,12 @@ class GlobalLora(Lifecycle):
         return ClientPlan(init, self.trains, parts_bytes(init, self.trains))
 
     def advance(
-        self, state: State, result: AggregationResult, round: int, ranks: list[int]
+        self,
+        state: State,
+        result: AggregationResult,
+        round: int,
+        ranks: list[int],
+        starts: Sequence[Adapter | None] = (),
     ) -> Step:
         # Keep the global LoRA at the largest rank of ALL clients: a round's participants may
         # all be small, and a larger client joining later must get its full rank (zero-padded).

@@ -81,11 +81,19 @@ class Method:
 
     @property
     def lifecycle(self) -> Any:
-        """Its :class:`flora.aggregation.lifecycle.Lifecycle`: what clients train, what the
-        server keeps, what each client downloads (imports torch)."""
-        from flora.aggregation.lifecycle import MergeEachRound
+        """Its :class:`flora.aggregation.lifecycle.Lifecycle` at its options' defaults."""
+        return self.lifecycle_for({})
 
-        return getattr(self._code(), "LIFECYCLE", None) or MergeEachRound()
+    def lifecycle_for(self, options: Mapping[str, Any]) -> Any:
+        """Its :class:`flora.aggregation.lifecycle.Lifecycle`: what clients train, what the
+        server keeps, what each client downloads (imports torch). A module's ``LIFECYCLE`` is
+        one, or a function of the method's resolved options that makes one."""
+        from flora.aggregation.lifecycle import Lifecycle, MergeEachRound
+
+        made = getattr(self._code(), "LIFECYCLE", None) or MergeEachRound()
+        if isinstance(made, Lifecycle):
+            return made
+        return made(**self.resolve(options))
 
     @property
     def keeps_global_lora(self) -> bool:
@@ -164,6 +172,22 @@ _MERGE_SCALING = Option(
     check=lambda v: v > 0.0,
     expected="a scaling above 0",
 )
+_BUDGET = Option(
+    name="budget",
+    type=int,
+    default=0,
+    help="flora-warm: ranks of (o + i) a client downloads a round, its warm init included "
+    "(0: unbounded, nothing carried)",
+    check=lambda v: v >= 0,
+    expected="0 (unbounded) or more than the largest client rank",
+)
+_WARM = Option(
+    name="warm",
+    type=bool,
+    default=True,
+    help="flora-warm: start each client from the top components of the last merged update "
+    "(false: FLoRA's fresh LoRAs)",
+)
 _STACKING = (
     "the server stacks every client's own factors unnoised and sends them all to every "
     "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
@@ -198,6 +222,18 @@ for _method in (
         mixed_ranks=True,
         paper="Wang et al., NeurIPS 2024",
         summary="stacking, exact, mixed ranks; global rank = sum of client ranks",
+        client_dp_refusal=_STACKING,
+        checks_values=True,
+    ),
+    Method(
+        name="flora-warm",
+        module="flora_warm",
+        exact=True,
+        mixed_ranks=True,
+        paper="flora's own (FLoRA stacking, Wang et al., NeurIPS 2024, warm and bounded)",
+        summary="stacking, exact (base + carried remainder), warm-started clients, downlink "
+        "bounded by budget",
+        options=(_BUDGET, _WARM),
         client_dp_refusal=_STACKING,
         checks_values=True,
     ),
