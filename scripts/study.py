@@ -133,10 +133,12 @@ def paired_interval(differences: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def run_one(run: Run, out: Path, threads: int) -> Path:
+def run_one(run: Run, out: Path, threads: int, results: Path = RESULTS) -> Path:
+    """``run`` (anything with a setting, a name and its overrides) in ``out``, its records kept
+    in ``results``."""
     run_dir = out / run.name
     if (run_dir / "summary.json").is_file():
-        keep(run_dir, run.name)  # finished, perhaps by an earlier sitting that stopped before
+        keep(run_dir, run.name, results)  # finished, perhaps by an earlier sitting
         return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)  # unfinished in an earlier sitting: start it again
@@ -158,13 +160,13 @@ def run_one(run: Run, out: Path, threads: int) -> Path:
     subprocess.run(
         command, check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)}, cwd=ROOT
     )
-    keep(run_dir, run.name)
+    keep(run_dir, run.name, results)
     return run_dir
 
 
-def keep(run_dir: Path, name: str) -> None:
+def keep(run_dir: Path, name: str, results: Path = RESULTS) -> None:
     """Copy a finished run's records (never a model) to docs/results/study/<name>/."""
-    kept = RESULTS / name
+    kept = results / name
     kept.mkdir(parents=True, exist_ok=True)
     for file in ("config.json", "metrics.jsonl", "summary.json"):
         shutil.copyfile(run_dir / file, kept / file)
@@ -484,7 +486,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=0, help="at most this many (0: all)")
     parser.add_argument("--report", action="store_true", help="only the tables")
     parser.add_argument("--mmlu", action="store_true", help="only MMLU of the base and the runs")
+    parser.add_argument(
+        "--part",
+        choices=("main", "splits"),
+        default="main",
+        help="splits: the split sweep "
+        "(scripts/splits.py: the same local steps in more or fewer rounds)",
+    )
+    parser.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="with --part splits: a registered method that joins the sweep (repeatable)",
+    )
     args = parser.parse_args(argv)
+    if args.part == "splits":
+        return _splits(args)
     if args.mmlu:
         mmlu(args.out, 1 if args.jobs > 1 else 2)
     elif not args.report:
@@ -499,6 +517,31 @@ def main(argv: list[str] | None = None) -> int:
     forest_plot(finished(), RESULTS / "comparisons.png")
     print(text)
     plots()
+    return 0
+
+
+def _splits(args: argparse.Namespace) -> int:
+    """The split sweep: its runs (resumable, records in docs/results/splits/), its tables and
+    its Pareto plot."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import splits
+
+    if not args.report:
+        todo = [
+            r
+            for r in splits.matrix(args.add)
+            if not (splits.RESULTS / r.name / "summary.json").is_file()
+        ]
+        todo = todo[: args.max_runs] if args.max_runs else todo
+        threads = 1 if args.jobs > 1 else 2
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda r: run_one(r, args.out, threads, splits.RESULTS), todo))
+    splits.RESULTS.mkdir(parents=True, exist_ok=True)
+    text = splits.report()
+    (splits.RESULTS / "tables.md").write_text(text)
+    if splits.finished():
+        splits.pareto_plot(splits.RESULTS / "pareto.png")
+    print(text)
     return 0
 
 

@@ -110,3 +110,19 @@ def test_the_forest_plot_draws_every_paired_comparison(study, tmp_path, monkeypa
     assert rows[0][1] == pytest.approx([0.0, 0.01, 0.02])
     study.forest_plot(study.finished(), tmp_path / "comparisons.png")
     assert (tmp_path / "comparisons.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_split_sweep_matrix_is_resumable_and_every_run_loads(study):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import splits
+    from flora.config import load_config
+
+    runs = splits.matrix()
+    assert len({r.name for r in runs}) == len(runs) == 63  # 9 variants x (3 + 3 + 1) seeds x splits
+    assert all(r.rounds * r.steps == splits.TOTAL for r in runs)
+    assert [r.seed for r in runs[:18]] == [0] * 18  # the extremes' seed 0 first
+    for run in runs[:9] + runs[-9:]:
+        config = load_config(ROOT / "configs" / "study" / f"{run.setting}.toml", run.overrides())
+        assert config.federation.rounds == run.rounds and config.train.max_steps == run.steps
+    added = splits.matrix(["florist"])
+    assert len(added) == 63 + 2 * 7 and any(r.variant == "florist" for r in added)

@@ -1,0 +1,207 @@
+"""The split sweep (issue 23): the same local steps per client, split into more or fewer rounds.
+
+    python scripts/study.py --part splits --jobs 2           # every sweep run not yet finished
+    python scripts/study.py --part splits --jobs 2 --max-runs 4
+    python scripts/study.py --part splits --add flora-xyz    # a later method joins the sweep
+    python scripts/study.py --part splits --report           # the tables and the Pareto plot
+
+Hypothesis under test: FLoRA's gap to FedIT shrinks as the steps per round grow (a fresh LoRA,
+B = 0, spends a short round growing B), and flora-warm closes it at every split. Every run has
+9 local steps per client in all (batch 4, the study's configs otherwise): 9 rounds x 1 step,
+3 x 3 and 1 x 9; held-out loss before and after only (the eval is the same at every split).
+Homogeneous r = 16: flora, fedit, flora-warm (budget 32: 16 for the warm init, 16 for the
+update), its two ablations (warm only: budget 0; bounded only: warm = false, budget 32);
+heterogeneous ranks: flora, flexlora, zero-padding, flora-warm (budget 128). Seeds 0, 1, 2 at the
+two extreme splits and seed 0 at 3 x 3, the extremes' seeds first. Records (never models) go to
+docs/results/splits/<run>/; a run with a summary is never run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results" / "splits"
+TOTAL = 9  # local steps per client in all
+SPLITS = ((9, 1), (3, 3), (1, 9))  # (rounds, steps a round)
+EXTREMES = ((9, 1), (1, 9))
+
+# name -> (method, its options): the ablations are flora-warm with one part switched off
+VARIANTS = {
+    "flora": ("flora", []),
+    "fedit": ("fedit", []),
+    "flexlora": ("flexlora", []),
+    "zero-padding": ("zero-padding", []),
+    "flora-warm": ("flora-warm", ["federation.options.budget={budget}"]),
+    "warm-only": ("flora-warm", ["federation.options.budget=0"]),
+    "bounded-only": (
+        "flora-warm",
+        ["federation.options.budget={budget}", "federation.options.warm=false"],
+    ),
+}
+METHODS = {
+    "homogeneous": ["flora", "fedit", "flora-warm", "warm-only", "bounded-only"],
+    "heterogeneous": ["flora", "flexlora", "zero-padding", "flora-warm"],
+}
+BUDGET = {"homogeneous": 32, "heterogeneous": 128}  # ranks of (o + i) a client a round
+
+
+@dataclass(frozen=True)
+class SplitRun:
+    setting: str
+    variant: str  # a key of VARIANTS, or a registered method's name (--add)
+    rounds: int
+    seed: int
+
+    @property
+    def steps(self) -> int:
+        return TOTAL // self.rounds
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting[:5]}-{self.variant}-{self.rounds}x{self.steps}-seed{self.seed}"
+
+    def overrides(self) -> list[str]:
+        method, options = VARIANTS.get(self.variant, (self.variant, []))
+        sets = [
+            f"seed={self.seed}",
+            f"federation.method='{method}'",
+            f"federation.rounds={self.rounds}",
+            f"train.max_steps={self.steps}",
+            "eval.every=0",
+        ]
+        return sets + [o.format(budget=BUDGET[self.setting]) for o in options]
+
+
+def matrix(added: Sequence[str] = ()) -> list[SplitRun]:
+    """The extremes' three seeds first, then seed 0 at the middle split."""
+    methods = {s: [*m, *added] for s, m in METHODS.items()}
+    runs = [
+        SplitRun(setting, v, rounds, seed)
+        for seed in (0, 1, 2)
+        for rounds, _ in EXTREMES
+        for setting, variants in methods.items()
+        for v in variants
+    ]
+    runs += [SplitRun(s, v, 3, 0) for s, variants in methods.items() for v in variants]
+    return runs
+
+
+def _rows(name: str) -> list[dict]:
+    path = RESULTS / name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def outcome(name: str) -> tuple[float, float, int]:
+    """(held-out loss change, MB downloaded in all by the clients, the largest bytes one
+    client downloaded in one round) of a finished run."""
+    rows = _rows(name)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    clients = [r for r in rows if r["kind"] == "client"]
+    change = evals[-1]["heldout_loss"] - evals[0]["heldout_loss"]
+    return (
+        change,
+        sum(r["bytes_down"] for r in clients) / 1e6,
+        max(r["bytes_down"] for r in clients),
+    )
+
+
+def finished() -> list[str]:
+    return sorted(p.parent.name for p in RESULTS.glob("*/summary.json"))
+
+
+def _interval(values: list[float]) -> str:
+    t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:+.4f} (n = 1)"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = t95[len(values) - 1] * sd / math.sqrt(len(values))
+    return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] (n = {len(values)})"
+
+
+PAIRS = [  # (setting, a, b): a - b of the held-out loss change, paired by seed, at each split
+    ("homogeneous", "flora", "fedit"),
+    ("homogeneous", "flora-warm", "fedit"),
+    ("homogeneous", "flora-warm", "flora"),
+    ("homogeneous", "warm-only", "flora"),
+    ("homogeneous", "bounded-only", "flora"),
+    ("heterogeneous", "flora", "flexlora"),
+    ("heterogeneous", "flora-warm", "flexlora"),
+    ("heterogeneous", "flora-warm", "flora"),
+    ("heterogeneous", "flora", "zero-padding"),
+]
+
+
+def report() -> str:
+    done = set(finished())
+    lines = [
+        "# The split sweep (scripts/splits.py)",
+        "",
+        f"{len(done)} of {len(matrix())} runs finished. Held-out loss change (after - before; "
+        "lower is better), MB downloaded by all clients in all rounds, and the largest download "
+        "of one client in one round.",
+        "",
+        "| run | loss change | MB down (all) | max one client-round (MB) |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(done):
+        change, mb, most = outcome(name)
+        lines.append(f"| {name} | {change:+.4f} | {mb:.1f} | {most / 1e6:.2f} |")
+    lines += [
+        "",
+        "Paired differences (a - b; 95% t-interval over seeds):",
+        "",
+        "| setting | a - b | split | difference |",
+        "|---|---|---|---|",
+    ]
+    for setting, a, b in PAIRS:
+        for rounds, steps in SPLITS:
+            diffs = []
+            for seed in (0, 1, 2):
+                ra, rb = (SplitRun(setting, v, rounds, seed).name for v in (a, b))
+                if ra in done and rb in done:
+                    diffs.append(outcome(ra)[0] - outcome(rb)[0])
+            if diffs:
+                lines.append(f"| {setting} | {a} - {b} | {rounds}x{steps} | {_interval(diffs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _dominated(p: tuple[float, float, str], points: list[tuple[float, float, str]]) -> bool:
+    """Another point is no costlier and no worse, and better in one of the two."""
+    return any((q[0] <= p[0] and q[1] < p[1]) or (q[0] < p[0] and q[1] <= p[1]) for q in points)
+
+
+def pareto_plot(path: Path) -> None:
+    """Held-out loss change against MB downloaded, one point per finished run (seed 0), the
+    front (no run both lower and cheaper) joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, setting in zip(axes, METHODS, strict=True):
+        points = []
+        for name in finished():
+            if name.startswith(setting[:5]) and name.endswith("seed0"):
+                change, mb, _ = outcome(name)
+                points.append((mb, change, name.removeprefix(setting[:5] + "-")[:-6]))
+        for mb, change, label in points:
+            ax.scatter(mb, change, s=18)
+            ax.annotate(label, (mb, change), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        front = sorted(p for p in points if not _dominated(p, points))
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="front")
+            ax.legend()
+        ax.set_xscale("log")
+        ax.set_xlabel("MB downloaded, all clients and rounds (log)")
+        ax.set_ylabel("held-out loss change (lower is better)")
+        ax.set_title(f"{setting} (seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
