@@ -53,8 +53,12 @@ class LoraFactors:
         return int(self.B.shape[0])
 
     def delta(self) -> torch.Tensor:
-        """The dense update scaling * B @ A, (out, in)."""
-        return self.scaling * (self.B @ self.A)
+        """The dense update scaling * B @ A, (out, in); half-precision factors (a lossy
+        downlink) multiply in fp32, so every holder of them gets the same exact product."""
+        B, A = self.B, self.A
+        if B.dtype in (torch.float16, torch.bfloat16) or A.dtype in (torch.float16, torch.bfloat16):
+            B, A = B.float(), A.float()
+        return self.scaling * (B @ A)
 
     def with_scaling(self, scaling: float) -> LoraFactors:
         """The same update expressed with another scaling (B is rescaled)."""

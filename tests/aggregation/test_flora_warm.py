@@ -19,7 +19,7 @@ SHAPES = {"m": (12, 10), "n": (6, 10)}
 RANKS = [4, 2, 2, 1]
 
 
-def server(budget: int, fraction: float = 1.0, warm: bool = True) -> Server:
+def server(budget: int, fraction: float = 1.0, warm: bool = True, downlink: str = "fp32") -> Server:
     config = load_config(
         "configs/tiny.toml",
         [
@@ -29,6 +29,7 @@ def server(budget: int, fraction: float = 1.0, warm: bool = True) -> Server:
             f"federation.options.budget={budget}",
             f"federation.options.warm={str(warm).lower()}",
             f"federation.fraction={fraction}",
+            f"federation.options.downlink='{downlink}'",
         ],
     )
     return Server(config, SHAPES)
@@ -58,10 +59,13 @@ def merged(srv: Server) -> dict[str, torch.Tensor]:
     return {m: sum(u.factors[m].delta().double() for u in srv.history) for m in SHAPES}
 
 
-@pytest.mark.parametrize(("budget", "fraction"), [(0, 1.0), (6, 1.0), (7, 0.5)])
-def test_base_plus_carry_is_every_rounds_exact_average(budget, fraction):
+@pytest.mark.parametrize(
+    ("budget", "fraction", "downlink"),
+    [(0, 1.0, "fp32"), (6, 1.0, "fp32"), (7, 0.5, "fp32"), (6, 1.0, "fp16"), (0, 0.5, "fp16")],
+)
+def test_base_plus_carry_is_every_rounds_exact_average(budget, fraction, downlink):
     # Prepare
-    srv, g = server(budget, fraction), torch.Generator().manual_seed(0)
+    srv, g = server(budget, fraction, downlink=downlink), torch.Generator().manual_seed(0)
     truth = {m: torch.zeros(o, i, dtype=torch.float64) for m, (o, i) in SHAPES.items()}
     for t in (1, 2, 3):
         tasks = srv.configure(t)
@@ -79,8 +83,11 @@ def test_base_plus_carry_is_every_rounds_exact_average(budget, fraction):
         for m in SHAPES:
             ours = merged(srv)[m] + (carry[m].delta().double() if m in carry else 0)
             torch.testing.assert_close(ours, truth[m], rtol=0, atol=2e-5 * truth[m].abs().max())
-        if budget == 0:
+        if budget == 0 and downlink == "fp32":
             assert srv.adapter is None  # unbounded: nothing carried (FLoRA's guarantee)
+        if downlink == "fp16":  # half the bytes on the wire; the rounding is carried
+            assert all(f.A.dtype == torch.float16 for u in srv.history for f in u.factors.values())
+            assert 0 < outcome.fields["rounding_share"] < 1e-2
 
 
 def test_clients_start_warm_from_the_top_components_of_the_last_update():

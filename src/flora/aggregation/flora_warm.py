@@ -26,7 +26,10 @@ Bytes up, client k: r_k (o + i). Bytes down, client k and round: the merged upda
 <= budget - max_k r_k, plus its warm init, r_k (o + i): at most budget (o + i), independent of
 the number of clients (catch-up of rounds a client missed comes on top, as ``federation.catch_up``
 sends it). Options: ``budget`` (0: unbounded), ``warm`` (false: FLoRA's fresh LoRAs; with
-``budget`` > 0 the bounded downlink alone; ``warm`` with ``budget`` = 0 the warm start alone).
+``budget`` > 0 the bounded downlink alone; ``warm`` with ``budget`` = 0 the warm start alone),
+``downlink`` ("fp16": the merged update's factors travel and merge in half precision, half the
+bytes; the rounding joins the carried remainder, so the sum stays exact; bf16 and int8 are not
+offered: Flower's arrays go through numpy, which has no bf16).
 """
 
 from __future__ import annotations
@@ -49,10 +52,15 @@ __all__ = ["LIFECYCLE", "WarmStack", "aggregate", "warm_init"]
 
 
 def aggregate(
-    clients: Sequence[Adapter], weights: Sequence[float], *, budget: int = 0, warm: bool = True
+    clients: Sequence[Adapter],
+    weights: Sequence[float],
+    *,
+    budget: int = 0,
+    warm: bool = True,
+    downlink: str = "fp32",
 ) -> AggregationResult:
-    """FLoRA's stacking of the uploads, sum_k p_k s_k B_k A_k (``budget`` and ``warm`` are the
-    round's, :class:`WarmStack`'s: they shape what is merged and sent, not this sum)."""
+    """FLoRA's stacking of the uploads, sum_k p_k s_k B_k A_k (the options are the rounds',
+    :class:`WarmStack`'s: they shape what is merged and sent, not this sum)."""
     return dataclasses.replace(stacking.aggregate(clients, weights), method="flora-warm")
 
 
@@ -76,6 +84,7 @@ class WarmStack(Lifecycle):
 
     budget: int = 0  # ranks of (o + i) a client downloads a round (0: unbounded)
     warm: bool = True  # start from the top components of the last update (else fresh)
+    downlink: str = "fp32"  # the merged update's factors on the wire: "fp32" or "fp16"
 
     def start(self, shapes: Mapping[str, tuple[int, int]], ranks: list[int], seed: int) -> State:
         if self.budget and self.budget <= max(ranks):
@@ -89,7 +98,10 @@ class WarmStack(Lifecycle):
     def plan(self, state: State, client: int, rank: int, round: int) -> ClientPlan:
         if not self.warm or not state["last"]:
             return ClientPlan(trains=BOTH)  # FLoRA's fresh LoRA
-        last = adapter_from_tensors(state["last"], source="the last update")
+        last = {  # what every client holds of the last update, in fp32
+            m: LoraFactors(f.A.float(), f.B.float(), 1.0)
+            for m, f in adapter_from_tensors(state["last"], source="the last update").items()
+        }
         seed = int(state["seed"]["seed"][0])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + round * 10_007 + client)
         init = {m: warm_init(last[m], rank, generator) for m in sorted(last)}
@@ -107,13 +119,14 @@ class WarmStack(Lifecycle):
         width = self.budget - max(ranks) if self.budget else None
         merged: Adapter = {}
         kept: Adapter = {}
-        update_norm = carried_norm = 0.0
+        update_norm = carried_norm = rounding = 0.0
         for module, average in sorted(result.global_factors.items()):
             # D = sum_k p_k s_k B_k A_k - sum_k p_k B0_k A0_k; stacked with the carry C
             As, Bs, coeffs = [average.A], [average.B], [1.0]
             for p, start in zip(result.weights, starts, strict=False):
                 if start is not None:
-                    As, Bs, coeffs = [*As, start[module].A], [*Bs, start[module].B], [*coeffs, -p]
+                    A0, B0 = start[module].A.float(), start[module].B.float()
+                    As, Bs, coeffs = [*As, A0], [*Bs, B0], [*coeffs, -p]
             A, B = stack(As, Bs, coeffs)  # (R, in), (out, R): B @ A = D
             update_norm += frobenius(B, A) ** 2
             if module in carry:
@@ -130,12 +143,25 @@ class WarmStack(Lifecycle):
                     Vh[sent:n].float().contiguous(), (U[:, sent:n] * S[sent:n]).float(), 1.0
                 )
                 carried_norm += float(S[sent:n].double().square().sum())
+            if self.downlink == "fp16":  # what the clients get; the rounding joins the carry
+                top = merged[module]
+                wire = LoraFactors(top.A.half(), top.B.half(), 1.0)
+                A_err = torch.cat([top.A, wire.A.float()])  # B A - B_w A_w, exactly
+                B_err = torch.cat([top.B, -wire.B.float()], dim=1)
+                rounding += frobenius(B_err, A_err) ** 2
+                if module in kept:
+                    A_err = torch.cat([kept[module].A, A_err])
+                    B_err = torch.cat([kept[module].B, B_err], dim=1)
+                kept[module] = LoraFactors(A_err.contiguous(), B_err.contiguous(), 1.0)
+                merged[module] = wire
         fields = {
             "downlink_rank": max(f.rank for f in merged.values()),
             "carried_rank": max((f.rank for f in kept.values()), default=0),
             # the remainder the clients do not have yet, against this round's exact update
             "carried_share": math.sqrt(carried_norm) / max(math.sqrt(update_norm), 1e-30),
         }
+        if self.downlink == "fp16":  # the wire's rounding, carried too
+            fields["rounding_share"] = math.sqrt(rounding) / max(math.sqrt(update_norm), 1e-30)
         new: State = {
             "carry": adapter_to_tensors(kept),
             "last": adapter_to_tensors(merged),
@@ -150,6 +176,6 @@ class WarmStack(Lifecycle):
         return adapter_from_tensors(state["carry"], source="the carried remainder")
 
 
-def LIFECYCLE(budget: int = 0, warm: bool = True) -> WarmStack:
+def LIFECYCLE(budget: int = 0, warm: bool = True, downlink: str = "fp32") -> WarmStack:
     """The method's life at its options (flora.aggregation.registry calls it)."""
-    return WarmStack(budget=budget, warm=warm)
+    return WarmStack(budget=budget, warm=warm, downlink=downlink)

@@ -188,6 +188,14 @@ _WARM = Option(
     help="flora-warm: start each client from the top components of the last merged update "
     "(false: FLoRA's fresh LoRAs)",
 )
+_DOWNLINK = Option(
+    name="downlink",
+    type=str,
+    default="fp32",
+    help="flora-warm: the merged update's factors on the wire, 'fp32' or 'fp16' (half the "
+    "bytes; the rounding is carried)",
+    choices=("fp32", "fp16"),
+)
 _STACKING = (
     "the server stacks every client's own factors unnoised and sends them all to every "
     "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
@@ -233,7 +241,7 @@ for _method in (
         paper="flora's own (FLoRA stacking, Wang et al., NeurIPS 2024, warm and bounded)",
         summary="stacking, exact (base + carried remainder), warm-started clients, downlink "
         "bounded by budget",
-        options=(_BUDGET, _WARM),
+        options=(_BUDGET, _WARM, _DOWNLINK),
         client_dp_refusal=_STACKING,
         checks_values=True,
     ),
