@@ -58,7 +58,7 @@ RANK_PROFILES: dict[str, list[int]] = {
     "homo-16": [16] * 10,
     "hetero-3": [16, 8, 4],
 }
-CATCH_UPS = ("replay", "svd")
+CATCH_UPS = ("replay", "svd", "auto")
 # "auto": bf16 where the device runs it (a GPU with bf16, a CPU with native bf16), else fp16 on a
 # GPU without bf16, else fp32; fp16 trains with a gradient scaler. See docs/devices.md.
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -320,7 +320,8 @@ class FederationConfig:
     catch_up: str = field(
         default="replay",
         metadata={
-            "help": 'missed merged updates: "replay" them, or "svd" (one exact re-factoring)'
+            "help": 'missed merged updates: "replay" them, "svd" (one exact re-factoring), or '
+            '"auto" (the fewest bytes of replay, svd and one dense update)'
         },
     )
     options: dict[str, Any] = field(

@@ -19,7 +19,7 @@ import torch
 from flora.aggregation.base import adapter_bytes, tensor_bytes
 from flora.aggregation.lifecycle import BOTH, initial_lora
 from flora.aggregation.lowrank import exact_refactor, stack
-from flora.factors import Adapter, adapter_from_tensors, adapter_to_tensors
+from flora.factors import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
 
 __all__ = [
     "ClientTask",
@@ -115,11 +115,20 @@ def catch_up(missed: Sequence[RoundUpdate], mode: str = "replay") -> tuple[list[
     """What a client that missed ``missed`` downloads, and its bytes.
 
     "replay" sends the updates as they were; "svd" sends one update whose factors are the exact
-    re-factoring of all missed factors (and the summed residual), when that is smaller.
+    re-factoring of all missed factors (and the summed residual), when that is smaller; "auto"
+    sends the smallest of those and one dense update (out x in per module: the missed updates
+    summed, no factors), which is smaller once the missed ranks outgrow o i / (o + i).
     """
     replay_bytes = sum(update.nbytes() for update in missed)
     if mode == "replay" or len(missed) < 2:
         return list(missed), replay_bytes
+    if mode == "auto":
+        dense = _dense(missed)
+        options = [(replay_bytes, list(missed)), (dense.nbytes(), [dense])]
+        refactored, size = catch_up(missed, "svd")
+        options.append((size, refactored))
+        size, chosen = min(options, key=lambda option: option[0])  # replay first on a tie
+        return chosen, size
     factors: Adapter = {}
     for module in missed[0].factors:
         parts = [update.factors[module] for update in missed]
@@ -132,6 +141,23 @@ def catch_up(missed: Sequence[RoundUpdate], mode: str = "replay") -> tuple[list[
     if merged.nbytes() >= replay_bytes:
         return list(missed), replay_bytes
     return [merged], merged.nbytes()
+
+
+def _dense(missed: Sequence[RoundUpdate]) -> RoundUpdate:
+    """The missed updates summed into one dense residual per module (rank-0 factors)."""
+    factors: Adapter = {}
+    residual: dict[str, torch.Tensor] = {}
+    for module, first in missed[0].factors.items():
+        total = torch.zeros(first.out_features, first.in_features, dtype=torch.float64)
+        for update in missed:
+            total += update.factors[module].delta().double()  # (out, in)
+            if update.residual is not None:
+                total += update.residual[module].double()
+        residual[module] = total.float()
+        factors[module] = LoraFactors(
+            torch.zeros(0, first.in_features), torch.zeros(first.out_features, 0), 1.0
+        )
+    return RoundUpdate(missed[-1].round, factors, residual)
 
 
 def sketch_probes(shapes: dict[str, tuple[int, int]], seed: int) -> dict[str, torch.Tensor]:

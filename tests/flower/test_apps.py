@@ -284,3 +284,18 @@ def test_nodes_keep_their_state_when_asked(tmp_path):
     config = load_config(TINY, [*FAST, "federation.rounds=2"])
     run_flower(config, tmp_path, **{"keep-node-state": True})
     assert len(list((tmp_path / "nodes").glob("run-*/partition-*"))) == 3
+
+
+def test_auto_catch_up_sends_one_dense_update_when_it_is_smallest(tmp_path):
+    # rank 24, two missed rounds: 48 stacked ranks re-factor to at most min(o, i) = 64 / 32,
+    # more bytes than the dense 64x64 and 32x64 deltas, so the dense update is what travels
+    # seed 3 samples clients [0, 1], [0, 1], [0, 2]: client 2 misses rounds 1 and 2
+    overrides = [*FAST, "seed=3", "federation.fraction=0.34", "federation.rounds=3",
+                 "federation.catch_up='auto'", "lora.ranks=[24, 24, 24]"]  # fmt: skip
+    config = load_config(TINY, overrides)
+    flower = run_flower(config, tmp_path)
+    simulation.run(config, tmp_path / "embedded", quiet=True)
+    stale = [r for r in rows(flower, "client") if r["client"] == 2 and r["round"] == 3]
+    dense = 4 * (64 * 64 + 32 * 64) * 2  # two layers of each: fp32 (out, in) per module
+    assert [(r["catch_up_rounds"], r["bytes_down"]) for r in stale] == [(1, dense)]
+    assert_same_rounds(flower, tmp_path / "embedded", 3, atol=1e-5)
