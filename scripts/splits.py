@@ -48,6 +48,9 @@ METHODS = {
     "heterogeneous": ["flora", "flexlora", "zero-padding", "flora-warm"],
 }
 BUDGET = {"homogeneous": 32, "heterogeneous": 128}  # ranks of (o + i) a client a round
+# fp32 bytes of one rank of (o + i) over SmolLM2-135M's targets: 30 layers of q_proj (576 x 576)
+# and v_proj (192 x 576)
+RANK_BYTES = 4 * 30 * ((576 + 576) + (192 + 576))
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,13 @@ def outcome(name: str) -> tuple[float, float, int]:
     )
 
 
+def _budget(name: str) -> int | None:
+    """The bytes a client may download a round in run ``name`` (None: no budget)."""
+    config = json.loads((RESULTS / name / "config.json").read_text())
+    budget = config["federation"].get("options", {}).get("budget", 0)
+    return budget * RANK_BYTES if budget else None
+
+
 def finished() -> list[str]:
     return sorted(p.parent.name for p in RESULTS.glob("*/summary.json"))
 
@@ -146,12 +156,18 @@ def report() -> str:
         "lower is better), MB downloaded by all clients in all rounds, and the largest download "
         "of one client in one round.",
         "",
-        "| run | loss change | MB down (all) | max one client-round (MB) |",
-        "|---|---|---|---|",
+        "| run | loss change | MB down (all) | max one client-round (MB) | budget (MB) |",
+        "|---|---|---|---|---|",
     ]
     for name in sorted(done):
         change, mb, most = outcome(name)
-        lines.append(f"| {name} | {change:+.4f} | {mb:.1f} | {most / 1e6:.2f} |")
+        budget = _budget(name)
+        within = (
+            ""
+            if budget is None
+            else f"{budget / 1e6:.2f} ({'kept' if most <= budget else 'EXCEEDED'})"
+        )
+        lines.append(f"| {name} | {change:+.4f} | {mb:.1f} | {most / 1e6:.2f} | {within} |")
     lines += [
         "",
         "Paired differences (a - b; 95% t-interval over seeds):",
