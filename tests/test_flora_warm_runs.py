@@ -14,8 +14,15 @@ from flora.factors import adapter_from_tensors
 from flora.metrics import read_metrics
 
 TINY = "configs/tiny.toml"
-FAST = ["train.max_steps=2", "train.batch_size=2", "eval.samples=0", "data.limit=60",
-        "data.heldout=8", "data.max_length=48", "lora.ranks=[4, 2, 2]"]  # fmt: skip
+FAST = [
+    "train.max_steps=2",
+    "train.batch_size=2",
+    "eval.samples=0",
+    "data.limit=60",
+    "data.heldout=8",
+    "data.max_length=48",
+    "lora.ranks=[4, 2, 2]",
+]
 BUDGET = 6  # ranks of (o + i): the rank-4 client's warm init and a rank-2 merged update
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -27,10 +34,17 @@ def test_a_bounded_warm_run_is_the_same_on_both_runtimes_and_keeps_its_budget(tm
     from tests.flower.test_apps import assert_same_rounds, rows, run_flower
 
     # Prepare: 2 of 3 clients a round (a client catches up on a round it missed)
-    config = load_config(TINY, [*FAST, "federation.method='flora-warm'", "federation.rounds=3",
-                                f"federation.options.budget={BUDGET}",
-                                f"federation.options.downlink='{downlink}'",
-                                "federation.fraction=0.6"])  # fmt: skip
+    config = load_config(
+        TINY,
+        [
+            *FAST,
+            "federation.method='flora-warm'",
+            "federation.rounds=3",
+            f"federation.options.budget={BUDGET}",
+            f"federation.options.downlink='{downlink}'",
+            "federation.fraction=0.6",
+        ],
+    )
     # Execute
     embedded = tmp_path / "embedded"
     simulation.run(config, embedded, quiet=True)
@@ -53,8 +67,15 @@ def test_a_bounded_warm_run_is_the_same_on_both_runtimes_and_keeps_its_budget(tm
 
 
 def test_the_final_model_holds_every_update_and_the_carried_remainder(tmp_path):
-    config = load_config(TINY, [*FAST, "federation.method='flora-warm'", "federation.rounds=2",
-                                f"federation.options.budget={BUDGET}"])  # fmt: skip
+    config = load_config(
+        TINY,
+        [
+            *FAST,
+            "federation.method='flora-warm'",
+            "federation.rounds=2",
+            f"federation.options.budget={BUDGET}",
+        ],
+    )
     simulation.run(config, tmp_path, quiet=True)
     checkpoint = load_checkpoint(tmp_path)
     carry = adapter_from_tensors(checkpoint.method_state["carry"])

@@ -12,10 +12,16 @@ from flora.protocol import RoundUpdate, catch_up
 def _updates(rank: int, count: int, out: int = 8, inp: int = 6) -> list[RoundUpdate]:
     g = torch.Generator().manual_seed(rank)
     return [
-        RoundUpdate(t, {"m": LoraFactors(torch.randn(rank, inp, generator=g),
-                                         torch.randn(out, rank, generator=g), 1.0)})
+        RoundUpdate(
+            t,
+            {
+                "m": LoraFactors(
+                    torch.randn(rank, inp, generator=g), torch.randn(out, rank, generator=g), 1.0
+                )
+            },
+        )
         for t in range(1, count + 1)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize(

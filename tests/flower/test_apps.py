@@ -290,8 +290,14 @@ def test_auto_catch_up_sends_one_dense_update_when_it_is_smallest(tmp_path):
     # rank 24, two missed rounds: 48 stacked ranks re-factor to at most min(o, i) = 64 / 32,
     # more bytes than the dense 64x64 and 32x64 deltas, so the dense update is what travels
     # seed 3 samples clients [0, 1], [0, 1], [0, 2]: client 2 misses rounds 1 and 2
-    overrides = [*FAST, "seed=3", "federation.fraction=0.34", "federation.rounds=3",
-                 "federation.catch_up='auto'", "lora.ranks=[24, 24, 24]"]  # fmt: skip
+    overrides = [
+        *FAST,
+        "seed=3",
+        "federation.fraction=0.34",
+        "federation.rounds=3",
+        "federation.catch_up='auto'",
+        "lora.ranks=[24, 24, 24]",
+    ]
     config = load_config(TINY, overrides)
     flower = run_flower(config, tmp_path)
     simulation.run(config, tmp_path / "embedded", quiet=True)
