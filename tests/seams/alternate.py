@@ -16,7 +16,7 @@ import torch
 
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
 from flora.aggregation.lifecycle import ClientPlan, GlobalLora, State
-from flora.aggregation.lowrank import truncate
+from flora.aggregation.lowrank import truncate, weighted_sum
 from flora.aggregation.registry import Method
 from flora.errors import FloraError
 from flora.factors import Adapter, LoraFactors
@@ -38,13 +38,6 @@ class Alternate(GlobalLora):
 LIFECYCLE = Alternate()
 
 
-def _average(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    total = torch.zeros_like(parts[0], dtype=torch.float64)
-    for part, weight in zip(parts, weights, strict=True):
-        total += weight * part.double()
-    return total.float()
-
-
 def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
     """Average the factor that trained; keep the shared one (scaling folded into B)."""
     out: Adapter = {}
@@ -56,12 +49,12 @@ def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> Aggregati
         s = factors[0].scaling
         if all(torch.equal(f.A, factors[0].A) for f in factors):  # B trained over a shared A
             out[module] = LoraFactors(
-                factors[0].A.clone(), s * _average([f.B for f in factors], weights), 1.0
+                factors[0].A.clone(), s * weighted_sum([f.B for f in factors], weights), 1.0
             )
         else:  # A trained under a shared B
             trained = "A"
             out[module] = LoraFactors(
-                _average([f.A for f in factors], weights), s * factors[0].B, 1.0
+                weighted_sum([f.A for f in factors], weights), s * factors[0].B, 1.0
             )
     return AggregationResult(
         method="alternate",

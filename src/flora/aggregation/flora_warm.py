@@ -43,7 +43,7 @@ import torch
 
 from flora.aggregation import flora as stacking
 from flora.aggregation.base import AggregationResult, adapter_bytes
-from flora.aggregation.lifecycle import BOTH, ClientPlan, Lifecycle, State, Step
+from flora.aggregation.lifecycle import BOTH, ClientPlan, Lifecycle, State, Step, kaiming_rows
 from flora.aggregation.lowrank import frobenius, lowrank_svd, numerical_rank, stack
 from flora.errors import FloraError
 from flora.factors import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
@@ -70,8 +70,7 @@ def warm_init(update: LoraFactors, rank: int, generator: torch.Generator) -> Lor
     have = min(rank, update.rank)
     A, B = update.A[:have], update.B[:, :have]  # (have, in), (out, have)
     if have < rank:
-        bound = 1.0 / math.sqrt(update.in_features)  # kaiming_uniform_(a=sqrt(5)) on (r, in)
-        fresh = (torch.rand(rank - have, update.in_features, generator=generator) * 2 - 1) * bound
+        fresh = kaiming_rows(rank - have, update.in_features, generator)
         A = torch.cat([A, fresh.to(A.dtype)])
         B = torch.cat([B, torch.zeros(update.out_features, rank - have, dtype=B.dtype)], dim=1)
     return LoraFactors(A.contiguous(), B.contiguous(), 1.0)

@@ -50,6 +50,7 @@ __all__ = [
     "Step",
     "check_parts",
     "initial_lora",
+    "kaiming_rows",
     "parts_bytes",
 ]
 
@@ -83,10 +84,15 @@ def initial_lora(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) ->
     adapter: Adapter = {}
     for module in sorted(shapes):
         out_features, in_features = shapes[module]
-        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on (rank, in)
-        A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        A = kaiming_rows(rank, in_features, generator)
         adapter[module] = LoraFactors(A, torch.zeros(out_features, rank), 1.0)
     return adapter
+
+
+def kaiming_rows(rows: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """``rows`` fresh rows of lora_A (rows, in), Kaiming-uniform as PEFT inits them."""
+    bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on (rows, in)
+    return (torch.rand(rows, in_features, generator=generator) * 2 - 1) * bound
 
 
 @dataclass(frozen=True)
