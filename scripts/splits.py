@@ -184,7 +184,68 @@ def report() -> str:
                     diffs.append(outcome(ra)[0] - outcome(rb)[0])
             if diffs:
                 lines.append(f"| {setting} | {a} - {b} | {rounds}x{steps} | {_interval(diffs)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + bytes_to_target(done)) + "\n"
+
+
+BASELINE = {"homogeneous": "fedit", "heterogeneous": "flexlora"}
+
+
+def _cells(setting: str, done: set[str]) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """(variant, rounds) -> (mean loss change, mean MB down, seeds) over the finished runs of
+    several rounds (one round delivers nothing after it, so its bytes compare with nothing)."""
+    cells = {}
+    for variant in METHODS[setting]:
+        for rounds, _ in SPLITS:
+            if rounds == 1:
+                continue
+            runs = [SplitRun(setting, variant, rounds, seed).name for seed in (0, 1, 2)]
+            found = [outcome(r) for r in runs if r in done]
+            if found:
+                change = sum(f[0] for f in found) / len(found)
+                mb = sum(f[1] for f in found) / len(found)
+                cells[variant, rounds] = (change, mb, len(found))
+    return cells
+
+
+def bytes_to_target(done: set[str]) -> list[str]:
+    """For targets set by the baseline's and flora's own runs, each method's fewest MB
+    downloaded (all clients, all rounds; mean over seeds) at a split whose mean held-out loss
+    change reaches the target."""
+    lines = [
+        "",
+        "MB to reach a target (runs of several rounds; the target is a cell's mean loss change, "
+        "a method's entry the cheapest of its splits whose mean reaches it, with its split and "
+        "seeds; - : no split reaches it):",
+    ]
+    for setting in METHODS:
+        cells = _cells(setting, done)
+        targets = sorted(
+            {
+                (c[0], f"{v} {r}x{TOTAL // r}")
+                for (v, r), c in cells.items()
+                if v in (BASELINE[setting], "flora")
+            }
+        )
+        if not targets:
+            continue
+        lines += ["", f"{setting}:", ""]
+        lines.append("| target (loss change of) | " + " | ".join(METHODS[setting]) + " |")
+        lines.append("|---" * (len(METHODS[setting]) + 1) + "|")
+        for target, source in targets:
+            row = [f"{target:+.4f} ({source})"]
+            for variant in METHODS[setting]:
+                reach = [
+                    (c[1], r, c[2])
+                    for (v, r), c in cells.items()
+                    if v == variant and c[0] <= target
+                ]
+                if reach:
+                    mb, rounds, seeds = min(reach)
+                    row.append(f"{mb:.0f} ({rounds}x{TOTAL // rounds}, n = {seeds})")
+                else:
+                    row.append("-")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def _dominated(p: tuple[float, float, str], points: list[tuple[float, float, str]]) -> bool:

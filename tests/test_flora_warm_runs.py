@@ -28,7 +28,7 @@ BUDGET = 6  # ranks of (o + i): the rank-4 client's warm init and a rank-2 merge
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-@pytest.mark.parametrize("downlink", ["fp32", "fp16"])
+@pytest.mark.parametrize("downlink", ["fp32", "fp16", "int8"])
 def test_a_bounded_warm_run_is_the_same_on_both_runtimes_and_keeps_its_budget(tmp_path, downlink):
     pytest.importorskip("flwr", reason="the Flower half needs `pip install -e '.[flower]'`")
     from tests.flower.test_apps import assert_same_rounds, rows, run_flower
@@ -60,7 +60,7 @@ def test_a_bounded_warm_run_is_the_same_on_both_runtimes_and_keeps_its_budget(tm
     )
     for row in rows(embedded, "client"):
         if row["catch_up_rounds"] <= 1:
-            assert row["bytes_down"] <= BUDGET * per_rank * 4, row  # fp32 bytes: fp16 is less
+            assert row["bytes_down"] <= BUDGET * per_rank * 4, row  # fp32 bytes: fp16, int8 less
     servers = rows(embedded, "server")
     assert all(r["downlink_rank"] <= BUDGET - 4 for r in servers)
     assert any(r["carried_rank"] > 0 for r in servers)  # the budget binds: something carried

@@ -126,3 +126,26 @@ def test_the_split_sweep_matrix_is_resumable_and_every_run_loads(study):
         assert config.federation.rounds == run.rounds and config.train.max_steps == run.steps
     added = splits.matrix(["florist"])
     assert len(added) == 63 + 2 * 7 and any(r.variant == "florist" for r in added)
+
+
+def test_the_split_sweep_finds_each_methods_cheapest_split_to_a_target(
+    study, tmp_path, monkeypatch
+):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import splits
+
+    monkeypatch.setattr(splits, "RESULTS", tmp_path)
+    # fedit: 9 x 1 reaches -0.20 at 1 MB a client-round; flora: -0.10 at 9 x 1 (10 MB) and
+    # -0.15 at 3 x 3 (10 MB); flora-warm: -0.20 at 3 x 3 (2 MB)
+    cells = [("fedit", 9, -0.20, 1), ("flora", 9, -0.10, 10), ("flora", 3, -0.15, 10)]
+    cells += [("flora-warm", 3, -0.20, 2)]
+    for variant, rounds, change, mb in cells:
+        for seed in (0, 1):
+            name = splits.SplitRun("homogeneous", variant, rounds, seed).name
+            fake_run(tmp_path, name, [2.0] * rounds + [2.0 + change], mb * 1_000_000, 1.0)
+            (tmp_path / name / "config.json").write_text('{"federation": {}}')
+    text = "\n".join(splits.bytes_to_target(set(splits.finished())))
+    # targets: fedit's -0.20 and flora's -0.15 and -0.10; 2 clients a round in the fake runs
+    assert "| -0.2000 (fedit 9x1) | - | 18 (9x1, n = 2) | 12 (3x3, n = 2) | - | - |" in text
+    assert "| -0.1500 (flora 3x3) | 60 (3x3, n = 2) | 18 (9x1, n = 2) | 12 (3x3, n = 2) |" in text
+    assert "| -0.1000 (flora 9x1) | 60 (3x3, n = 2) |" in text  # 3 x 3 cheaper than 9 x 1 (180)

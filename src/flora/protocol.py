@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from flora import wire
 from flora.aggregation.base import adapter_bytes, tensor_bytes
 from flora.aggregation.lifecycle import BOTH, initial_lora
 from flora.aggregation.lowrank import exact_refactor, stack
-from flora.factors import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
+from flora.errors import FloraError
+from flora.factors import Adapter, LoraFactors, adapter_to_tensors, pair_factors
 
 __all__ = [
     "ClientTask",
@@ -36,15 +38,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RoundUpdate:
-    """One round's merged update: W += B @ A (+ residual) for every module."""
+    """One round's merged update: W += B @ A (+ residual) for every module.
+
+    ``wire`` is the number format its factors travel in (:mod:`flora.wire`); in memory they are
+    fp32 values on that format's grid, so the server and every client merge the same numbers."""
 
     round: int
     factors: Adapter  # scaling 1
     residual: dict[str, torch.Tensor] | None = None
+    wire: str = "fp32"
 
     def nbytes(self) -> int:
+        """The bytes it travels in: its factors at ``wire`` and any residual."""
         residual = sum(tensor_bytes(t) for t in (self.residual or {}).values())
-        return adapter_bytes(self.factors) + residual
+        if self.wire == "fp32":
+            return adapter_bytes(self.factors) + residual
+        encoded = (wire.encode(f, self.wire) for f in self.factors.values())
+        return sum(tensor_bytes(t) for parts in encoded for t in parts.values()) + residual
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """The dense update of every module: B @ A (+ residual), (out, in)."""
@@ -54,19 +64,50 @@ class RoundUpdate:
         return out
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Flat named tensors: the factors (flora.factors' codec) and ``residual.<module>``."""
-        tensors = adapter_to_tensors(self.factors, prefix)
+        """Flat named tensors: the factors at ``wire`` (flora.factors' codec; int8's exponents
+        under ``exponent.<module>.lora_A`` / ``.lora_B``) and ``residual.<module>``."""
+        if self.wire == "fp32":
+            tensors = adapter_to_tensors(self.factors, prefix)
+        else:
+            tensors = {}
+            for module, factors in self.factors.items():
+                parts = wire.encode(factors, self.wire)
+                for part in ("A", "B"):
+                    tensors[f"{prefix}{module}.lora_{part}.weight"] = parts[part]
+                    if f"{part}_exp" in parts:
+                        tensors[f"{prefix}{_EXP}{module}.lora_{part}"] = parts[f"{part}_exp"]
         for module, residual in (self.residual or {}).items():
-            tensors[f"{prefix}residual.{module}"] = residual.contiguous()
+            tensors[f"{prefix}{_RESIDUAL}{module}"] = residual.contiguous()
         return tensors
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor], round: int, prefix: str = "") -> RoundUpdate:
-        """The update :meth:`to_tensors` wrote under ``prefix``."""
-        tag = f"{prefix}residual."
+        """The update :meth:`to_tensors` wrote under ``prefix`` (its format read from the
+        tensors' dtypes)."""
+        tag, exp = f"{prefix}{_RESIDUAL}", f"{prefix}{_EXP}"
         residual = {k[len(tag) :]: v for k, v in tensors.items() if k.startswith(tag)}
-        factors = {k: v for k, v in tensors.items() if not k.startswith(tag)}
-        return RoundUpdate(round, adapter_from_tensors(factors, prefix), residual or None)
+        exponents = {k[len(exp) :]: v for k, v in tensors.items() if k.startswith(exp)}
+        rest = {k: v for k, v in tensors.items() if not k.startswith((tag, exp))}
+        parts = pair_factors(rest, prefix, "round update")
+        if not parts:
+            raise FloraError(f"round update holds no factors under '{prefix}'; check the sender")
+        fmt = wire.format_of(next(iter(parts.values()))["A"])
+        factors: Adapter = {}
+        for module in sorted(parts):
+            pair = dict(parts[module])
+            if fmt == "fp32":
+                factors[module] = LoraFactors(pair["A"], pair["B"], 1.0)
+                continue
+            for part in ("A", "B") if fmt == "int8" else ():
+                key = f"{module}.lora_{part}"
+                if key not in exponents:
+                    raise FloraError(f"round update: int8 factors '{key}' have no exponents")
+                pair[f"{part}_exp"] = exponents[key]
+            factors[module] = wire.decode(pair)
+        return RoundUpdate(round, factors, residual or None, fmt)
+
+
+_RESIDUAL, _EXP = "residual.", "exponent."
 
 
 @dataclass

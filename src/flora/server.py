@@ -254,7 +254,7 @@ class Server:
         self.method_state = step.state
         update = None
         if step.merged is not None:
-            update = RoundUpdate(round, step.merged, step.residual)
+            update = RoundUpdate(round, step.merged, step.residual, step.wire)
             self.history.append(update)
         seconds = time.perf_counter() - start
         return RoundOutcome(round, update, report, seconds, screened.clipped, step.fields)

@@ -14,6 +14,7 @@ from flora.config import load_config
 from flora.errors import FloraError
 from flora.factors import LoraFactors
 from flora.server import Server
+from flora.wire import on_grid
 
 SHAPES = {"m": (12, 10), "n": (6, 10)}
 RANKS = [4, 2, 2, 1]
@@ -61,7 +62,16 @@ def merged(srv: Server) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("budget", "fraction", "downlink"),
-    [(0, 1.0, "fp32"), (6, 1.0, "fp32"), (7, 0.5, "fp32"), (6, 1.0, "fp16"), (0, 0.5, "fp16")],
+    [
+        (0, 1.0, "fp32"),
+        (6, 1.0, "fp32"),
+        (7, 0.5, "fp32"),
+        (6, 1.0, "fp16"),
+        (0, 0.5, "fp16"),
+        (6, 1.0, "bf16"),
+        (6, 1.0, "int8"),
+        (0, 0.5, "int8"),
+    ],
 )
 def test_base_plus_carry_is_every_rounds_exact_average(budget, fraction, downlink):
     # Prepare
@@ -85,9 +95,14 @@ def test_base_plus_carry_is_every_rounds_exact_average(budget, fraction, downlin
             torch.testing.assert_close(ours, truth[m], rtol=0, atol=2e-5 * truth[m].abs().max())
         if budget == 0 and downlink == "fp32":
             assert srv.adapter is None  # unbounded: nothing carried (FLoRA's guarantee)
-        if downlink == "fp16":  # half the bytes on the wire; the rounding is carried
-            assert all(f.A.dtype == torch.float16 for u in srv.history for f in u.factors.values())
-            assert 0 < outcome.fields["rounding_share"] < 1e-2
+        if downlink != "fp32":  # fewer bytes on the wire; the rounding is carried
+            update = srv.history[-1]
+            assert update.wire == downlink
+            for f in update.factors.values():  # what merges is what the wire holds, exactly
+                on = on_grid(f, downlink)
+                assert torch.equal(on.A, f.A) and torch.equal(on.B, f.B)
+            bound = {"fp16": 1e-3, "bf16": 1e-2, "int8": 5e-2}[downlink]  # of the round's update
+            assert 0 < outcome.fields["rounding_share"] < bound
 
 
 def test_clients_start_warm_from_the_top_components_of_the_last_update():

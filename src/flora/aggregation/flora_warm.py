@@ -27,9 +27,10 @@ Bytes up, client k: r_k (o + i). Bytes down, client k and round: the merged upda
 the number of clients (catch-up of rounds a client missed comes on top, as ``federation.catch_up``
 sends it). Options: ``budget`` (0: unbounded), ``warm`` (false: FLoRA's fresh LoRAs; with
 ``budget`` > 0 the bounded downlink alone; ``warm`` with ``budget`` = 0 the warm start alone),
-``downlink`` ("fp16": the merged update's factors travel and merge in half precision, half the
-bytes; the rounding joins the carried remainder, so the sum stays exact; bf16 and int8 are not
-offered: Flower's arrays go through numpy, which has no bf16).
+``downlink`` (the merged update's number format on the wire, :mod:`flora.wire`: "fp32", "fp16"
+or "bf16" (half the bytes) or "int8" with a power-of-two scale per component (a quarter); the
+server merges and keeps the rounded values, every client decodes the same, and the rounding
+joins the carried remainder, so the sum stays exact and only its delivery is delayed).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from flora.aggregation.lifecycle import BOTH, ClientPlan, Lifecycle, State, Step
 from flora.aggregation.lowrank import frobenius, lowrank_svd, numerical_rank, stack
 from flora.errors import FloraError
 from flora.factors import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
+from flora.wire import FORMATS, on_grid
 
 __all__ = ["LIFECYCLE", "WarmStack", "aggregate", "warm_init"]
 
@@ -83,9 +85,14 @@ class WarmStack(Lifecycle):
 
     budget: int = 0  # ranks of (o + i) a client downloads a round (0: unbounded)
     warm: bool = True  # start from the top components of the last update (else fresh)
-    downlink: str = "fp32"  # the merged update's factors on the wire: "fp32" or "fp16"
+    downlink: str = "fp32"  # the merged update's factors on the wire: a format of flora.wire
 
     def start(self, shapes: Mapping[str, tuple[int, int]], ranks: list[int], seed: int) -> State:
+        if self.downlink not in FORMATS:
+            raise FloraError(
+                f"federation.options.downlink = {self.downlink!r}: the merged update's number "
+                f"format on the wire; use one of {', '.join(FORMATS)}"
+            )
         if self.budget and self.budget <= max(ranks):
             raise FloraError(
                 f"federation.options.budget = {self.budget}: a client downloads its warm init "
@@ -142,31 +149,31 @@ class WarmStack(Lifecycle):
                     Vh[sent:n].float().contiguous(), (U[:, sent:n] * S[sent:n]).float(), 1.0
                 )
                 carried_norm += float(S[sent:n].double().square().sum())
-            if self.downlink == "fp16":  # what the clients get; the rounding joins the carry
+            if self.downlink != "fp32":  # what the clients get; the rounding joins the carry
                 top = merged[module]
-                wire = LoraFactors(top.A.half(), top.B.half(), 1.0)
-                A_err = torch.cat([top.A, wire.A.float()])  # B A - B_w A_w, exactly
-                B_err = torch.cat([top.B, -wire.B.float()], dim=1)
+                sent_values = on_grid(top, self.downlink)
+                A_err = torch.cat([top.A, sent_values.A])  # B A - B_w A_w, exactly
+                B_err = torch.cat([top.B, -sent_values.B], dim=1)
                 rounding += frobenius(B_err, A_err) ** 2
                 if module in kept:
                     A_err = torch.cat([kept[module].A, A_err])
                     B_err = torch.cat([kept[module].B, B_err], dim=1)
                 kept[module] = LoraFactors(A_err.contiguous(), B_err.contiguous(), 1.0)
-                merged[module] = wire
+                merged[module] = sent_values
         fields = {
             "downlink_rank": max(f.rank for f in merged.values()),
             "carried_rank": max((f.rank for f in kept.values()), default=0),
             # the remainder the clients do not have yet, against this round's exact update
             "carried_share": math.sqrt(carried_norm) / max(math.sqrt(update_norm), 1e-30),
         }
-        if self.downlink == "fp16":  # the wire's rounding, carried too
+        if self.downlink != "fp32":  # the wire's rounding, carried too
             fields["rounding_share"] = math.sqrt(rounding) / max(math.sqrt(update_norm), 1e-30)
         new: State = {
             "carry": adapter_to_tensors(kept),
             "last": adapter_to_tensors(merged),
             "seed": state["seed"],
         }
-        return Step(new, merged, None, fields)
+        return Step(new, merged, None, fields, self.downlink)
 
     def adapter(self, state: State) -> Adapter | None:
         """The carried remainder: base + history + it = every round's exact update."""

@@ -115,6 +115,7 @@ class Step:
     merged: Adapter | None = None  # low-rank factors (scaling 1) merged into the base ...
     residual: dict[str, torch.Tensor] | None = None  # ... and a dense (out, in) part of it
     fields: dict[str, float] = field(default_factory=dict)  # the method's server-row fields
+    wire: str = "fp32"  # the number format ``merged`` travels in (flora.wire; on its grid)
 
 
 @dataclass(frozen=True)

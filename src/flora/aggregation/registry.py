@@ -192,9 +192,10 @@ _DOWNLINK = Option(
     name="downlink",
     type=str,
     default="fp32",
-    help="flora-warm: the merged update's factors on the wire, 'fp32' or 'fp16' (half the "
-    "bytes; the rounding is carried)",
-    choices=("fp32", "fp16"),
+    help="flora-warm: the merged update's factors on the wire, 'fp32', 'fp16' or 'bf16' (half "
+    "the bytes) or 'int8' (a power-of-two scale per component: a quarter); the rounding is "
+    "carried",
+    choices=("fp32", "fp16", "bf16", "int8"),
 )
 _STACKING = (
     "the server stacks every client's own factors unnoised and sends them all to every "
