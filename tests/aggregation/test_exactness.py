@@ -35,9 +35,12 @@ def test_flora_global_rank_is_the_sum_of_ranks_with_scaling_one():
         assert factors.rank == 14 and factors.scaling == 1.0
 
 
-@pytest.mark.parametrize("method", ["fedex-lora", "ffa-lora"])
+SHARED_A = ("ffa-lora", "fedsvd", "rolora")  # B trained over one frozen A (rolora: odd rounds)
+
+
+@pytest.mark.parametrize("method", ["fedex-lora", *SHARED_A])
 def test_equal_rank_exact_methods(method):
-    clients = make_clients([6, 6, 6], shared_A=method == "ffa-lora", alphas=[6.0, 12.0, 3.0])
+    clients = make_clients([6, 6, 6], shared_A=method in SHARED_A, alphas=[6.0, 12.0, 3.0])
     weights = [1.0, 2.0, 5.0]
     result = aggregate(method, clients, weights)
     for module in SHAPES:
@@ -71,9 +74,8 @@ def test_identical_clients_give_the_input_back(method):
 
 @pytest.mark.parametrize("method", [*FAITHFUL, "reference-zero-padding"])
 def test_permutation_invariance(method):
-    equal = method in ("fedit", "ffa-lora", "fedex-lora")
-    ranks = [4, 4, 4, 4] if equal else [8, 4, 2, 1]
-    clients = make_clients(ranks, seed=7, shared_A=method == "ffa-lora")
+    ranks = [8, 4, 2, 1] if METHODS[method].mixed_ranks else [4, 4, 4, 4]
+    clients = make_clients(ranks, seed=7, shared_A=method in SHARED_A)
     weights = [1.0, 2.0, 3.0, 4.0]
     order = [2, 0, 3, 1]
     base = aggregate(method, clients, weights)

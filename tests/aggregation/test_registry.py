@@ -20,7 +20,7 @@ def test_registry_options_are_the_methods_keyword_options(name):
 
 
 def test_flags_follow_the_registry():
-    assert [m.name for m in METHODS.values() if m.freezes_A] == ["ffa-lora"]
+    assert [m.name for m in METHODS.values() if m.freezes_A] == ["ffa-lora", "fedsvd"]
     for method in METHODS.values():
         assert method.merges_into_base is not method.keeps_global_lora
         assert method.summary and method.paper

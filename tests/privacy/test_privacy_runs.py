@@ -173,7 +173,7 @@ def test_the_epsilon_grows_on_resume_and_a_target_cannot_be_stretched(tmp_path, 
 # --- client-level -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa-lora"])
+@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "rolora", "fedsvd"])
 def test_client_level_noise_and_epsilon(tmp_path, method):
     config = load_config(
         TINY,

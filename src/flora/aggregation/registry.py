@@ -283,6 +283,24 @@ for _method in (
         summary="shared frozen A, averaged B; equal ranks; exact given the shared A",
     ),
     Method(
+        name="rolora",
+        module="rolora",
+        exact=True,
+        mixed_ranks=False,
+        paper="Chen et al., NeurIPS 2025",
+        summary="alternating: B trained over a frozen A in odd rounds, A under a frozen B in "
+        "even ones, the trained factor averaged; equal ranks; exact; half the upload",
+    ),
+    Method(
+        name="fedsvd",
+        module="fedsvd",
+        exact=True,
+        mixed_ranks=False,
+        paper="Lee et al., NeurIPS 2025",
+        summary="B trained over the global A and averaged, then re-factored by SVD into an "
+        "orthonormal A; equal ranks; exact",
+    ),
+    Method(
         name="fedex-lora",
         module="fedex_lora",
         exact=True,

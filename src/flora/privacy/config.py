@@ -11,7 +11,7 @@ Two modes besides ``"none"``:
   client-side fixed-clipping strategy does it: each client clips its update of the global LoRA
   to ``update_norm`` on the client, the server averages them with equal weights and adds
   Gaussian noise of ``noise_multiplier * update_norm / m`` (m accepted clients). Only for the
-  methods that average one global LoRA (fedit, ffa-lora).
+  methods that average one global LoRA (fedit, ffa-lora, rolora, fedsvd).
 
 ``epsilon`` > 0 asks for that budget at ``delta`` after the run's last round, and the noise
 multiplier is found for it (opacus' ``get_noise_multiplier``); ``epsilon = 0`` takes
@@ -53,7 +53,7 @@ class PrivacyConfig:
         metadata={
             "help": '"none", "dp-sgd" (every example\'s gradient clipped and noised on the '
             'client; every method) or "client-level" (each client\'s update clipped, noise on the '
-            "average; fedit, ffa-lora)"
+            "average; fedit, ffa-lora, rolora, fedsvd)"
         },
     )
     epsilon: float = field(

@@ -1,0 +1,109 @@
+"""RoLoRA and FedSVD against their papers' claims, on tiny tensors through the server's own
+round protocol: every round's realised update is the weighted sum of the clients' updates
+(RoLoRA: alternately over a shared A and a shared B; FedSVD: over a shared A, re-factored into
+an orthonormal A), and each uploads only the factor it trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora.aggregation import aggregate
+from flora.aggregation.fedsvd import orthonormal_refactor
+from flora.aggregation.rolora import trained_part
+from flora.client import ClientResult
+from flora.config import load_config
+from flora.errors import FloraError
+from flora.factors import LoraFactors
+from flora.server import Server
+
+SHAPES = {"m": (12, 10), "n": (6, 10)}
+RANK = 3
+
+
+def server(method: str, fraction: float = 1.0) -> Server:
+    overrides = [
+        f"lora.ranks={[RANK] * 4}",
+        "federation.num_clients=4",
+        f"federation.method='{method}'",
+        f"federation.fraction={fraction}",
+    ]
+    return Server(load_config("configs/tiny.toml", overrides), SHAPES)
+
+
+def train(task, generator: torch.Generator) -> tuple[ClientResult, dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    """A client's round: the parts it trains moved from its init, the others sent back as
+    received; and its model's change, s B A - B0 A0 (dense, float64)."""
+    s = task.alpha / task.rank
+    factors, change = {}, {}
+    for m in SHAPES:
+        start = task.init[m].with_scaling(s)
+        A, B = start.A, start.B
+        if "A" in task.trains:
+            A = A + 0.1 * torch.randn(A.shape, generator=generator)
+        if "B" in task.trains:
+            B = B + 0.1 * torch.randn(B.shape, generator=generator)
+        factors[m] = LoraFactors(A, B, s)
+        change[m] = s * B.double() @ A.double() - task.init[m].delta().double()
+    return ClientResult(
+        task.client, task.round, factors=factors, examples=5 + 3 * task.client
+    ), change
+
+
+@pytest.mark.parametrize("method", ["rolora", "fedsvd"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_every_round_realises_the_weighted_sum_of_the_clients_updates(method, fraction):
+    srv, g = server(method, fraction), torch.Generator().manual_seed(0)
+    for t in (1, 2, 3, 4):
+        before = {m: f.delta().double() for m, f in (srv.adapter or {}).items()}
+        tasks = srv.configure(t)
+        part = trained_part(t) if method == "rolora" else "B"
+        assert all(task.trains == frozenset(part) for task in tasks), t
+        done = [train(task, g) for task in tasks]
+        srv.complete(tasks, done=[task.client for task in tasks])
+        outcome = srv.aggregate(t, tasks, [r for r, _ in done])
+        assert outcome is not None
+        weights = [r.examples for r, _ in done]
+        for m in SHAPES:
+            average = sum(w * c[m] for w, (_, c) in zip(weights, done, strict=True)) / sum(weights)
+            after = srv.adapter[m].delta().double()
+            torch.testing.assert_close(after - before[m], average, rtol=0, atol=1e-5)
+        # the uplink is the trained factor alone; the downlink the whole pair
+        o_i = {"A": sum(i for _, i in SHAPES.values()), "B": sum(o for o, _ in SHAPES.values())}
+        assert outcome.report.bytes_up == [RANK * o_i[part] * 4] * len(tasks)
+        assert all(task.bytes_down == RANK * (o_i["A"] + o_i["B"]) * 4 for task in tasks)
+
+
+def test_fedsvd_keeps_an_orthonormal_A_after_every_round():
+    srv, g = server("fedsvd"), torch.Generator().manual_seed(1)
+    for t in (1, 2, 3):
+        tasks = srv.configure(t)
+        results = [train(task, g)[0] for task in tasks]
+        srv.complete(tasks, done=[task.client for task in tasks])
+        srv.aggregate(t, tasks, results)
+        for f in srv.adapter.values():
+            torch.testing.assert_close(f.A @ f.A.T, torch.eye(RANK), rtol=0, atol=1e-5)
+
+
+def test_the_svd_refactoring_preserves_the_product_even_below_full_rank():
+    g = torch.Generator().manual_seed(2)
+    B = torch.randn(12, 3, generator=g)
+    B[:, 2] = B[:, 0]  # rank 2 of 3
+    factors = LoraFactors(torch.randn(3, 10, generator=g), B, 1.0)
+    new = orthonormal_refactor(factors)
+    assert new.rank == 3
+    torch.testing.assert_close(new.delta(), factors.delta(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(new.A @ new.A.T, torch.eye(3), rtol=0, atol=1e-5)
+
+
+def test_rolora_averages_A_under_a_shared_B_and_refuses_uploads_that_share_neither():
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(12, 3, generator=g)
+    clients = [{"m": LoraFactors(torch.randn(3, 10, generator=g), B, 2.0)} for _ in range(3)]
+    result = aggregate("rolora", clients, [1.0, 2.0, 3.0])
+    expected = sum(w * 2.0 * B @ c["m"].A for w, c in zip([1, 2, 3], clients, strict=True)) / 6
+    torch.testing.assert_close(result.global_factors["m"].delta(), expected, rtol=0, atol=1e-5)
+    assert result.bytes_up == [3 * 10 * 4] * 3  # A alone
+    clients[1] = {"m": LoraFactors(torch.randn(3, 10, generator=g), B + 1, 2.0)}
+    with pytest.raises(FloraError, match="share neither lora_A nor lora_B"):
+        aggregate("rolora", clients, [1.0, 2.0, 3.0])
