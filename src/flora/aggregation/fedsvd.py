@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
 from flora.aggregation.ffa_lora import average_B_module
-from flora.aggregation.lifecycle import ClientPlan, GlobalLora, State, Step
-from flora.aggregation.lowrank import lowrank_svd, truncate
+from flora.aggregation.lifecycle import BOTH, GlobalLora, State, Step
+from flora.aggregation.lowrank import lowrank_svd
 from flora.aggregation.validate import check_equal_ranks, check_shared_A
 from flora.factors import Adapter, LoraFactors, adapter_to_tensors
 
@@ -49,12 +49,7 @@ class Refactored(GlobalLora):
     """FFA-LoRA's life (B trained over the global A), the global pair re-factored each round."""
 
     trains: frozenset[str] = frozenset({"B"})
-
-    def plan(self, state: State, client: int, rank: int, round: int) -> ClientPlan:
-        lora = self.adapter(state)
-        assert lora is not None
-        init = {m: truncate(f, rank) for m, f in lora.items()}
-        return ClientPlan(init, self.trains, adapter_bytes(init))  # A changes: both travel
+    sends: frozenset[str] | None = BOTH  # A changes every round: both travel
 
     def advance(
         self,

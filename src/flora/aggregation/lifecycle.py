@@ -171,16 +171,24 @@ class MergeEachRound(Lifecycle):
 class GlobalLora(Lifecycle):
     """The server keeps one global LoRA at the largest rank of all clients; each client starts
     from its truncation to its own rank (Kaiming-uniform A, zero B before round 1, as PEFT
-    inits). With ``trains`` = {"B"} (FFA-LoRA) A stays as initialised and only B travels."""
+    inits). With ``trains`` = {"B"} (FFA-LoRA) A stays as initialised and only B travels;
+    ``sends`` names the parts a client downloads where they differ from those it trains."""
+
+    sends: frozenset[str] | None = None  # the parts downloaded (None: the parts trained)
 
     def start(self, shapes: Mapping[str, tuple[int, int]], ranks: list[int], seed: int) -> State:
         return {"global_lora": adapter_to_tensors(initial_lora(shapes, max(ranks), seed))}
+
+    def trains_in(self, round: int) -> frozenset[str]:
+        """The parts a client trains in ``round`` (the same every round unless overridden)."""
+        return self.trains
 
     def plan(self, state: State, client: int, rank: int, round: int) -> ClientPlan:
         lora = self.adapter(state)
         assert lora is not None
         init = {m: truncate(f, rank) for m, f in lora.items()}
-        return ClientPlan(init, self.trains, parts_bytes(init, self.trains))
+        trains = self.trains_in(round)
+        return ClientPlan(init, trains, parts_bytes(init, self.sends or trains))
 
     def advance(
         self,

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
-from flora.aggregation.lifecycle import ClientPlan, GlobalLora, State
-from flora.aggregation.lowrank import fold, truncate, weighted_sum
+from flora.aggregation.lifecycle import BOTH, GlobalLora
+from flora.aggregation.lowrank import fold, weighted_sum
 from flora.aggregation.validate import check_equal_ranks
 from flora.errors import FloraError
 from flora.factors import Adapter, LoraFactors
@@ -44,13 +44,13 @@ def trained_part(round: int) -> str:
 
 @dataclass(frozen=True)
 class Alternating(GlobalLora):
-    """A global LoRA at the clients' rank; each round's clients train one factor of it."""
+    """A global LoRA at the clients' rank; each round's clients train one factor of it and
+    download both."""
 
-    def plan(self, state: State, client: int, rank: int, round: int) -> ClientPlan:
-        lora = self.adapter(state)
-        assert lora is not None
-        init = {m: truncate(f, rank) for m, f in lora.items()}
-        return ClientPlan(init, frozenset(trained_part(round)), adapter_bytes(init))
+    sends: frozenset[str] | None = BOTH
+
+    def trains_in(self, round: int) -> frozenset[str]:
+        return frozenset(trained_part(round))
 
 
 LIFECYCLE = Alternating()
