@@ -3,6 +3,7 @@
     python scripts/study.py --part splits --jobs 2           # every sweep run not yet finished
     python scripts/study.py --part splits --jobs 2 --max-runs 4
     python scripts/study.py --part splits --add flora-xyz    # a later method joins the sweep
+                                   # (an equal-rank method joins the homogeneous setting only)
     python scripts/study.py --part splits --report           # the tables and the Pareto plot
 
 Hypothesis under test: FLoRA's gap to FedIT shrinks as the steps per round grow (a fresh LoRA,
@@ -12,8 +13,9 @@ B = 0, spends a short round growing B), and flora-warm closes it at every split.
 Homogeneous r = 16: flora, fedit, flora-warm (budget 32: 16 for the warm init, 16 for the
 update), its two ablations (warm only: budget 0; bounded only: warm = false, budget 32);
 heterogeneous ranks: flora, flexlora, zero-padding, flora-warm (budget 128). Seeds 0, 1, 2 at the
-two extreme splits and seed 0 at 3 x 3, the extremes' seeds first. Records (never models) go to
-docs/results/splits/<run>/; a run with a summary is never run again.
+two extreme splits and seed 0 at 3 x 3, the extremes' seeds first. flora-warm's int8 downlink
+(homogeneous) runs where it sends anything: at 9 x 1 (three seeds) and 3 x 3 (seed 0). Records
+(never models) go to docs/results/splits/<run>/; a run with a summary is never run again.
 """
 
 from __future__ import annotations
@@ -42,11 +44,18 @@ VARIANTS = {
         "flora-warm",
         ["federation.options.budget={budget}", "federation.options.warm=false"],
     ),
+    "warm-int8": (
+        "flora-warm",
+        ["federation.options.budget={budget}", "federation.options.downlink='int8'"],
+    ),
 }
+# variants that differ from another only in what travels: run at the splits of several rounds
+SEVERAL_ROUNDS = {"homogeneous": ["warm-int8"], "heterogeneous": []}
 METHODS = {
     "homogeneous": ["flora", "fedit", "flora-warm", "warm-only", "bounded-only"],
     "heterogeneous": ["flora", "flexlora", "zero-padding", "flora-warm"],
 }
+BASELINE = {"homogeneous": "fedit", "heterogeneous": "flexlora"}  # the pairs of an added one
 BUDGET = {"homogeneous": 32, "heterogeneous": 128}  # ranks of (o + i) a client a round
 # fp32 bytes of one rank of (o + i) over SmolLM2-135M's targets: 30 layers of q_proj (576 x 576)
 # and v_proj (192 x 576)
@@ -81,8 +90,16 @@ class SplitRun:
 
 
 def matrix(added: Sequence[str] = ()) -> list[SplitRun]:
-    """The extremes' three seeds first, then seed 0 at the middle split."""
-    methods = {s: [*m, *added] for s, m in METHODS.items()}
+    """The extremes' three seeds first, then seed 0 at the middle split; the downlink variants
+    at 9 x 1 (three seeds) and 3 x 3 (seed 0); an ``added`` method of equal ranks only joins
+    the homogeneous setting."""
+    from flora.aggregation import get_method
+
+    methods = {s: list(m) for s, m in METHODS.items()}
+    for name in added:
+        mixed = name in VARIANTS or get_method(name).mixed_ranks
+        for setting in ("homogeneous", "heterogeneous") if mixed else ("homogeneous",):
+            methods[setting].append(name)
     runs = [
         SplitRun(setting, v, rounds, seed)
         for seed in (0, 1, 2)
@@ -91,7 +108,25 @@ def matrix(added: Sequence[str] = ()) -> list[SplitRun]:
         for v in variants
     ]
     runs += [SplitRun(s, v, 3, 0) for s, variants in methods.items() for v in variants]
+    runs += [
+        SplitRun(s, v, rounds, seed)
+        for s, variants in SEVERAL_ROUNDS.items()
+        for v in variants
+        for rounds, seed in ((9, 0), (9, 1), (9, 2), (3, 0))
+    ]
     return runs
+
+
+def variants(setting: str, done: set[str]) -> list[str]:
+    """The sweep's variants of ``setting``, then any other whose runs are among ``done``."""
+    found = [*METHODS[setting], *SEVERAL_ROUNDS[setting]]
+    prefix = setting[:5] + "-"
+    for name in sorted(done):
+        if name.startswith(prefix):
+            variant = name[len(prefix) :].rsplit("-", 2)[0]
+            if variant not in found:
+                found.append(variant)
+    return found
 
 
 def _rows(name: str) -> list[dict]:
@@ -152,9 +187,9 @@ def report() -> str:
     lines = [
         "# The split sweep (scripts/splits.py)",
         "",
-        f"{len(done)} of {len(matrix())} runs finished. Held-out loss change (after - before; "
-        "lower is better), MB downloaded by all clients in all rounds, and the largest download "
-        "of one client in one round.",
+        f"{len(done)} runs finished ({len(matrix())} in the sweep's own matrix). Held-out loss "
+        "change (after - before; lower is better), MB downloaded by all clients in all rounds, "
+        "and the largest download of one client in one round.",
         "",
         "| run | loss change | MB down (all) | max one client-round (MB) | budget (MB) |",
         "|---|---|---|---|---|",
@@ -175,7 +210,14 @@ def report() -> str:
         "| setting | a - b | split | difference |",
         "|---|---|---|---|",
     ]
-    for setting, a, b in PAIRS:
+    extra = [
+        (setting, v, against)
+        for setting in METHODS
+        for v in variants(setting, done)
+        if v not in METHODS[setting]
+        for against in (BASELINE[setting], "flora-warm")
+    ]
+    for setting, a, b in PAIRS + extra:
         for rounds, steps in SPLITS:
             diffs = []
             for seed in (0, 1, 2):
@@ -187,14 +229,11 @@ def report() -> str:
     return "\n".join(lines + bytes_to_target(done)) + "\n"
 
 
-BASELINE = {"homogeneous": "fedit", "heterogeneous": "flexlora"}
-
-
 def _cells(setting: str, done: set[str]) -> dict[tuple[str, int], tuple[float, float, int]]:
     """(variant, rounds) -> (mean loss change, mean MB down, seeds) over the finished runs of
     several rounds (one round delivers nothing after it, so its bytes compare with nothing)."""
     cells = {}
-    for variant in METHODS[setting]:
+    for variant in variants(setting, done):
         for rounds, _ in SPLITS:
             if rounds == 1:
                 continue
@@ -229,11 +268,12 @@ def bytes_to_target(done: set[str]) -> list[str]:
         if not targets:
             continue
         lines += ["", f"{setting}:", ""]
-        lines.append("| target (loss change of) | " + " | ".join(METHODS[setting]) + " |")
-        lines.append("|---" * (len(METHODS[setting]) + 1) + "|")
+        names = variants(setting, done)
+        lines.append("| target (loss change of) | " + " | ".join(names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
         for target, source in targets:
             row = [f"{target:+.4f} ({source})"]
-            for variant in METHODS[setting]:
+            for variant in names:
                 reach = [
                     (c[1], r, c[2])
                     for (v, r), c in cells.items()

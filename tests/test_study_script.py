@@ -118,14 +118,18 @@ def test_the_split_sweep_matrix_is_resumable_and_every_run_loads(study):
     from flora.config import load_config
 
     runs = splits.matrix()
-    assert len({r.name for r in runs}) == len(runs) == 63  # 9 variants x (3 + 3 + 1) seeds x splits
+    # 9 variants x (3 + 3 + 1) seeds x splits, and the int8 downlink at 9 x 1 (3 seeds) and 3 x 3
+    assert len({r.name for r in runs}) == len(runs) == 63 + 4
     assert all(r.rounds * r.steps == splits.TOTAL for r in runs)
     assert [r.seed for r in runs[:18]] == [0] * 18  # the extremes' seed 0 first
     for run in runs[:9] + runs[-9:]:
         config = load_config(ROOT / "configs" / "study" / f"{run.setting}.toml", run.overrides())
         assert config.federation.rounds == run.rounds and config.train.max_steps == run.steps
-    added = splits.matrix(["florist"])
-    assert len(added) == 63 + 2 * 7 and any(r.variant == "florist" for r in added)
+    added = splits.matrix(["florist"])  # mixed ranks: both settings
+    assert len(added) == 67 + 2 * 7 and any(r.variant == "florist" for r in added)
+    added = splits.matrix(["rolora"])  # equal ranks: the homogeneous setting alone
+    assert {r.setting for r in added if r.variant == "rolora"} == {"homogeneous"}
+    assert len(added) == 67 + 7
 
 
 def test_the_split_sweep_finds_each_methods_cheapest_split_to_a_target(
