@@ -197,6 +197,15 @@ _DOWNLINK = Option(
     "carried",
     choices=("fp32", "fp16", "bf16", "int8"),
 )
+_RESIDUAL = Option(
+    name="residual",
+    type=float,
+    default=1.0,
+    help="fedmomentum: share of the residual components' energy (squared singular values) "
+    "merged into the base each round, in (0, 1]; 1 merges all and is exact",
+    check=lambda v: 0.0 < v <= 1.0,
+    expected="0 < residual <= 1 (1 is exact)",
+)
 _STACKING = (
     "the server stacks every client's own factors unnoised and sends them all to every "
     "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
@@ -299,6 +308,19 @@ for _method in (
         paper="Lee et al., NeurIPS 2025",
         summary="B trained over the global A and averaged, then re-factored by SVD into an "
         "orthonormal A; equal ranks; exact",
+    ),
+    Method(
+        name="fedmomentum",
+        module="fedmomentum",
+        exact=True,
+        mixed_ranks=False,
+        paper="Yan et al., arXiv:2603.08014, 2026",
+        summary="exact aggregate's top-r SVD components as the next global LoRA (no "
+        "re-initialisation), the residual merged into the base; equal ranks; exact at "
+        "residual = 1",
+        options=(_RESIDUAL,),
+        client_dp_refusal=_STACKING,
+        checks_values=True,
     ),
     Method(
         name="fedex-lora",

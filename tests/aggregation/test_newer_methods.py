@@ -1,7 +1,8 @@
-"""RoLoRA and FedSVD against their papers' claims, on tiny tensors through the server's own
-round protocol: every round's realised update is the weighted sum of the clients' updates
-(RoLoRA: alternately over a shared A and a shared B; FedSVD: over a shared A, re-factored into
-an orthonormal A), and each uploads only the factor it trained."""
+"""RoLoRA, FedSVD and FedMomentum against their papers' claims, on tiny tensors through the
+server's own round protocol: every round's realised update is the weighted sum of the clients'
+updates (RoLoRA: alternately over a shared A and a shared B; FedSVD: over a shared A,
+re-factored into an orthonormal A; FedMomentum: the top components kept as the global LoRA, the
+residual merged), and the bytes are each formula's."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ SHAPES = {"m": (12, 10), "n": (6, 10)}
 RANK = 3
 
 
-def server(method: str, fraction: float = 1.0) -> Server:
+def server(method: str, fraction: float = 1.0, *options: str) -> Server:
     overrides = [
+        *options,
         f"lora.ranks={[RANK] * 4}",
         "federation.num_clients=4",
         f"federation.method='{method}'",
@@ -50,28 +52,39 @@ def train(task, generator: torch.Generator) -> tuple[ClientResult, dict[str, tor
     ), change
 
 
-@pytest.mark.parametrize("method", ["rolora", "fedsvd"])
+def global_model(srv: Server) -> dict[str, torch.Tensor]:
+    """The global model beyond W0: every merged update and the global LoRA (float64)."""
+    lora = srv.adapter or {}
+    return {
+        m: sum((u.factors[m].delta().double() for u in srv.history), lora[m].delta().double())
+        for m in SHAPES
+    }
+
+
+@pytest.mark.parametrize("method", ["rolora", "fedsvd", "fedmomentum"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_every_round_realises_the_weighted_sum_of_the_clients_updates(method, fraction):
     srv, g = server(method, fraction), torch.Generator().manual_seed(0)
     for t in (1, 2, 3, 4):
-        before = {m: f.delta().double() for m, f in (srv.adapter or {}).items()}
+        before = global_model(srv)
         tasks = srv.configure(t)
-        part = trained_part(t) if method == "rolora" else "B"
+        part = {"rolora": trained_part(t), "fedsvd": "B"}.get(method, "AB")
         assert all(task.trains == frozenset(part) for task in tasks), t
         done = [train(task, g) for task in tasks]
         srv.complete(tasks, done=[task.client for task in tasks])
         outcome = srv.aggregate(t, tasks, [r for r, _ in done])
         assert outcome is not None
         weights = [r.examples for r, _ in done]
+        after = global_model(srv)
         for m in SHAPES:
             average = sum(w * c[m] for w, (_, c) in zip(weights, done, strict=True)) / sum(weights)
-            after = srv.adapter[m].delta().double()
-            torch.testing.assert_close(after - before[m], average, rtol=0, atol=1e-5)
-        # the uplink is the trained factor alone; the downlink the whole pair
+            torch.testing.assert_close(after[m] - before[m], average, rtol=0, atol=1e-5)
+        # the uplink is the trained factors; the downlink the whole pair (and any catch-up)
         o_i = {"A": sum(i for _, i in SHAPES.values()), "B": sum(o for o, _ in SHAPES.values())}
-        assert outcome.report.bytes_up == [RANK * o_i[part] * 4] * len(tasks)
-        assert all(task.bytes_down == RANK * (o_i["A"] + o_i["B"]) * 4 for task in tasks)
+        assert outcome.report.bytes_up == [RANK * sum(o_i[p] for p in part) * 4] * len(tasks)
+        pair = RANK * (o_i["A"] + o_i["B"]) * 4
+        for task in tasks:
+            assert task.bytes_down == pair + sum(u.nbytes() for u in task.catch_up)
 
 
 def test_fedsvd_keeps_an_orthonormal_A_after_every_round():
@@ -107,3 +120,39 @@ def test_rolora_averages_A_under_a_shared_B_and_refuses_uploads_that_share_neith
     clients[1] = {"m": LoraFactors(torch.randn(3, 10, generator=g), B + 1, 2.0)}
     with pytest.raises(FloraError, match="share neither lora_A nor lora_B"):
         aggregate("rolora", clients, [1.0, 2.0, 3.0])
+
+
+def test_fedmomentum_keeps_a_balanced_rank_r_lora_and_merges_the_rest():
+    srv, g = server("fedmomentum"), torch.Generator().manual_seed(4)
+    tasks = srv.configure(1)
+    results = [train(task, g)[0] for task in tasks]
+    srv.complete(tasks, done=[task.client for task in tasks])
+    outcome = srv.aggregate(1, tasks, results)
+    assert outcome is not None and outcome.fields["dropped_share"] == 0.0
+    for m, f in srv.adapter.items():
+        assert f.rank == RANK  # the global LoRA keeps the clients' rank
+        # each component's singular value split evenly: |B column| = |A row|
+        torch.testing.assert_close(f.B.norm(dim=0), f.A.norm(dim=1), rtol=1e-4, atol=0)
+        # the residual: four clients' stacked rank (or the layer's) less the kept r
+        assert srv.history[-1].factors[m].rank == min(4 * RANK, *SHAPES[m]) - RANK
+    assert outcome.fields["residual_rank"] == max(min(4 * RANK, *s) - RANK for s in SHAPES.values())
+
+
+def test_fedmomentum_below_the_whole_residual_drops_what_it_reports():
+    srv, g = (
+        server("fedmomentum", 1.0, "federation.options.residual=0.5"),
+        torch.Generator().manual_seed(5),
+    )
+    tasks = srv.configure(1)
+    done = [train(task, g) for task in tasks]
+    srv.complete(tasks, done=[task.client for task in tasks])
+    outcome = srv.aggregate(1, tasks, [r for r, _ in done])
+    assert outcome is not None
+    weights = [r.examples for r, _ in done]
+    after, missing, total = global_model(srv), 0.0, 0.0
+    for m in SHAPES:
+        average = sum(w * c[m] for w, (_, c) in zip(weights, done, strict=True)) / sum(weights)
+        missing += float((average - after[m]).norm() ** 2)
+        total += float(average.norm() ** 2)
+    assert 0 < outcome.fields["dropped_share"] < 1
+    assert outcome.fields["dropped_share"] == pytest.approx((missing / total) ** 0.5, rel=1e-4)
