@@ -206,6 +206,15 @@ _RESIDUAL = Option(
     check=lambda v: 0.0 < v <= 1.0,
     expected="0 < residual <= 1 (1 is exact)",
 )
+_LAM = Option(
+    name="lam",
+    type=float,
+    default=0.0,
+    help="lora-fair: ridge weight of B's correction, relative to tr(A A^T) / r; 0 is the "
+    "least-squares correction, larger stays nearer FedIT's B",
+    check=lambda v: v >= 0.0,
+    expected="lam >= 0 (0: least squares)",
+)
 _STACKING = (
     "the server stacks every client's own factors unnoised and sends them all to every "
     "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
@@ -321,6 +330,18 @@ for _method in (
         options=(_RESIDUAL,),
         client_dp_refusal=_STACKING,
         checks_values=True,
+    ),
+    Method(
+        name="lora-fair",
+        module="lora_fair",
+        exact=False,
+        mixed_ranks=False,
+        paper="Bian et al., ICCV 2025",
+        summary="FedIT's averages with B corrected towards the exact aggregate (ridge "
+        "least squares, lam); equal ranks; noise at most FedIT's",
+        options=(_LAM,),
+        client_dp_refusal="its correction of B is computed from every client's own product "
+        "B_k A_k, not from one average that noise could cover",
     ),
     Method(
         name="fedex-lora",
