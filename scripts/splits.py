@@ -215,7 +215,7 @@ def report() -> str:
         for setting in METHODS
         for v in variants(setting, done)
         if v not in METHODS[setting]
-        for against in (BASELINE[setting], "flora-warm")
+        for against in (BASELINE[setting], "flora", "flora-warm")
     ]
     for setting, a, b in PAIRS + extra:
         for rounds, steps in SPLITS:

@@ -31,6 +31,7 @@ is never run again. The report adds per-category changes, bytes and time to a ta
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -500,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METHOD",
         help="with --part splits: a registered method that joins the sweep (repeatable)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="with --part splits: only the runs whose name matches (repeatable; e.g. '*-9x1-*')",
+    )
     args = parser.parse_args(argv)
     if args.part == "splits":
         return _splits(args)
@@ -531,6 +539,7 @@ def _splits(args: argparse.Namespace) -> int:
             r
             for r in splits.matrix(args.add)
             if not (splits.RESULTS / r.name / "summary.json").is_file()
+            and (not args.only or any(fnmatch.fnmatch(r.name, glob) for glob in args.only))
         ]
         todo = todo[: args.max_runs] if args.max_runs else todo
         threads = 1 if args.jobs > 1 else 2
