@@ -1,7 +1,7 @@
 """Aggregation benchmark: every method against a plain copy of the same bytes.
 
 10 clients with Llama-7B-shaped q_proj and v_proj adapters (32 layers, 4096 x 4096), ranks
-[64, 32, 16, 16, 8, 8, 4, 4, 4, 4]; the equal-rank methods (fedit, ffa-lora, fedex-lora) get
+[64, 32, 16, 16, 8, 8, 4, 4, 4, 4]; the equal-rank methods (fedit, ffa-lora, fedex-lora, ...) get
 r = 16 on every client, which is the same number of bytes (sum of ranks 160). Each method runs in
 a fresh subprocess, so its peak memory is its own: time is that of
 flora.aggregation.aggregate (input checks included) after --warmup untimed calls, peak is the rise
@@ -43,12 +43,13 @@ from flora.aggregation.validate import normalize_weights
 from flora.factors import Adapter, LoraFactors
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-EQUAL_RANK = ["fedit", "ffa-lora", "fedex-lora"]
+SHARED_A = ("ffa-lora", "fedsvd", "rolora")  # B trained over one frozen A (rolora: odd rounds)
 DIM = 4096
 
 
 def make_clients(method: str, layers: int, dim: int) -> list[Adapter]:
-    ranks = [sum(RANKS) // len(RANKS)] * len(RANKS) if method in EQUAL_RANK else RANKS
+    equal = method in METHODS and not METHODS[method].mixed_ranks
+    ranks = [sum(RANKS) // len(RANKS)] * len(RANKS) if equal else RANKS
     generator = torch.Generator().manual_seed(0)
     shared = {}
     clients: list[Adapter] = []
@@ -57,7 +58,7 @@ def make_clients(method: str, layers: int, dim: int) -> list[Adapter]:
         for layer in range(layers):
             for proj in ("q_proj", "v_proj"):
                 name = f"model.layers.{layer}.self_attn.{proj}"
-                if method == "ffa-lora":
+                if method in SHARED_A:
                     shared.setdefault(name, torch.randn(rank, dim, generator=generator))
                     A = shared[name]
                 else:
