@@ -22,7 +22,9 @@ and the global model stays the exact average); option ``residual`` in (0, 1] mer
 leading residual components that hold that share of the residual's squared singular values
 (the rest is dropped and reported as ``dropped_share``, the update is then not exact); the new
 LoRA splits each kept component's singular value evenly, B = U sqrt(S), A = sqrt(S) Vh, so
-neither factor starts at zero or dominates (LoRA-GA / PiSSA's balanced split).
+neither factor starts at zero or dominates (LoRA-GA / PiSSA's balanced split). `flora aggregate`
+writes the exact aggregate itself (the stack); its split into a global LoRA and a merged residual
+belongs to a run.
 """
 
 from __future__ import annotations
