@@ -229,59 +229,53 @@ def report() -> str:
     return "\n".join(lines + bytes_to_target(done)) + "\n"
 
 
-def _cells(setting: str, done: set[str]) -> dict[tuple[str, int], tuple[float, float, int]]:
-    """(variant, rounds) -> (mean loss change, mean MB down, seeds) over the finished runs of
-    several rounds (one round delivers nothing after it, so its bytes compare with nothing)."""
+def _cells(setting: str, done: set[str]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(variant, rounds) -> (held-out loss change, MB down) of seed 0's finished runs of
+    several rounds: every cell has seed 0 (the middle split has no other), and one round
+    delivers nothing after it, so its bytes compare with nothing."""
     cells = {}
     for variant in variants(setting, done):
         for rounds, _ in SPLITS:
-            if rounds == 1:
-                continue
-            runs = [SplitRun(setting, variant, rounds, seed).name for seed in (0, 1, 2)]
-            found = [outcome(r) for r in runs if r in done]
-            if found:
-                change = sum(f[0] for f in found) / len(found)
-                mb = sum(f[1] for f in found) / len(found)
-                cells[variant, rounds] = (change, mb, len(found))
+            name = SplitRun(setting, variant, rounds, 0).name
+            if rounds > 1 and name in done:
+                cells[variant, rounds] = outcome(name)[:2]
     return cells
 
 
 def bytes_to_target(done: set[str]) -> list[str]:
     """For targets set by the baseline's and flora's own runs, each method's fewest MB
-    downloaded (all clients, all rounds; mean over seeds) at a split whose mean held-out loss
-    change reaches the target."""
+    downloaded (all clients, all rounds) at a split whose held-out loss change reaches the
+    target, seed 0."""
     lines = [
         "",
-        "MB to reach a target (runs of several rounds; the target is a cell's mean loss change, "
-        "a method's entry the cheapest of its splits whose mean reaches it, with its split and "
-        "seeds; - : no split reaches it):",
+        "MB to reach a target (seed 0, runs of several rounds; the target is a run's loss "
+        "change, a method's entry the cheapest of its splits that reaches it, with the split; "
+        "- : none does):",
     ]
     for setting in METHODS:
         cells = _cells(setting, done)
         targets = sorted(
             {
-                (c[0], f"{v} {r}x{TOTAL // r}")
-                for (v, r), c in cells.items()
+                (change, f"{v} {r}x{TOTAL // r}")
+                for (v, r), (change, _) in cells.items()
                 if v in (BASELINE[setting], "flora")
             }
         )
         if not targets:
             continue
-        lines += ["", f"{setting}:", ""]
         names = variants(setting, done)
+        lines += ["", f"{setting}:", ""]
         lines.append("| target (loss change of) | " + " | ".join(names) + " |")
         lines.append("|---" * (len(names) + 1) + "|")
         for target, source in targets:
             row = [f"{target:+.4f} ({source})"]
             for variant in names:
                 reach = [
-                    (c[1], r, c[2])
-                    for (v, r), c in cells.items()
-                    if v == variant and c[0] <= target
+                    (mb, r) for (v, r), (c, mb) in cells.items() if v == variant and c <= target
                 ]
                 if reach:
-                    mb, rounds, seeds = min(reach)
-                    row.append(f"{mb:.0f} ({rounds}x{TOTAL // rounds}, n = {seeds})")
+                    mb, rounds = min(reach)
+                    row.append(f"{mb:.0f} ({rounds}x{TOTAL // rounds})")
                 else:
                     row.append("-")
             lines.append("| " + " | ".join(row) + " |")

@@ -150,6 +150,6 @@ def test_the_split_sweep_finds_each_methods_cheapest_split_to_a_target(
             (tmp_path / name / "config.json").write_text('{"federation": {}}')
     text = "\n".join(splits.bytes_to_target(set(splits.finished())))
     # targets: fedit's -0.20 and flora's -0.15 and -0.10; 2 clients a round in the fake runs
-    assert "| -0.2000 (fedit 9x1) | - | 18 (9x1, n = 2) | 12 (3x3, n = 2) | - | - |" in text
-    assert "| -0.1500 (flora 3x3) | 60 (3x3, n = 2) | 18 (9x1, n = 2) | 12 (3x3, n = 2) |" in text
-    assert "| -0.1000 (flora 9x1) | 60 (3x3, n = 2) |" in text  # 3 x 3 cheaper than 9 x 1 (180)
+    assert "| -0.2000 (fedit 9x1) | - | 18 (9x1) | 12 (3x3) | - | - | - |" in text
+    assert "| -0.1500 (flora 3x3) | 60 (3x3) | 18 (9x1) | 12 (3x3) |" in text
+    assert "| -0.1000 (flora 9x1) | 60 (3x3) |" in text  # 3 x 3 cheaper than 9 x 1 (180)
