@@ -243,7 +243,7 @@ def _cells(setting: str, done: set[str]) -> dict[tuple[str, int], tuple[float, f
 
 
 def bytes_to_target(done: set[str]) -> list[str]:
-    """For targets set by the baseline's and flora's own runs, each method's fewest MB
+    """For targets set by the baseline's, flora's and flora-warm's runs, each method's fewest MB
     downloaded (all clients, all rounds) at a split whose held-out loss change reaches the
     target, seed 0."""
     lines = [
@@ -258,7 +258,7 @@ def bytes_to_target(done: set[str]) -> list[str]:
             {
                 (change, f"{v} {r}x{TOTAL // r}")
                 for (v, r), (change, _) in cells.items()
-                if v in (BASELINE[setting], "flora")
+                if v in (BASELINE[setting], "flora", "flora-warm")
             }
         )
         if not targets:
