@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flora import wire
-from flora.aggregation.base import adapter_bytes, tensor_bytes
+from flora.aggregation.base import tensor_bytes
 from flora.aggregation.lifecycle import BOTH, initial_lora
 from flora.aggregation.lowrank import exact_refactor, stack
 from flora.errors import FloraError
@@ -51,10 +51,7 @@ class RoundUpdate:
     def nbytes(self) -> int:
         """The bytes it travels in: its factors at ``wire`` and any residual."""
         residual = sum(tensor_bytes(t) for t in (self.residual or {}).values())
-        if self.wire == "fp32":
-            return adapter_bytes(self.factors) + residual
-        encoded = (wire.encode(f, self.wire) for f in self.factors.values())
-        return sum(tensor_bytes(t) for parts in encoded for t in parts.values()) + residual
+        return sum(wire.nbytes(f, self.wire) for f in self.factors.values()) + residual
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """The dense update of every module: B @ A (+ residual), (out, in)."""
@@ -91,19 +88,16 @@ class RoundUpdate:
         parts = pair_factors(rest, prefix, "round update")
         if not parts:
             raise FloraError(f"round update holds no factors under '{prefix}'; check the sender")
-        fmt = wire.format_of(next(iter(parts.values()))["A"])
         factors: Adapter = {}
         for module in sorted(parts):
             pair = dict(parts[module])
-            if fmt == "fp32":
-                factors[module] = LoraFactors(pair["A"], pair["B"], 1.0)
-                continue
-            for part in ("A", "B") if fmt == "int8" else ():
+            for part in ("A", "B") if wire.format_of(pair["A"]) == "int8" else ():
                 key = f"{module}.lora_{part}"
                 if key not in exponents:
                     raise FloraError(f"round update: int8 factors '{key}' have no exponents")
                 pair[f"{part}_exp"] = exponents[key]
             factors[module] = wire.decode(pair)
+        fmt = wire.format_of(next(iter(parts.values()))["A"])
         return RoundUpdate(round, factors, residual or None, fmt)
 
 
@@ -164,12 +158,14 @@ def catch_up(missed: Sequence[RoundUpdate], mode: str = "replay") -> tuple[list[
     if mode == "replay" or len(missed) < 2:
         return list(missed), replay_bytes
     if mode == "auto":
-        dense = _dense(missed)
-        options = [(replay_bytes, list(missed)), (dense.nbytes(), [dense])]
-        refactored, size = catch_up(missed, "svd")
-        options.append((size, refactored))
-        size, chosen = min(options, key=lambda option: option[0])  # replay first on a tie
-        return chosen, size
+        refactored, size = catch_up(missed, "svd")  # no larger than the replay
+        dense_bytes = sum(  # one fp32 (out, in) residual a module, known without forming it
+            4 * f.out_features * f.in_features for f in missed[0].factors.values()
+        )
+        if dense_bytes < size:  # only then is the dense sum formed
+            dense = _dense(missed)
+            return [dense], dense.nbytes()
+        return refactored, size
     factors: Adapter = {}
     for module in missed[0].factors:
         parts = [update.factors[module] for update in missed]

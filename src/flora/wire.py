@@ -23,10 +23,18 @@ import torch
 
 from flora.factors import LoraFactors
 
-__all__ = ["FORMATS", "decode", "encode", "format_of", "on_grid"]
+__all__ = ["FORMATS", "decode", "encode", "format_of", "nbytes", "on_grid"]
 
 FORMATS = ("fp32", "fp16", "bf16", "int8")
 _EXP_MIN, _EXP_MAX = -126, 127  # int8 exponents; 2^e stays a normal fp32 number
+_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+def nbytes(factors: LoraFactors, fmt: str) -> int:
+    """The bytes :func:`encode` gives ``factors`` at ``fmt``, without encoding them: every
+    element at the format's size, and for int8 one exponent per component of A and of B."""
+    elements = factors.A.numel() + factors.B.numel()
+    return elements * _SIZE[fmt] + (2 * factors.rank if fmt == "int8" else 0)
 
 
 def _exponents(x: torch.Tensor, dim: int) -> torch.Tensor:
