@@ -304,9 +304,14 @@ def pareto_plot(path: Path) -> None:
             if name.startswith(setting[:5]) and name.endswith("seed0") and "-1x" not in name:
                 change, mb, _ = outcome(name)
                 points.append((mb, change, name.removeprefix(setting[:5] + "-")[:-6]))
-        for mb, change, label in points:
+        placed: list[tuple[float, float]] = []
+        for mb, change, label in sorted(points):
             ax.scatter(mb, change, s=18)
-            ax.annotate(label, (mb, change), fontsize=7, xytext=(3, 2), textcoords="offset points")
+            # a label near an earlier one (within a label's width and a line) goes a line lower
+            near = sum(abs(math.log10(mb) - x) < 0.3 and abs(change - y) < 0.004 for x, y in placed)
+            placed.append((math.log10(mb), change))
+            offset = (3, 2 - 9 * near)
+            ax.annotate(label, (mb, change), fontsize=7, xytext=offset, textcoords="offset points")
         front = sorted(p for p in points if not _dominated(p, points))
         if front:
             ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="front")
