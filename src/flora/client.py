@@ -154,6 +154,7 @@ def client_round(
                 init=lifecycle.start_factors(task.init, task.rank),
                 trains=task.trains,
                 fold_init=task.fold,
+                folded=task.folded,
                 use_rslora=config.lora.use_rslora,
                 privacy=dp_sgd_plan(config, len(data.examples), task.client),
             )

@@ -116,6 +116,7 @@ class ClientTask:
     init: Adapter | None = None  # starting factors at scaling 1 (None: PEFT's fresh init)
     trains: frozenset[str] = BOTH  # the parts it trains ("A", "B"); the rest come back as sent
     fold: bool = False  # train over the base minus init's B @ A (a warm start of the same model)
+    folded: Adapter | None = None  # a LoRA (scaling 1) in its frozen weights while it trains
     catch_up: list[RoundUpdate] = field(default_factory=list)  # merged updates it missed
     since: int = 0  # merged updates the client's base holds before the catch-up ...
     through: int = 0  # ... and after it (the server's history length at configure time)

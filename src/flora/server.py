@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from flora.aggregation import AggregationReport, aggregate, get_method, measure
 from flora.aggregation.lifecycle import State, check_parts
 from flora.aggregation.screen import Screened, ScreenRules, Upload, screen
+from flora.aggregation.validate import normalize_weights
 from flora.config import RunConfig
 from flora.errors import FloraError
 from flora.factors import Adapter
@@ -138,6 +139,7 @@ class Server:
                 k, round, self.ranks[k], self.alphas[k], seed, init=plan.init, trains=trains
             )
             task.fold = plan.fold and plan.init is not None
+            task.folded = plan.folded
             task.since = self.synced[k]
             task.catch_up, missed = catch_up(
                 self.history[self.synced[k] :], self.config.federation.catch_up
@@ -234,7 +236,10 @@ class Server:
         private = self.ledger.clients is not None  # client-level DP: equal weights, then noise
         if private:
             examples = [1.0] * len(examples)
-        result = aggregate(self.method.name, factors, examples, **options)
+        clients = [u.client for u in screened.accepted]
+        result = self.lifecycle.combine(
+            self.method_state, round, clients, factors, normalize_weights(examples, len(clients))
+        ) or aggregate(self.method.name, factors, examples, **options)
         if not result.is_finite():
             self.shortfall = "the realised update is not finite (the accepted uploads overflow)"
             return None

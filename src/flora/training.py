@@ -165,6 +165,7 @@ def train_client(
     init: Adapter | None = None,
     trains: Collection[str] = ("A", "B"),
     fold_init: bool = False,
+    folded: Adapter | None = None,
     use_rslora: bool = False,
     progress: bool = False,
     privacy: DPSGD | None = None,
@@ -175,7 +176,9 @@ def train_client(
     init (A Kaiming-uniform, B zero). Only the parts in ``trains`` ("A", "B") train; the others
     stay as they started. With ``fold_init`` the init is part of the model already: training
     runs over the base minus init's B @ A (restored bitwise after), so the client starts from
-    exactly the model it was given (a warm start). Everything random (init, dropout, data order)
+    exactly the model it was given (a warm start); ``folded`` (scaling 1) is added to the base
+    while it trains (global parts the LoRA does not hold: Fed-PLoRA's untrained components).
+    Everything random (init, dropout, data order)
     derives from ``seed``, so equal calls give bitwise-equal factors.
     With ``privacy`` every step is DP-SGD (flora.privacy.dp_sgd): Poisson batches, each
     example's gradient clipped, Gaussian noise on their sum; its noise is seeded by ``seed``
@@ -208,11 +211,11 @@ def train_client(
             f"train.gradient_checkpointing: {type(model).__name__} does not support it; set "
             "train.gradient_checkpointing = false"
         )
-    folded = None  # W - B0 A0 (scaling 1) while the LoRA holds B0 A0: the function stays W's
-    if fold_init:
+    if fold_init:  # W - B0 A0 (scaling 1) while the LoRA holds B0 A0: the function stays W's
         if init is None:
             raise FloraError("fold_init folds an init into the base: give the init to fold")
-        folded = {m: LoraFactors(f.A, -f.B, 1.0) for m, f in init.items()}
+        minus = {m: LoraFactors(f.A, -f.B, 1.0) for m, f in init.items()}
+        folded = minus if folded is None else _joined(folded, minus)
     start = time.perf_counter()
     with (
         torch.random.fork_rng(devices=[]),
@@ -243,6 +246,16 @@ def train_client(
         peak_rss_mib=memory.rss_mib,
         peak_cuda_mib=memory.cuda_mib,
     )
+
+
+def _joined(a: Adapter, b: Adapter) -> Adapter:
+    """One adapter whose every module's B @ A is a's plus b's (scaling 1 both)."""
+    joined = dict(a)
+    for m, f in b.items():
+        if m in a:
+            f = LoraFactors(torch.cat([a[m].A, f.A]), torch.cat([a[m].B, f.B], dim=1), 1.0)
+        joined[m] = f
+    return joined
 
 
 # ---------------------------------------------------------------------------------------------

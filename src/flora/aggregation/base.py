@@ -23,6 +23,7 @@ class AggregationResult:
     residual: dense (out, in) updates to fold into the base weights (fedex-lora), else None.
     bytes_up / bytes_down: per client, what crosses the network for this aggregation.
     weights: the normalised p_k the aggregation used (set by flora.aggregation.aggregate).
+    reference: each client's whole update where its upload is a part of it, else None.
     """
 
     method: str
@@ -32,6 +33,9 @@ class AggregationResult:
     client_factors: list[Adapter] | None = None
     residual: dict[str, torch.Tensor] | None = None
     weights: list[float] = field(default_factory=list)
+    # each client's whole update, where its upload is only part of it (fed-plora: the trained
+    # components without the folded ones): what the report's exact average is of
+    reference: list[Adapter] | None = None
 
     def download(self, client: int) -> Adapter:
         """The factors client ``client`` receives."""

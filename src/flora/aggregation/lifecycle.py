@@ -13,6 +13,8 @@ beside its ``aggregate`` (flora.aggregation.registry finds it there; a module wi
 - :meth:`Lifecycle.plan` says, as data, what client k does in round t: the LoRA it starts from
   (factors of scaling 1, or None for PEFT's fresh init), which parts it trains (``trains``: the
   others must come back unchanged, and the screen checks it), and the bytes of that download;
+- :meth:`Lifecycle.combine` aggregates a round where the uploads alone do not say how (the
+  method's state, or which client sent what); by default the method's pure ``aggregate`` does;
 - :meth:`Lifecycle.advance` takes one aggregation into the next state and says what, if
   anything, merges into every base this round (low-rank factors and an optional dense
   residual), which the server appends to the history that clients catch up on;
@@ -105,6 +107,9 @@ class ClientPlan:
     # the init is part of the global model already: the client trains over its base minus
     # B0 @ A0, so that its starting function is the global model's (a warm start)
     fold: bool = False
+    # a LoRA (scaling 1) added to the client's frozen weights while it trains: global parts it
+    # does not train but starts from (Fed-PLoRA's folded components)
+    folded: Adapter | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,19 @@ class Lifecycle:
     def plan(self, state: State, client: int, rank: int, round: int) -> ClientPlan:
         """What ``client`` (of rank ``rank``) starts from and trains in ``round``."""
         return ClientPlan(trains=self.trains)
+
+    def combine(
+        self,
+        state: State,
+        round: int,
+        clients: Sequence[int],
+        factors: Sequence[Adapter],
+        weights: Sequence[float],
+    ) -> AggregationResult | None:
+        """The round's aggregation where it needs more than the uploads (the method's state,
+        who sent what: ``clients`` are their ids, ``weights`` normalised); None: the method's
+        pure ``aggregate`` of the uploads, as every stock method."""
+        return None
 
     def advance(
         self,

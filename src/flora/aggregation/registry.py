@@ -293,6 +293,16 @@ for _method in (
         client_dp_refusal=_SUMMED,
     ),
     Method(
+        name="raflora",
+        module="raflora",
+        exact=False,
+        mixed_ranks=True,
+        paper="Wu et al., arXiv:2602.13486, 2026",
+        summary="FlexLoRA with each rank partition weighted by the clients covering it (no rank "
+        "collapse); SVD truncated per client (writes clients/)",
+        client_dp_refusal=_SUMMED,
+    ),
+    Method(
         name="ffa-lora",
         module="ffa_lora",
         exact=True,
@@ -330,6 +340,18 @@ for _method in (
         options=(_RESIDUAL,),
         client_dp_refusal=_STACKING,
         checks_values=True,
+    ),
+    Method(
+        name="fed-plora",
+        module="fed_plora",
+        exact=False,
+        mixed_ranks=True,
+        paper="Zhang et al., ICLR 2026",
+        summary="R parallel rank-1 modules: each client trains a random r_k of them over the "
+        "others folded into its weights (starts from the global model), each averaged over "
+        "its trainers; R (out + in) down",
+        client_dp_refusal="each rank-1 component is averaged over the clients that drew it, a "
+        "different set per component and round, so no one average takes one calibrated noise",
     ),
     Method(
         name="lora-fair",

@@ -74,7 +74,9 @@ def _relative(errors: Sequence[float], norms: Sequence[float]) -> float:
 def measure(
     clients: Sequence[Adapter], weights: Sequence[float], result: AggregationResult
 ) -> AggregationReport:
-    """Compare ``result`` with the exact weighted sum of ``clients`` (weights normalised)."""
+    """Compare ``result`` with the exact weighted sum of ``clients`` (weights normalised; the
+    clients' whole updates where the result has them)."""
+    clients = result.reference or clients
     noise_per_module: dict[str, float] = {}
     errors: list[float] = []
     norms: list[float] = []

@@ -64,6 +64,7 @@ def _work(content: RecordDict, node: Node, *, train: bool) -> RecordDict:
     info = _task(content, node)
     task, config = info.task, info.config
     task.init = _adapter(content, "init")
+    task.folded = _adapter(content, "folded")
     base = NodeBase(load_base(config, node.device or None), node.directory)
     data = load_data(config, task.client, base.tokenizer, node.state_dir)
     loaded = time.perf_counter() - started

@@ -6,6 +6,8 @@ Server to client (train and evaluate messages):
                 its method's plan trains) and the run config
   ``catch-up``  ArrayRecord: the merged updates it missed, ``<i>/`` + RoundUpdate.to_tensors
   ``init``      ArrayRecord: its starting LoRA, where its method's plan gives one (train)
+  ``folded``    ArrayRecord: a LoRA its frozen weights hold while it trains, where the plan
+                gives one (train; Fed-PLoRA's untrained components)
   ``lora``      ArrayRecord: the global LoRA to evaluate (evaluate, methods that keep one)
 Client to server (one ClientResult):
   ``factors``   ArrayRecord: the trained factors, flora.factors' codec, fp32, bitwise (train)

@@ -122,6 +122,8 @@ class FlowerRuntime(Runtime):
         extra = {}
         if task.init is not None:
             extra["init"] = ArrayRecord(adapter_to_record(task.init))
+        if task.folded is not None:
+            extra["folded"] = ArrayRecord(adapter_to_record(task.folded))
         return self._message(MessageType.TRAIN, task, **extra)
 
     def collect(
