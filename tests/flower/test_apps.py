@@ -233,7 +233,7 @@ class ServerCrash(Exception):
     """Stands for the ServerApp dying mid-round."""
 
 
-@pytest.mark.parametrize("method", ["flora", "fedit"])
+@pytest.mark.parametrize("method", ["flora", "fedit", "fed-plora"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, method):
     # Prepare: the reference run, then one whose ServerApp dies in round 3 after one node
     # already trained (and stored its new base) there
@@ -244,7 +244,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, method):
             "federation.rounds=4",
             f"federation.method='{method}'",
             "federation.fraction=0.6",
-            "lora.ranks=[2, 2, 2]",
+            # fed-plora: the draws of the resumed rounds come from the checkpointed seed
+            f"lora.ranks={[4, 2, 2] if method == 'fed-plora' else [2, 2, 2]}",
         ],
     )
     reference = run_flower(config, tmp_path / "reference")
