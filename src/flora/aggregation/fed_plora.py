@@ -171,4 +171,3 @@ def _whole(upload: Adapter, lora: Adapter, picks: Sequence[int]) -> Adapter:
 
 
 LIFECYCLE = Parallel()
-
