@@ -155,6 +155,7 @@ def client_round(
                 trains=task.trains,
                 fold_init=task.fold,
                 folded=task.folded,
+                core=task.core,
                 use_rslora=config.lora.use_rslora,
                 privacy=dp_sgd_plan(config, len(data.examples), task.client),
             )
@@ -163,7 +164,7 @@ def client_round(
                 if task.init is None:
                     raise FloraError("privacy.mode = 'client-level' needs a global LoRA task")
                 bound = config.privacy.update_norm
-                factors, _ = clip_update(factors, task.init, bound, task.trains)
+                factors, _ = clip_update(factors, task.init, bound, task.changes)
             result.factors, result.examples, result.tokens = (
                 factors,
                 local.examples,

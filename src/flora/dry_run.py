@@ -102,8 +102,8 @@ def _upload(
         B = torch.randn(out_features, task.rank, generator=generator) * 1e-2
         if task.init is not None:  # the parts it does not train come back as sent
             sent = task.init[module].with_scaling(scaling)
-            A = A if "A" in task.trains else sent.A
-            B = B if "B" in task.trains else sent.B
+            A = A if "A" in task.changes else sent.A
+            B = B if "B" in task.changes else sent.B
         factors[module] = LoraFactors(A, B, scaling)
     return ClientResult(task.client, task.round, factors=factors, examples=size)
 

@@ -18,7 +18,7 @@ import torch
 
 from flora import wire
 from flora.aggregation.base import tensor_bytes
-from flora.aggregation.lifecycle import BOTH, initial_lora
+from flora.aggregation.lifecycle import BOTH, initial_lora, moving
 from flora.aggregation.lowrank import exact_refactor, stack
 from flora.errors import FloraError
 from flora.factors import Adapter, LoraFactors, adapter_to_tensors, pair_factors
@@ -117,6 +117,7 @@ class ClientTask:
     trains: frozenset[str] = BOTH  # the parts it trains ("A", "B"); the rest come back as sent
     fold: bool = False  # train over the base minus init's B @ A (a warm start of the same model)
     folded: Adapter | None = None  # a LoRA (scaling 1) in its frozen weights while it trains
+    core: dict[str, torch.Tensor] | None = None  # trains = {"R"}: the r x r cores to start from
     catch_up: list[RoundUpdate] = field(default_factory=list)  # merged updates it missed
     since: int = 0  # merged updates the client's base holds before the catch-up ...
     through: int = 0  # ... and after it (the server's history length at configure time)
@@ -128,9 +129,14 @@ class ClientTask:
         return "A" not in self.trains
 
     @property
+    def changes(self) -> frozenset[str]:
+        """The factors its training may change ("A", "B"; a core R changes A)."""
+        return moving(self.trains)
+
+    @property
     def frozen(self) -> frozenset[str]:
         """The parts of ``init`` the client must send back unchanged."""
-        return BOTH - self.trains if self.init is not None else frozenset()
+        return BOTH - self.changes if self.init is not None else frozenset()
 
 
 def client_seed(seed: int, round: int, client: int) -> int:

@@ -140,6 +140,7 @@ class Server:
             )
             task.fold = plan.fold and plan.init is not None
             task.folded = plan.folded
+            task.core = plan.core
             task.since = self.synced[k]
             task.catch_up, missed = catch_up(
                 self.history[self.synced[k] :], self.config.federation.catch_up
@@ -197,7 +198,7 @@ class Server:
         for upload in screened.accepted:
             task = starts[upload.client]
             assert task.init is not None  # client-level DP runs only with a global LoRA
-            norm = update_norm(upload.factors, task.init, task.trains)
+            norm = update_norm(upload.factors, task.init, task.changes)
             if norm > bound * (1 + 1e-4):
                 screened.rejected[upload.client] = (
                     f"its update's norm {norm:.4g} exceeds privacy.update_norm = {bound:g} "
@@ -240,6 +241,7 @@ class Server:
         result = self.lifecycle.combine(
             self.method_state, round, clients, factors, normalize_weights(examples, len(clients))
         ) or aggregate(self.method.name, factors, examples, **options)
+        result = dataclasses.replace(result, clients=clients)
         if not result.is_finite():
             self.shortfall = "the realised update is not finite (the accepted uploads overflow)"
             return None
@@ -249,7 +251,7 @@ class Server:
             privacy = self.config.privacy
             std = self.ledger.clients.noise_multiplier * privacy.update_norm / len(factors)
             generator = noise_generator(self.config.seed, round, privacy.reproducible_noise)
-            trained = frozenset().union(*(t.trains for t in tasks))
+            trained = frozenset().union(*(t.changes for t in tasks))
             noised = noise_average(result.global_factors, std, generator, trained)
             result = dataclasses.replace(result, global_factors=noised)
             self.ledger.noised()

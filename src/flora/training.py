@@ -24,6 +24,7 @@ from peft import LoraConfig, LoraModel
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
+from flora.aggregation.lifecycle import CORE
 from flora.config import TrainConfig
 from flora.data.batching import collate
 from flora.data.prompts import IGNORE_INDEX, Example
@@ -107,11 +108,55 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
 
 
 def _weights(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The injected lora_A (r, in) and lora_B (out, r) weight parameters of one layer."""
+    """The injected lora_A (r, in) and lora_B (out, r) weight parameters of one layer (with a
+    core, lora_A's frame A)."""
     a = layer.lora_A[_ADAPTER_NAME].weight
     b = layer.lora_B[_ADAPTER_NAME].weight
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     return a, b
+
+
+class _Cored(torch.nn.Sequential):
+    """lora_A as its frozen frame A (r, in) then a trainable r x r core R: x -> R (A x), so the
+    layer's LoRA is B R A (LoRA-SB). Two plain linears: opacus' per-example hooks fit the core.
+    ``weight`` is the frame's, which PEFT reads for the input's dtype."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        frame = self[0]
+        assert isinstance(frame, torch.nn.Linear)
+        return frame.weight
+
+    @property
+    def core(self) -> torch.Tensor:
+        core = self[1]
+        assert isinstance(core, torch.nn.Linear)
+        return core.weight
+
+
+def _insert_cores(layers: dict[str, LoraLayer], core: dict[str, torch.Tensor], rank: int) -> None:
+    """Put an r x r core, started from ``core``, after every layer's lora_A."""
+    if set(core) != set(layers):
+        missing = sorted(set(layers) - set(core))[:3]
+        raise FloraError(f"the task's cores do not match the LoRA targets (missing {missing})")
+    for name, layer in layers.items():
+        frame = layer.lora_A[_ADAPTER_NAME]
+        assert isinstance(frame, torch.nn.Linear)
+        if tuple(core[name].shape) != (rank, rank):
+            raise FloraError(
+                f"core of '{name}' is {tuple(core[name].shape)}; rank {rank} needs ({rank}, "
+                f"{rank})"
+            )
+        R = torch.nn.Linear(rank, rank, bias=False, dtype=frame.weight.dtype)
+        R = R.to(frame.weight.device)
+        with torch.no_grad():
+            R.weight.copy_(core[name])
+        layer.lora_A[_ADAPTER_NAME] = _Cored(frame, R)
+
+
+def _cores(layer: LoraLayer) -> list[torch.Tensor]:
+    a = layer.lora_A[_ADAPTER_NAME]
+    return [a.core] if isinstance(a, _Cored) else []
 
 
 def _load_init(layers: dict[str, LoraLayer], init: Adapter, rank: int, scaling: float) -> None:
@@ -140,6 +185,8 @@ def _extract(layers: dict[str, LoraLayer]) -> Adapter:
     adapter: Adapter = {}
     for name, layer in sorted(layers.items()):
         a, b = _weights(layer)
+        for core in _cores(layer):  # B (R A): send A as R A
+            a = core.detach().float() @ a.detach().float()
         adapter[name] = LoraFactors(
             A=a.detach().float().cpu().clone(),  # (r, in)
             B=b.detach().float().cpu().clone(),  # (out, r)
@@ -166,6 +213,7 @@ def train_client(
     trains: Collection[str] = ("A", "B"),
     fold_init: bool = False,
     folded: Adapter | None = None,
+    core: dict[str, torch.Tensor] | None = None,
     use_rslora: bool = False,
     progress: bool = False,
     privacy: DPSGD | None = None,
@@ -178,6 +226,8 @@ def train_client(
     runs over the base minus init's B @ A (restored bitwise after), so the client starts from
     exactly the model it was given (a warm start); ``folded`` (scaling 1) is added to the base
     while it trains (global parts the LoRA does not hold: Fed-PLoRA's untrained components).
+    With ``trains`` = {"R"} only an r x r core between the init's frozen A and B trains, started
+    from ``core`` (LoRA-SB); the factors returned are then A = R A_init and B as sent.
     Everything random (init, dropout, data order)
     derives from ``seed``, so equal calls give bitwise-equal factors.
     With ``privacy`` every step is DP-SGD (flora.privacy.dp_sgd): Poisson batches, each
@@ -227,10 +277,19 @@ def train_client(
         with _lora_injected(model, lora_config) as layers:
             if init is not None:
                 _load_init(layers, init, rank, scaling)
+            if CORE in trains:
+                if init is None or core is None:
+                    raise FloraError("training a core R needs an init (its A and B) and a core")
+                _insert_cores(layers, core, rank)
             for layer in layers.values():
                 for part, weight in zip("AB", _weights(layer), strict=True):
                     weight.requires_grad_(part in trains)
-            params = [p for layer in layers.values() for p in _weights(layer) if p.requires_grad]
+            params = [
+                p
+                for layer in layers.values()
+                for p in (*_weights(layer), *_cores(layer))
+                if p.requires_grad
+            ]
             curve, tokens = local_steps(
                 model, examples, params, config, seed, pad_id, total, progress, privacy
             )

@@ -51,11 +51,12 @@ def rows(run_dir: Path, kind: str) -> list[dict]:
 
 
 def checkpoint(run_dir: Path, round: int) -> dict[str, torch.Tensor]:
+    """The round's merged update and the method's state (every group), by file and key."""
     directory = run_dir / "checkpoints" / f"round_{round:04d}"
     tensors = {}
-    for name in ("update.safetensors", "global_lora.safetensors"):
-        if (directory / name).is_file():
-            tensors |= {f"{name}:{k}": v for k, v in load_file(directory / name).items()}
+    for path in sorted(directory.glob("*.safetensors")):
+        if path.name not in ("rng.safetensors", "sketches.safetensors"):
+            tensors |= {f"{path.name}:{k}": v for k, v in load_file(path).items()}
     return tensors
 
 

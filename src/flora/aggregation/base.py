@@ -36,6 +36,7 @@ class AggregationResult:
     # each client's whole update, where its upload is only part of it (fed-plora: the trained
     # components without the folded ones): what the report's exact average is of
     reference: list[Adapter] | None = None
+    clients: list[int] = field(default_factory=list)  # who the uploads came from (a run's ids)
 
     def download(self, client: int) -> Adapter:
         """The factors client ``client`` receives."""

@@ -43,6 +43,7 @@ from flora.factors import Adapter, LoraFactors, adapter_from_tensors, adapter_to
 
 __all__ = [
     "BOTH",
+    "CORE",
     "PARTS",
     "ClientPlan",
     "GlobalLora",
@@ -53,11 +54,15 @@ __all__ = [
     "check_parts",
     "initial_lora",
     "kaiming_rows",
+    "moving",
     "parts_bytes",
 ]
 
-PARTS = ("A", "B")  # what the engine can train: lora_A (r, in) and lora_B (out, r)
+PARTS = ("A", "B")  # what the engine can train: lora_A (r, in) and lora_B (out, r) ...
 BOTH = frozenset(PARTS)
+# ... or, alone, an r x r core R between a frozen A and B (LoRA-SB): the LoRA is then B (R A),
+# so of the factors a client sends back only A moves (within the row space of the init's A)
+CORE = "R"
 
 # The method's server state: named groups of named tensors (each group one checkpoint file).
 State = dict[str, dict[str, torch.Tensor]]
@@ -66,13 +71,21 @@ State = dict[str, dict[str, torch.Tensor]]
 def check_parts(trains: Collection[str], where: str = "trains") -> frozenset[str]:
     """``trains`` as a frozenset of known part names, or FloraError naming the fix."""
     parts = frozenset(trains)
+    if parts == {CORE}:
+        return parts
     unknown = sorted(parts - BOTH)
     if unknown or not parts:
         raise FloraError(
-            f"{where} = {sorted(parts)}: a client trains a non-empty subset of {list(PARTS)}; "
-            f"{unknown or 'nothing'} is not one the engine trains"
+            f"{where} = {sorted(parts)}: a client trains a non-empty subset of {list(PARTS)}, or "
+            f"['{CORE}'] alone; {unknown or 'nothing'} is not one the engine trains"
         )
     return parts
+
+
+def moving(trains: Collection[str]) -> frozenset[str]:
+    """The factors (of "A", "B") that training ``trains`` may change: a core R moves A."""
+    parts = frozenset(trains)
+    return frozenset("A") if CORE in parts else parts
 
 
 def parts_bytes(adapter: Adapter, parts: Collection[str]) -> int:
@@ -110,6 +123,8 @@ class ClientPlan:
     # a LoRA (scaling 1) added to the client's frozen weights while it trains: global parts it
     # does not train but starts from (Fed-PLoRA's folded components)
     folded: Adapter | None = None
+    # with trains = {"R"}: each module's r x r core to start from, between the init's A and B
+    core: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

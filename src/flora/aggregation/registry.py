@@ -354,6 +354,17 @@ for _method in (
         "different set per component and round, so no one average takes one calibrated noise",
     ),
     Method(
+        name="fed-sb",
+        module="fed_sb",
+        exact=True,
+        mixed_ranks=False,
+        paper="Singhal et al., arXiv:2502.15436, 2025",
+        summary="EXPERIMENTAL: frozen A, B from round 1's exact update (its SVD), only an r x r "
+        "core trained and averaged after it; equal ranks; exact; r^2 per module each way",
+        client_dp_refusal="its clients start from the global core between A and B, which the "
+        "clip's reference (the sent factors) does not hold; not built yet (DP-SGD applies)",
+    ),
+    Method(
         name="lora-fair",
         module="lora_fair",
         exact=False,

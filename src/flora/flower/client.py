@@ -65,6 +65,8 @@ def _work(content: RecordDict, node: Node, *, train: bool) -> RecordDict:
     task, config = info.task, info.config
     task.init = _adapter(content, "init")
     task.folded = _adapter(content, "folded")
+    if "core" in content.array_records:
+        task.core = dict(content.array_records["core"].to_torch_state_dict())
     base = NodeBase(load_base(config, node.device or None), node.directory)
     data = load_data(config, task.client, base.tokenizer, node.state_dir)
     loaded = time.perf_counter() - started

@@ -8,6 +8,8 @@ Server to client (train and evaluate messages):
   ``init``      ArrayRecord: its starting LoRA, where its method's plan gives one (train)
   ``folded``    ArrayRecord: a LoRA its frozen weights hold while it trains, where the plan
                 gives one (train; Fed-PLoRA's untrained components)
+  ``core``      ArrayRecord: module -> the r x r core it trains between a frozen A and B, where
+                the plan trains {"R"} (train; Fed-SB)
   ``lora``      ArrayRecord: the global LoRA to evaluate (evaluate, methods that keep one)
 Client to server (one ClientResult):
   ``factors``   ArrayRecord: the trained factors, flora.factors' codec, fp32, bitwise (train)

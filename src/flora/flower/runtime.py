@@ -124,6 +124,8 @@ class FlowerRuntime(Runtime):
             extra["init"] = ArrayRecord(adapter_to_record(task.init))
         if task.folded is not None:
             extra["folded"] = ArrayRecord(adapter_to_record(task.folded))
+        if task.core is not None:
+            extra["core"] = ArrayRecord(dict(task.core))
         return self._message(MessageType.TRAIN, task, **extra)
 
     def collect(
