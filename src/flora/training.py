@@ -144,8 +144,7 @@ def _insert_cores(layers: dict[str, LoraLayer], core: dict[str, torch.Tensor], r
         assert isinstance(frame, torch.nn.Linear)
         if tuple(core[name].shape) != (rank, rank):
             raise FloraError(
-                f"core of '{name}' is {tuple(core[name].shape)}; rank {rank} needs ({rank}, "
-                f"{rank})"
+                f"core of '{name}' is {tuple(core[name].shape)}; rank {rank} needs ({rank}, {rank})"
             )
         R = torch.nn.Linear(rank, rank, bias=False, dtype=frame.weight.dtype)
         R = R.to(frame.weight.device)

@@ -46,7 +46,8 @@ def train(task, g: torch.Generator) -> tuple[ClientResult, dict[str, torch.Tenso
         factors[m] = LoraFactors(R @ sent.A, sent.B, s)
         before = task.init[m].B.double() @ task.core[m].double() @ task.init[m].A.double()
         change[m] = s * sent.B.double() @ (R @ sent.A).double() - before
-    return ClientResult(task.client, task.round, factors=factors, examples=5 + 3 * task.client), change
+    result = ClientResult(task.client, task.round, factors=factors, examples=5 + 3 * task.client)
+    return result, change
 
 
 def global_model(srv: Server) -> dict[str, torch.Tensor]:

@@ -152,8 +152,12 @@ class Silver(GlobalLora):
         for module, update in sorted(result.global_factors.items()):
             frames[module], core[module] = frame_of(update, rank)
             _, rest, _, _ = split(update, rank)
-            merged[module] = rest if rest is not None else LoraFactors(
-                torch.zeros(1, update.in_features), torch.zeros(update.out_features, 1), 1.0
+            merged[module] = (
+                rest
+                if rest is not None
+                else LoraFactors(
+                    torch.zeros(1, update.in_features), torch.zeros(update.out_features, 1), 1.0
+                )
             )
         holders["ready"][0] = 1.0
         state = {**state, _FRAME: adapter_to_tensors(frames), _CORE: core, _HOLDERS: holders}
