@@ -44,6 +44,7 @@ from flora.factors import Adapter, LoraFactors
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 SHARED_A = ("ffa-lora", "fedsvd", "rolora")  # B trained over one frozen A (rolora: odd rounds)
+SHARED_B = ("fed-sb",)  # cores trained between one frozen frame: A = R_k A0 under one B
 DIM = 4096
 
 
@@ -64,6 +65,8 @@ def make_clients(method: str, layers: int, dim: int) -> list[Adapter]:
                 else:
                     A = torch.randn(rank, dim, generator=generator)
                 B = torch.randn(dim, rank, generator=generator)
+                if method in SHARED_B:
+                    B = shared.setdefault(f"{name}.B", B)
                 client[name] = LoraFactors(A, B, 2.0)
         clients.append(client)
     return clients
