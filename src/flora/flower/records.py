@@ -23,10 +23,14 @@ Flower splits large arrays into 5 MiB chunks by itself.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues, RecordDict
 
@@ -92,8 +96,43 @@ def adapter_from_record(
     return adapter_from_tensors(tensors, prefix, scaling, source="message")
 
 
-def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return dict(record.to_torch_state_dict()) if len(record) else {}
+def _tensors(record: ArrayRecord, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """The record's tensors; with ``limit``, every array's npy header is read first and the
+    record refused (FloraError) unless each is a plain numeric array whose bytes match its
+    shape and all hold at most ``limit`` elements together: nothing is allocated for a header
+    that claims more than the message carries."""
+    if not len(record):
+        return {}
+    if limit is not None:
+        total = 0
+        for key, array in record.items():
+            total += _elements(key, array)
+            if total > limit:
+                raise FloraError(f"its arrays hold more than the {limit} elements its task allows")
+    return dict(record.to_torch_state_dict())
+
+
+def _elements(key: str, array: Any) -> int:
+    """The element count an array's npy header claims, checked against its bytes."""
+    if getattr(array, "stype", None) != "numpy.ndarray" or not isinstance(array.data, bytes):
+        raise FloraError(f"array '{key}' is not a numpy array")
+    stream = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(stream, max_header_size=1024)
+    except (ValueError, TypeError, SyntaxError) as error:
+        raise FloraError(f"array '{key}' has no readable npy header ({error})") from error
+    if dtype.hasobject or dtype.kind not in "fiub":
+        raise FloraError(f"array '{key}' is of dtype {dtype}, not numeric")
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(array.data) - stream.tell():
+        raise FloraError(f"array '{key}' claims shape {shape} but carries other bytes")
+    return count
 
 
 def updates_to_record(updates: Sequence[RoundUpdate]) -> ArrayRecord:
@@ -231,8 +270,9 @@ def result_to_content(result: ClientResult) -> RecordDict:
     return content
 
 
-def result_from_content(content: RecordDict) -> ClientResult:
-    """Read back :func:`result_to_content`; a malformed reply raises FloraError."""
+def result_from_content(content: RecordDict, limit: int | None = None) -> ClientResult:
+    """Read back :func:`result_to_content`; a malformed reply raises FloraError, and so do
+    factors of more than ``limit`` elements (checked before any is decoded)."""
     metrics = content.metric_records["metrics"]
     result = ClientResult(int(_number(metrics, "partition")), int(_number(metrics, "round")))
     result.examples = int(_number(metrics, "num-examples"))
@@ -261,7 +301,7 @@ def result_from_content(content: RecordDict) -> ClientResult:
     }
     result.timing = {k: _number(metrics, k) for k in metrics if k not in known}
     if "factors" in content.array_records:
-        tensors = _tensors(content.array_records["factors"])
+        tensors = _tensors(content.array_records["factors"], limit)
         result.factors = adapter_from_record(tensors, scaling=_number(metrics, "scaling"))
     if "heldout-loss" in metrics:
         result.heldout_loss = _number(metrics, "heldout-loss")

@@ -27,7 +27,6 @@ from flwr.serverapp import Grid
 
 from flora.client import ClientResult
 from flora.engine import RunCore, Runtime
-from flora.errors import FloraError
 from flora.flower.records import (
     adapter_to_record,
     result_from_content,
@@ -131,28 +130,57 @@ class FlowerRuntime(Runtime):
     def collect(
         self, tasks: Sequence[ClientTask], replies: Iterable[Message], kind: str
     ) -> list[ClientResult]:
-        """One result per task, in order: the reply's, or an error one."""
+        """One result per task, in order: the reply's, or an error one. A reply counts only
+        from the node its task went to, once, for the task's round: a reply from a node with
+        no task is left out (logged), a second reply from one node or one for another round
+        makes that client a fault, and nothing in a reply can raise here (its factors' sizes
+        are checked against the task before any is decoded)."""
+        assigned = {t.client: t for t in tasks}
         by_client: dict[int, ClientResult] = {}
         for reply in replies:
-            k = self.partitions.get(reply.metadata.src_node_id, -1)
-            if reply.has_error():
-                reason = reply.error.reason or "no reason given"
-                log(WARNING, "%s: client %d failed: %s", kind, k, reason)
-                by_client[k] = ClientResult(k, tasks[0].round if tasks else 0, error=reason)
+            node = reply.metadata.src_node_id
+            k = self.partitions.get(node, -1)
+            task = assigned.get(k)
+            if task is None:
+                log(
+                    WARNING,
+                    "%s: a reply from node %s, which has no task here, left out",
+                    kind,
+                    node,
+                )
                 continue
-            try:
-                result = result_from_content(reply.content)
-            except (FloraError, KeyError, ValueError, TypeError) as error:  # a malformed reply
-                log(WARNING, "%s: client %d sent an unreadable reply: %s", kind, k, error)
-                result = ClientResult(k, 0, error=f"unreadable reply: {error}")
-            if result.client != k and k != -1:
-                result = ClientResult(k, 0, error=f"a reply of partition {result.client}")
-            by_client[result.client] = result
+            if k in by_client:
+                log(WARNING, "%s: client %d replied twice; left out this round", kind, k)
+                by_client[k] = ClientResult(k, task.round, error="a second reply from its node")
+                continue
+            by_client[k] = self._read(reply, task, kind)
         results = []
         for task in tasks:
             missing = ClientResult(task.client, task.round, error="no reply before the timeout")
             results.append(by_client.get(task.client, missing))
         return results
+
+    def _read(self, reply: Message, task: ClientTask, kind: str) -> ClientResult:
+        """One reply to ``task`` as a result, or an error result naming what is wrong."""
+        k = task.client
+        if reply.has_error():
+            reason = reply.error.reason or "no reason given"
+            log(WARNING, "%s: client %d failed: %s", kind, k, reason)
+            return ClientResult(k, task.round, error=reason)
+        shapes = self.core.server.shapes
+        limit = task.rank * sum(o + i for o, i in shapes.values()) if kind == "train" else 0
+        try:
+            result = result_from_content(reply.content, limit)
+        except Exception as error:  # anything a hostile reply can cause: MemoryError included
+            log(WARNING, "%s: client %d sent an unreadable reply: %s", kind, k, error)
+            return ClientResult(k, task.round, error=f"unreadable reply: {error}")
+        if result.client != k:
+            return ClientResult(k, task.round, error=f"a reply of partition {result.client}")
+        if result.round != task.round:
+            return ClientResult(
+                k, task.round, error=f"a reply for round {result.round} in round {task.round}"
+            )
+        return result
 
     def evaluate_on_client(self, round: int) -> ClientResult | None:
         """With ``client_eval``, one node's measure of the global model (else None)."""
