@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -43,6 +44,7 @@ def test_cli_run_writes_every_output_and_lowers_the_loss(tiny_run):
     assert (tiny_run / "checkpoints" / "round_0002" / "state.json").is_file()
     versions = json.loads((tiny_run / "summary.json").read_text())["versions"]
     assert versions["torch"] == torch.__version__ and versions["transformers"]  # what it ran on
+    assert versions["flora-lora"] == importlib.metadata.version("flora-lora")  # not null
     before, after = (r["heldout_loss"] for r in _rows(tiny_run, "eval"))
     assert after < before
     clients = _rows(tiny_run, "client")

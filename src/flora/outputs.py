@@ -315,7 +315,7 @@ class RunOutputs:
 
 
 RECORDED_PACKAGES = (
-    "flora",
+    "flora-lora",  # the distribution's name ("flora" is another project's on PyPI)
     "torch",
     "transformers",
     "peft",
