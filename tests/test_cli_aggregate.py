@@ -228,6 +228,13 @@ def test_bad_options(adapters, tmp_path, capsys, args, message):
     assert code == 2 and err.count("\n") == 1 and message in err
 
 
+def test_an_input_given_twice_is_refused_in_one_line(adapters, tmp_path, capsys):
+    again = adapters[0].parent / "." / adapters[0].name  # the same directory, spelt otherwise
+    code = main(["aggregate", "--out", str(tmp_path / "o"), str(adapters[0]), str(again)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "given twice (inputs 1 and 2)" in err
+
+
 def test_missing_directory(tmp_path, capsys):
     assert main(["aggregate", str(tmp_path / "nowhere")]) == 2
     assert "no such adapter directory" in capsys.readouterr().err

@@ -91,3 +91,15 @@ def test_permutation_invariance(method):
                 rtol=1e-4,
                 atol=1e-4,
             )
+
+
+@pytest.mark.parametrize(("out", "inp", "rank"), [(40, 30, 4), (6, 5, 40)])
+def test_the_frobenius_norm_of_a_product_in_either_regime(out, inp, rank):
+    # (40, 30) at rank 4: the Gram matrices (4 x 4); (6, 5) at rank 40: the 6 x 5 product,
+    # as a stack of many clients over a small layer takes (memory never R^2)
+    from flora.aggregation.lowrank import frobenius
+
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(out, rank, generator=g), torch.randn(rank, inp, generator=g)
+    expected = float(torch.linalg.matrix_norm(B.double() @ A.double()))
+    assert frobenius(B, A) == pytest.approx(expected, rel=1e-10)

@@ -136,15 +136,20 @@ def lowrank_svd(
 
 
 def frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
-    """||B @ A||_F without forming the product: sqrt(trace((B^T B)(A A^T))), in float64.
+    """||B @ A||_F in float64, through whichever is smaller: the (out, in) product itself, or
+    sqrt(trace((B^T B)(A A^T))) from two (R x R) Gram matrices.
 
-    Two (R x R) Gram matrices cost O((out + in) R^2) in plain matrix products. Round-off is about
-    1e-16 of ||B||^2 ||A||^2 on the squared norm, so a relative error near 1e-8 of the operands'
-    scale is the floor, well under float32 resolution.
+    The Grams cost O((out + in) R^2) and R^2 memory, the product O(out in R) and out x in: a
+    stack of many clients (R = the sum of their ranks) over a small layer takes the product, so
+    memory stays within the larger of the layer and the Gram of one layer's rank, never
+    quadratic in the number of clients. The Grams' round-off is about 1e-16 of ||B||^2 ||A||^2
+    on the squared norm, a relative error near 1e-8 of the operands' scale at worst.
     """
     if B.shape[1] == 0:
         return 0.0
     B64, A64 = B.double(), A.double()
+    if B.shape[0] * A.shape[1] <= B.shape[1] ** 2:
+        return float(torch.linalg.matrix_norm(B64 @ A64))
     gram_B = B64.T @ B64  # (R, R)
     gram_A = A64 @ A64.T  # (R, R)
     squared = float((gram_B * gram_A).sum())  # trace(G_B G_A) with both symmetric

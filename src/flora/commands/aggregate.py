@@ -122,6 +122,20 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
+def _refuse_duplicates(directories: list[Path]) -> None:
+    """One line naming the first input given twice (the same directory, by its resolved path):
+    it would be counted twice, silently."""
+    seen: dict[Path, int] = {}
+    for k, directory in enumerate(directories):
+        where = directory.resolve()
+        if where in seen:
+            raise FloraError(
+                f"{directory} is given twice (inputs {seen[where] + 1} and {k + 1}); drop the "
+                "second, or weight the first with --weights"
+            )
+        seen[where] = k
+
+
 def _screened(
     clients: list[Adapter], directories: list[Path], args: argparse.Namespace
 ) -> list[Adapter]:
@@ -154,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from flora.io import atomic_write, atomic_write_json
 
     directories = [Path(d) for d in args.adapters]
+    _refuse_duplicates(directories)
     out = Path(args.out)
     if (out / ADAPTER_WEIGHTS).exists() and not args.force:
         raise FloraError(f"{out} already holds an adapter; pass --force or choose another --out")
