@@ -48,6 +48,9 @@ VARIANTS = {
         "flora-warm",
         ["federation.options.budget={budget}", "federation.options.downlink='int8'"],
     ),
+    # FedMomentum with its kept components as U S and Vh (flora-warm's form) instead of the
+    # balanced split: does the split explain its loss? (--add momentum-svd)
+    "momentum-svd": ("fedmomentum", ["federation.options.split='svd'"]),
 }
 # variants that differ from another only in what travels: run at the splits of several rounds
 SEVERAL_ROUNDS = {"homogeneous": ["warm-int8"], "heterogeneous": []}
@@ -97,7 +100,7 @@ def matrix(added: Sequence[str] = ()) -> list[SplitRun]:
 
     methods = {s: list(m) for s, m in METHODS.items()}
     for name in added:
-        mixed = name in VARIANTS or get_method(name).mixed_ranks
+        mixed = get_method(VARIANTS.get(name, (name, []))[0]).mixed_ranks
         for setting in ("homogeneous", "heterogeneous") if mixed else ("homogeneous",):
             methods[setting].append(name)
     runs = [

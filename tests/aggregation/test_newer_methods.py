@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flora.aggregation import aggregate
+from flora.aggregation.fedmomentum import split as fedmomentum_split
 from flora.aggregation.fedsvd import orthonormal_refactor
 from flora.aggregation.rolora import trained_part
 from flora.client import ClientResult
@@ -156,3 +157,16 @@ def test_fedmomentum_below_the_whole_residual_drops_what_it_reports():
         total += float(average.norm() ** 2)
     assert 0 < outcome.fields["dropped_share"] < 1
     assert outcome.fields["dropped_share"] == pytest.approx((missing / total) ** 0.5, rel=1e-4)
+
+
+def test_fedmomentum_svd_split_keeps_the_product_with_orthonormal_A():
+    g = torch.Generator().manual_seed(5)
+    factors = LoraFactors(torch.randn(6, 10, generator=g), torch.randn(12, 6, generator=g), 1.0)
+    balanced, rest, _, _ = fedmomentum_split(factors, 3)
+    svd, rest_svd, _, _ = fedmomentum_split(factors, 3, balanced=False)
+    torch.testing.assert_close(svd.delta(), balanced.delta(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(svd.A @ svd.A.T, torch.eye(3), rtol=0, atol=1e-5)
+    assert rest is not None and rest_svd is not None
+    torch.testing.assert_close(rest_svd.delta(), rest.delta(), rtol=0, atol=1e-6)
+    srv = server("fedmomentum", 1.0, "federation.options.split='svd'")
+    assert srv.lifecycle.split == "svd"

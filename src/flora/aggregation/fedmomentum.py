@@ -22,7 +22,9 @@ and the global model stays the exact average); option ``residual`` in (0, 1] mer
 leading residual components that hold that share of the residual's squared singular values
 (the rest is dropped and reported as ``dropped_share``, the update is then not exact); the new
 LoRA splits each kept component's singular value evenly, B = U sqrt(S), A = sqrt(S) Vh, so
-neither factor starts at zero or dominates (LoRA-GA / PiSSA's balanced split). `flora aggregate`
+neither factor starts at zero or dominates (LoRA-GA / PiSSA's balanced split; option
+``split = "svd"`` gives B = U S, A = Vh instead, FlexLoRA's and flora-warm's form, with A's
+rows orthonormal as a fresh LoRA's scale). `flora aggregate`
 writes the exact aggregate itself (the stack); its split into a global LoRA and a merged residual
 belongs to a run.
 """
@@ -47,25 +49,31 @@ __all__ = ["LIFECYCLE", "Momentum", "aggregate", "split"]
 
 
 def aggregate(
-    clients: Sequence[Adapter], weights: Sequence[float], *, residual: float = 1.0
+    clients: Sequence[Adapter],
+    weights: Sequence[float],
+    *,
+    residual: float = 1.0,
+    split: str = "balanced",
 ) -> AggregationResult:
-    """The exact aggregate sum_k p_k s_k B_k A_k, FLoRA's stacking (``residual`` shapes what
-    the round merges, :class:`Momentum`'s, not this sum)."""
+    """The exact aggregate sum_k p_k s_k B_k A_k, FLoRA's stacking (``residual`` and ``split``
+    shape what the round keeps and merges, :class:`Momentum`'s, not this sum)."""
     check_equal_ranks(clients, "fedmomentum")
     return dataclasses.replace(stacking.aggregate(clients, weights), method="fedmomentum")
 
 
 def split(
-    factors: LoraFactors, rank: int, residual: float = 1.0
+    factors: LoraFactors, rank: int, residual: float = 1.0, balanced: bool = True
 ) -> tuple[LoraFactors, LoraFactors | None, float, float]:
-    """(the top-``rank`` components as a balanced LoRA, the residual components merged, the
-    squared norm dropped, the squared norm of the whole) of ``factors`` (scaling 1)."""
+    """(the top-``rank`` components as a LoRA, balanced or as the SVD's U S and Vh, the
+    residual components merged, the squared norm dropped, the squared norm of the whole) of
+    ``factors`` (scaling 1)."""
     U, S, Vh = lowrank_svd(factors.B, factors.A)
     n = numerical_rank(S)
-    root = S[:rank].sqrt()
+    left = S[:rank].sqrt() if balanced else torch.ones_like(S[:rank])
+    right = S[:rank] / left
     top = LoraFactors(
-        (root[:, None] * Vh[:rank]).float().contiguous(),
-        (U[:, :rank] * root).float().contiguous(),
+        (left[:, None] * Vh[:rank]).float().contiguous(),
+        (U[:, :rank] * right).float().contiguous(),
         1.0,
     )
     energy = S[rank:n].double().square()
@@ -88,6 +96,7 @@ class Momentum(GlobalLora):
     merged into the base (see the module docstring)."""
 
     residual: float = 1.0  # share of the residual's energy merged each round (1: all, exact)
+    split: str = "balanced"  # "balanced": U sqrt(S), sqrt(S) Vh; "svd": U S, Vh
 
     def advance(
         self,
@@ -103,7 +112,9 @@ class Momentum(GlobalLora):
         dropped = total = 0.0
         residual_rank = 0
         for module, aggregate_ in sorted(result.global_factors.items()):
-            top, rest, lost, whole = split(aggregate_, width, self.residual)
+            top, rest, lost, whole = split(
+                aggregate_, width, self.residual, self.split == "balanced"
+            )
             lora[module] = top
             dropped, total = dropped + lost, total + whole
             if rest is not None:
@@ -124,6 +135,6 @@ class Momentum(GlobalLora):
         return Step(step_state, merged, None, fields)
 
 
-def LIFECYCLE(residual: float = 1.0) -> Momentum:
+def LIFECYCLE(residual: float = 1.0, split: str = "balanced") -> Momentum:
     """The method's life at its options (flora.aggregation.registry calls it)."""
-    return Momentum(residual=residual)
+    return Momentum(residual=residual, split=split)

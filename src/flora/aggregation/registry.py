@@ -206,6 +206,14 @@ _RESIDUAL = Option(
     check=lambda v: 0.0 < v <= 1.0,
     expected="0 < residual <= 1 (1 is exact)",
 )
+_SPLIT = Option(
+    name="split",
+    type=str,
+    default="balanced",
+    help="fedmomentum: how each kept component's singular value splits between the next LoRA's "
+    "factors: balanced (B = U sqrt(S), A = sqrt(S) Vh) or svd (B = U S, A = Vh, as flexlora)",
+    choices=("balanced", "svd"),
+)
 _LAM = Option(
     name="lam",
     type=float,
@@ -337,7 +345,7 @@ for _method in (
         summary="exact aggregate's top-r SVD components as the next global LoRA (no "
         "re-initialisation), the residual merged into the base; equal ranks; exact at "
         "residual = 1",
-        options=(_RESIDUAL,),
+        options=(_RESIDUAL, _SPLIT),
         client_dp_refusal=_STACKING,
         checks_values=True,
     ),
