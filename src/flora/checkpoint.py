@@ -10,8 +10,9 @@ checkpoints/round_0003/
   sketches.safetensors    each client's base sketch (catch-up check)
   rng.safetensors         the torch RNG state
 Every file and the directory are fsynced before the rename; state.json records each file's
-SHA-256 and config.json's, and resuming checks them (a changed file or config is one clear
-error). Everything loads through safetensors or JSON: no pickle.
+SHA-256 and config.json's, and its own ("digest": of its canonical JSON without that key), and
+resuming checks them (a changed file, state or config is one clear error). Everything loads
+through safetensors or JSON: no pickle.
 """
 
 from __future__ import annotations
@@ -101,12 +102,19 @@ def save_checkpoint(
     if fingerprint is not None:
         integrity["config_fingerprint"] = fingerprint
     integrity["method_state"] = sorted(method_state)
-    atomic_write_json(tmp / "state.json", {"round": round, **state, **integrity})
+    record = {"round": round, **state, **integrity}
+    atomic_write_json(tmp / "state.json", {**record, "digest": _digest(record)})
     _fsync(tmp)  # the directory's entries, before it is renamed into place
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _fsync(final.parent)
     return final
+
+
+def _digest(state: dict[str, Any]) -> str:
+    """SHA-256 of ``state``'s canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def sha256(path: Path) -> str:
@@ -170,13 +178,20 @@ def _state(directory: Path) -> dict[str, Any]:
     path = directory / "state.json"
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as error:
         raise FloraError(
-            f"{path}: unreadable ({error}); delete this round's checkpoint to resume from the one "
-            "before it"
+            f"{path}: unreadable ({type(error).__name__}); delete this round's checkpoint to "
+            "resume from the one before it"
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("round"), int):
         raise FloraError(f"{path}: not a flora checkpoint state; delete this round's checkpoint")
+    digest = state.pop("digest", None)  # absent in checkpoints written before flora kept one
+    if digest is not None and digest != _digest(state):
+        raise FloraError(
+            f"{path}: its contents differ from the digest recorded when it was written (edited "
+            "or damaged); restore it, or delete this round's checkpoint and those after it to "
+            "resume from an earlier round"
+        )
     return state
 
 

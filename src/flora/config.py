@@ -868,7 +868,15 @@ def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FloraError(f"{run_dir}: no config.json; is it a flora run directory?")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as error:
+        raise FloraError(
+            f"{path}: unreadable ({type(error).__name__}: {str(error)[:120]}); restore the run's "
+            "config.json, or start a new run"
+        ) from None
+    if not isinstance(data, dict):
+        raise FloraError(f"{path}: not a run config (a JSON object); restore the run's config.json")
     data.pop(RECORDED, None)  # what the settings resolved to, and versions: not settings
     federation = data.get("federation", {})
     if "tau" in federation or "weighting" in federation:  # written before federation.options

@@ -277,7 +277,14 @@ class Server:
     def restore(self, state: dict[str, Any], history: list[RoundUpdate], method: State) -> None:
         """The state of a checkpoint: JSON scalars, the merged history and the method's state
         (every group :meth:`Lifecycle.start` made must be there)."""
-        self.synced = [int(v) for v in state["synced"]]
+        synced = state.get("synced")
+        if not isinstance(synced, list) or len(synced) != len(self.synced):
+            raise FloraError(
+                f"the checkpoint's state.json has no 'synced' for {len(self.synced)} clients "
+                "(damaged, or another run's); delete this round's checkpoint to resume from an "
+                "earlier one"
+            )
+        self.synced = [int(v) for v in synced]
         self.ledger.restore(state.get("privacy"))
         self.history = history
         missing = sorted(set(self.method_state) - set(method))

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,45 @@ def test_an_unreadable_state_is_one_line(finished_run, tmp_path, capsys):
     (crashed / "checkpoints" / "round_0001" / "state.json").write_text("{not json")
     assert flora("run", "--resume", str(crashed)) == 2
     assert "state.json: unreadable" in capsys.readouterr().err
+
+
+def edit_state(run: Path, change: Callable[[dict], None]) -> None:
+    path = run / "checkpoints" / "round_0001" / "state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    ("case", "change"),
+    [
+        ("history emptied", lambda s: s.update(history_rounds=[])),
+        ("synced removed", lambda s: s.pop("synced")),
+    ],
+)
+def test_an_edited_state_is_refused_in_one_line(finished_run, tmp_path, capsys, case, change):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    edit_state(crashed, change)
+    assert flora("run", "--resume", str(crashed)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "state.json: its contents differ from the digest" in err
+
+
+def test_a_state_without_synced_is_one_line_even_without_a_digest(finished_run, tmp_path, capsys):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    edit_state(crashed, lambda s: (s.pop("synced"), s.pop("digest")))  # an older checkpoint's
+    assert flora("run", "--resume", str(crashed)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no 'synced'" in err
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "[" * 100_000])
+def test_a_config_that_is_not_a_json_object_is_one_line(finished_run, tmp_path, capsys, text):
+    crashed = crashed_copy(finished_run, tmp_path / "run", keep=1)
+    (crashed / "config.json").write_text(text)
+    assert flora("run", "--resume", str(crashed)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json" in err, err
 
 
 DAMAGE = {
