@@ -13,6 +13,7 @@ runtime; ``flora.runtimes`` names them.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -184,6 +185,18 @@ class RunCore:
         """
         self.model.sync(self.server)
         self.outputs.round_rows(round, self.server, tasks, results, outcome, extra)
+        for result in results:  # what the screen left out or bounded, one line each
+            if result.error is not None and result.error.startswith("rejected: "):
+                reason = result.error.removeprefix("rejected: ")
+                print(
+                    f"flora: round {round}, client {result.client} left out: {reason}",
+                    file=sys.stderr,
+                )
+        for client, scale in sorted((outcome.clipped if outcome else {}).items()):
+            print(
+                f"flora: round {round}, client {client}'s update clipped by {scale:.3g}",
+                file=sys.stderr,
+            )
         if outcome is None:  # too few usable uploads: stop with the last checkpoint intact
             reasons = "; ".join(f"client {r.client}: {r.error}" for r in results if not r.ok)
             raise FloraError(

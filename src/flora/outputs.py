@@ -24,6 +24,7 @@ import json
 import math
 import os
 import socket
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,10 +178,15 @@ class RunOutputs:
             bytes_up = outcome.report.bytes_up
         else:  # a failed round: what they sent, though nothing was aggregated
             bytes_up = [adapter_bytes(r.factors) if r.factors else 0 for _, r in done]
+        norms = outcome.norms if outcome is not None else {}
+        median = statistics.median(norms.values()) if norms else 0.0
         for (task, result), up in zip(done, bytes_up, strict=True):
-            self.metrics.write(
-                _client_row(task, result, up) | server.ledger.client_fields(task.client)
-            )
+            client_row = _client_row(task, result, up) | server.ledger.client_fields(task.client)
+            if task.client in norms:  # its upload's ||s B A||_F, and against the round's median
+                norm = norms[task.client]
+                ratio = norm / median if median else None
+                client_row |= {"update_norm": norm, "norm_ratio": ratio}
+            self.metrics.write(client_row)
         failed = {r.client: r.error or "no upload" for r in results if not r.ok}
         for client, reason in sorted(failed.items()):  # one row per left-out client
             stage = "screening" if reason.startswith("rejected: ") else "client"

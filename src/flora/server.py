@@ -60,6 +60,7 @@ class RoundOutcome:
     seconds: float
     clipped: dict[int, float] = field(default_factory=dict)  # client -> norm clip factor
     fields: dict[str, float] = field(default_factory=dict)  # the method's own server-row fields
+    norms: dict[int, float] = field(default_factory=dict)  # client -> its upload's norm, as sent
 
     def travels(self, server: Server) -> Adapter:
         """What goes down to the clients: the round's merged factors, or the method's LoRA."""
@@ -264,7 +265,9 @@ class Server:
             update = RoundUpdate(round, step.merged, step.residual, step.wire)
             self.history.append(update)
         seconds = time.perf_counter() - start
-        return RoundOutcome(round, update, report, seconds, screened.clipped, step.fields)
+        return RoundOutcome(
+            round, update, report, seconds, screened.clipped, step.fields, screened.norms
+        )
 
     def state(self) -> dict[str, Any]:
         """JSON-ready scalar state (tensors are checkpointed separately)."""

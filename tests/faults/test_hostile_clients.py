@@ -68,7 +68,7 @@ CASES = {
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_bad_upload_is_named_and_left_out(tmp_path, tamper, case, runtime):
+def test_a_bad_upload_is_named_and_left_out(tmp_path, tamper, case, runtime, capsys):
     # Prepare: client 1 (rank 4) is hostile or broken in round 1 of 2
     change, reason = CASES[case]
     tamper(1, 1, change)
@@ -82,10 +82,13 @@ def test_a_bad_upload_is_named_and_left_out(tmp_path, tamper, case, runtime):
     servers = rows(run_dir, "server")
     assert [(r["clients"], r["failed"]) for r in servers] == [([0, 2], [1]), ([0, 1, 2], [])]
     assert max_weight(run_dir) < 10
+    if fault["stage"] == "screening":  # said on the console too, in one line
+        err = capsys.readouterr().err
+        assert f"flora: round 1, client 1 left out: {fault['reason'][10:]}" in err
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_clipping_keeps_a_hostile_update_within_the_bound(tmp_path, tamper, runtime):
+def test_clipping_keeps_a_hostile_update_within_the_bound(tmp_path, tamper, runtime, capsys):
     # Prepare: clip at 3 x the others' median instead of rejecting
     tamper(1, 1, t.scaled(1e10))
     rules = ["screening.norm_action='clip'", "screening.norm_multiple=3.0"]
@@ -97,6 +100,10 @@ def test_clipping_keeps_a_hostile_update_within_the_bound(tmp_path, tamper, runt
     assert server["clients"] == [0, 1, 2] and not rows(run_dir, "fault")
     assert 1e-12 < server["clipped"]["1"] < 1e-9
     assert max_weight(run_dir) < 10
+    # every client row has its upload's norm as sent, and its ratio to the round's median
+    ratios = {r["client"]: r["norm_ratio"] for r in rows(run_dir, "client")}
+    assert ratios[1] > 1e8 and all(0.1 < ratios[k] < 10 for k in (0, 2))
+    assert "flora: round 1, client 1's update clipped by" in capsys.readouterr().err
 
 
 def test_an_absolute_bound_rejects_what_it_should(tmp_path, tamper):

@@ -59,6 +59,9 @@ class Screened:
     accepted: list[Upload]  # in the order given; clipped ones carry their clipped factors
     rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
     clipped: dict[int, float] = field(default_factory=dict)  # client -> smallest factor applied
+    # client -> its upload's ||s B A||_F over all modules (root of the sum of squares), as sent
+    # (before any clip), for every upload whose structure passed
+    norms: dict[int, float] = field(default_factory=dict)
 
 
 def update_norm(factors: LoraFactors) -> float:
@@ -139,6 +142,8 @@ def screen(
         norms = {} if reason else {m: update_norm(f) for m, f in upload.factors.items()}
         if reason is None and not all(math.isfinite(n) for n in norms.values()):
             reason = "its update norm overflows (factors too large to multiply in float64)"
+        if reason is None:
+            result.norms[upload.client] = math.sqrt(sum(n * n for n in norms.values()))
         if reason is None and rules.max_update_norm > 0:
             bounds = dict.fromkeys(norms, rules.max_update_norm)
             kept, reason, scale = _bounded(

@@ -167,8 +167,10 @@ class FlowerRuntime(Runtime):
             reason = reply.error.reason or "no reason given"
             log(WARNING, "%s: client %d failed: %s", kind, k, reason)
             return ClientResult(k, task.round, error=reason)
+        # no LoRA of these layers holds more than full-rank factors: a reply claiming more is
+        # refused before it is decoded (its rank and shapes are the screen's to judge)
         shapes = self.core.server.shapes
-        limit = task.rank * sum(o + i for o, i in shapes.values()) if kind == "train" else 0
+        limit = sum((o + i) * min(o, i) for o, i in shapes.values()) if kind == "train" else 0
         try:
             result = result_from_content(reply.content, limit)
         except Exception as error:  # anything a hostile reply can cause: MemoryError included
