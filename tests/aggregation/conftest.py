@@ -9,6 +9,22 @@ import torch
 from flora.factors import Adapter, LoraFactors
 
 SHAPES = {"layers.0.q_proj": (24, 16), "layers.0.v_proj": (8, 16), "layers.1.q_proj": (24, 16)}
+# the tiny Llama's LoRA targets (tests/conftest.py's tiny_model): module -> (out, in)
+TINY_TARGETS = {
+    f"model.layers.{i}.self_attn.{p}": (o, 64)
+    for i in range(2)
+    for p, o in (("q_proj", 64), ("v_proj", 32))
+}
+
+
+def global_model(server) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """A server's global model beyond W0: every merged update and its method's global LoRA
+    (float64), per module."""
+    lora = server.adapter or {}
+    return {
+        m: sum((u.factors[m].delta().double() for u in server.history), lora[m].delta().double())
+        for m in server.shapes
+    }
 
 
 def make_clients(

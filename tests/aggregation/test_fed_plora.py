@@ -16,6 +16,8 @@ from flora.server import Server
 from flora.training import TrainConfig, evaluate_loss, train_client
 from flora.weights import applied
 
+from .conftest import TINY_TARGETS
+
 SHAPES = {"m": (12, 10), "n": (6, 10)}
 RANKS = [4, 2, 1, 3]
 O_I = sum(o + i for o, i in SHAPES.values())
@@ -145,11 +147,7 @@ def test_the_report_measures_noise_against_the_clients_whole_models():
 def test_a_trained_client_starts_at_the_global_models_loss(tiny_model, token_examples, tokenizer):
     # Prepare: a rank-4 global LoRA over the tiny model's targets, B != 0
     g = torch.Generator().manual_seed(5)
-    shapes = {
-        f"model.layers.{i}.self_attn.{p}": (o, 64)
-        for i in range(2)
-        for p, o in (("q_proj", 64), ("v_proj", 32))
-    }
+    shapes = TINY_TARGETS
     lifecycle = get_method("fed-plora").lifecycle
     state = lifecycle.start(shapes, [4, 2], seed=0)
     for key, value in state["global_lora"].items():

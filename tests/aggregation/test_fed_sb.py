@@ -15,6 +15,8 @@ from flora.factors import LoraFactors
 from flora.server import Server
 from flora.training import TrainConfig, train_client
 
+from .conftest import TINY_TARGETS, global_model
+
 SHAPES = {"m": (12, 10), "n": (6, 10)}
 RANK = 3
 
@@ -48,14 +50,6 @@ def train(task, g: torch.Generator) -> tuple[ClientResult, dict[str, torch.Tenso
         change[m] = s * sent.B.double() @ (R @ sent.A).double() - before
     result = ClientResult(task.client, task.round, factors=factors, examples=5 + 3 * task.client)
     return result, change
-
-
-def global_model(srv: Server) -> dict[str, torch.Tensor]:
-    lora = srv.adapter or {}
-    return {
-        m: sum((u.factors[m].delta().double() for u in srv.history), lora[m].delta().double())
-        for m in SHAPES
-    }
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
@@ -125,11 +119,7 @@ def test_the_pure_aggregate_averages_cores_under_a_shared_B_and_stacks_otherwise
 @pytest.mark.usefixtures("torch_single_thread")
 def test_a_client_trains_its_core_only(tiny_model, token_examples, tokenizer):
     g = torch.Generator().manual_seed(4)
-    modules = {
-        f"model.layers.{i}.self_attn.{p}": (o, 64)
-        for i in range(2)
-        for p, o in (("q_proj", 64), ("v_proj", 32))
-    }
+    modules = TINY_TARGETS
     init, core = {}, {}
     for m, (o, i) in modules.items():
         A, _ = torch.linalg.qr(torch.randn(i, 2, generator=g))

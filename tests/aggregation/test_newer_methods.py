@@ -19,6 +19,8 @@ from flora.errors import FloraError
 from flora.factors import LoraFactors
 from flora.server import Server
 
+from .conftest import global_model
+
 SHAPES = {"m": (12, 10), "n": (6, 10)}
 RANK = 3
 
@@ -51,15 +53,6 @@ def train(task, generator: torch.Generator) -> tuple[ClientResult, dict[str, tor
     return ClientResult(
         task.client, task.round, factors=factors, examples=5 + 3 * task.client
     ), change
-
-
-def global_model(srv: Server) -> dict[str, torch.Tensor]:
-    """The global model beyond W0: every merged update and the global LoRA (float64)."""
-    lora = srv.adapter or {}
-    return {
-        m: sum((u.factors[m].delta().double() for u in srv.history), lora[m].delta().double())
-        for m in SHAPES
-    }
 
 
 @pytest.mark.parametrize("method", ["rolora", "fedsvd", "fedmomentum"])

@@ -14,7 +14,7 @@ Bytes up, client k: r_k (in + out) elements; down, client k: r_k (in + out).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from flora.aggregation.lifecycle import GlobalLora
 from flora.aggregation.lowrank import lowrank_svd, stacked, svd_truncate
 from flora.factors import Adapter, LoraFactors
 
-__all__ = ["LIFECYCLE", "aggregate", "svd_module"]
+__all__ = ["LIFECYCLE", "aggregate", "redistributed", "svd_module"]
 
 # clients continue from the SVD of the exact sum, truncated to their rank
 LIFECYCLE = GlobalLora()
@@ -39,17 +39,29 @@ def svd_module(
 
 def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
     """SVD every module's exact sum; client k downloads its rank-r_k truncation."""
+    return redistributed(clients, weights, stacked, "flexlora")
+
+
+def redistributed(
+    clients: Sequence[Adapter],
+    weights: Sequence[float],
+    summed: Callable[[Sequence[LoraFactors], Sequence[float]], LoraFactors],
+    method: str,
+) -> AggregationResult:
+    """Every module's ``summed`` factors (scaling 1) SVD'd in the small space, the global
+    factors truncated at the largest rank, each client's download at its own."""
     global_factors: Adapter = {}
     downloads: list[Adapter] = [{} for _ in clients]
     for module in clients[0]:
         factors = [c[module] for c in clients]
         dtype = torch.promote_types(factors[0].A.dtype, torch.float32)
-        U, S, Vh = svd_module(factors, weights)
+        whole = summed(factors, weights)
+        U, S, Vh = lowrank_svd(whole.B, whole.A)
         global_factors[module] = svd_truncate(U, S, Vh, max(f.rank for f in factors), dtype)
         for k, f in enumerate(factors):
             downloads[k][module] = svd_truncate(U, S, Vh, f.rank, dtype)
     return AggregationResult(
-        method="flexlora",
+        method=method,
         global_factors=global_factors,
         bytes_up=uploads(clients),
         bytes_down=[adapter_bytes(d) for d in downloads],

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.aggregation.base import AggregationResult, adapter_bytes, uploads
+from flora.aggregation.base import AggregationResult
+from flora.aggregation.flexlora import redistributed
 from flora.aggregation.lifecycle import GlobalLora
-from flora.aggregation.lowrank import lowrank_svd, svd_truncate
 from flora.factors import Adapter, LoraFactors
 
 __all__ = ["LIFECYCLE", "aggregate", "partition_weights", "rank_aware_sum"]
@@ -67,20 +67,4 @@ def rank_aware_sum(factors: Sequence[LoraFactors], weights: Sequence[float]) -> 
 
 def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> AggregationResult:
     """The rank-aware sum of every module, SVD-redistributed at each client's rank."""
-    global_factors: Adapter = {}
-    downloads: list[Adapter] = [{} for _ in clients]
-    for module in clients[0]:
-        factors = [c[module] for c in clients]
-        dtype = torch.promote_types(factors[0].A.dtype, torch.float32)
-        summed = rank_aware_sum(factors, weights)
-        U, S, Vh = lowrank_svd(summed.B, summed.A)
-        global_factors[module] = svd_truncate(U, S, Vh, max(f.rank for f in factors), dtype)
-        for k, f in enumerate(factors):
-            downloads[k][module] = svd_truncate(U, S, Vh, f.rank, dtype)
-    return AggregationResult(
-        method="raflora",
-        global_factors=global_factors,
-        bytes_up=uploads(clients),
-        bytes_down=[adapter_bytes(d) for d in downloads],
-        client_factors=downloads,
-    )
+    return redistributed(clients, weights, rank_aware_sum, "raflora")
