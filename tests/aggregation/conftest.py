@@ -64,3 +64,22 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(
         torch.linalg.matrix_norm(actual.double() - expected) / torch.linalg.matrix_norm(expected)
     )
+
+
+def exact_round(server, round: int, train):  # type: ignore[no-untyped-def]
+    """Play ``round`` on ``server`` with every sampled client trained by ``train(task) ->
+    (ClientResult, its model's change per module)``, and assert the claim of an exact method:
+    the global model moved by the example-weighted average of the clients' changes. Returns
+    (tasks, outcome)."""
+    before = global_model(server)
+    tasks = server.configure(round)
+    done = [train(task) for task in tasks]
+    server.complete(tasks, done=[task.client for task in tasks])
+    outcome = server.aggregate(round, tasks, [r for r, _ in done])
+    assert outcome is not None
+    weights = [r.examples for r, _ in done]
+    after = global_model(server)
+    for m in server.shapes:
+        average = sum(w * c[m] for w, (_, c) in zip(weights, done, strict=True)) / sum(weights)
+        torch.testing.assert_close(after[m] - before[m], average, rtol=0, atol=1e-5)
+    return tasks, outcome
