@@ -182,6 +182,8 @@ PAIRS = [  # (setting, a, b): a - b of the held-out loss change, paired by seed,
     ("heterogeneous", "flora-warm", "flexlora"),
     ("heterogeneous", "flora-warm", "flora"),
     ("heterogeneous", "flora", "zero-padding"),
+    # later questions: does FedMomentum's split explain its loss?
+    ("homogeneous", "momentum-svd", "fedmomentum"),
 ]
 
 
