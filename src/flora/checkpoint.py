@@ -102,7 +102,8 @@ def save_checkpoint(
     if fingerprint is not None:
         integrity["config_fingerprint"] = fingerprint
     integrity["method_state"] = sorted(method_state)
-    record = {"round": round, **state, **integrity}
+    # the digest of what a reader will parse (JSON turns int keys into strings)
+    record = json.loads(json.dumps({"round": round, **state, **integrity}))
     atomic_write_json(tmp / "state.json", {**record, "digest": _digest(record)})
     _fsync(tmp)  # the directory's entries, before it is renamed into place
     shutil.rmtree(final, ignore_errors=True)
