@@ -713,6 +713,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         need(self.threads >= 0, "threads", self.threads, ">= 0 (0: torch's default)")
+        # numpy's seeds stop at 2^32 - 1 (torch's at 2^64 - 1): larger ones would fail mid-run
+        need(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
         self._check_privacy()
         ranks = self.lora.rank_list()
         if not self.federation.centralized:
@@ -913,6 +915,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = tomllib.loads(file.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as error:
             raise FloraError(f"{file}: invalid TOML ({error})") from None
+        except UnicodeDecodeError as error:
+            raise FloraError(
+                f"{file}: byte {error.start} is not UTF-8 text; save the config as UTF-8"
+            ) from None
+        except RecursionError:
+            raise FloraError(f"{file}: nested too deeply to read; flatten its tables") from None
     for override in overrides or []:
         keys, value = parse_override(override)
         node = data

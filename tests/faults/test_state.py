@@ -281,12 +281,43 @@ def test_rounds_cannot_shorten_a_run(finished_run, capsys):
     [
         ("lora.ranks=[8, 4, 100000]", "client 2's rank 100000 exceeds min(out, in) = 64"),
         ("eval.max_new_tokens=-5", "eval.max_new_tokens must be >= 1"),
+        ("seed=100000000000000000000000", "seed"),
     ],
 )
 def test_bad_values_are_one_line(tmp_path, capsys, override, message):
     assert flora("run", TINY, *FAST, "--set", override, "--out", str(tmp_path / "r")) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+DATA = {  # a data file's bytes, and what its one line says
+    "empty.jsonl": (b"", "the file is empty"),
+    "blank.json": (b"  \n", "the file is empty"),
+    "latin1.jsonl": (b'{"instruction": "caf\xe9"}\n', "byte 20 is not UTF-8 text"),
+    "deep.jsonl": (b"[" * 100_000 + b"\n", "line 1 is nested too deeply"),
+    "deep.json": (b"[" * 100_000, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA))
+def test_a_bad_data_file_is_one_line(tmp_path, capsys, name):
+    data, message = DATA[name]
+    (tmp_path / name).write_bytes(data)
+    override = f"data.source='{tmp_path / name}'"
+    assert flora("run", TINY, *FAST, "--set", override, "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(b"seed = 1\n\xff\xfe\n", "byte 9 is not UTF-8 text"), (b"a = " + b"[" * 100_000, "")],
+)
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, text, message):
+    (tmp_path / "bad.toml").write_bytes(text)
+    assert flora("run", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "bad.toml" in err, err
 
 
 def test_a_pickled_model_directory_is_refused(tmp_path, capsys):

@@ -133,7 +133,7 @@ def _file_rows(path: Path) -> tuple[Any, str, list[int]]:
     except Exception as exc:  # datasets raises many types: one line, with its own words
         raise FloraError(
             f"data.source {str(path)!r}: datasets could not read it as {builder} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            f"({type(exc).__name__}: {(str(exc).splitlines() or ['no message'])[0][:200]})"
         ) from None
 
 
@@ -141,8 +141,15 @@ def _first_bad_json(path: Path) -> tuple[str, list[int]]:
     """Raise a FloraError naming the first line (JSON lines) or record (a JSON array) that is
     not a JSON object; otherwise return which of the two a row is, and the rows' line numbers
     (JSON lines)."""
-    text = path.read_text(encoding="utf-8")
     where = f"data.source {str(path)!r}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise FloraError(
+            f"{where}: byte {error.start} is not UTF-8 text; save it as UTF-8"
+        ) from None
+    if not text.strip():
+        raise FloraError(f"{where}: the file is empty; give it at least one example")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -151,6 +158,8 @@ def _first_bad_json(path: Path) -> tuple[str, list[int]]:
             raise FloraError(
                 f"{where}: not valid JSON at line {exc.lineno} ({exc.msg}); {fix}"
             ) from None
+        except RecursionError:
+            raise FloraError(f"{where}: nested too deeply to read; one object per row") from None
         unit, numbers = "record", list(range(1, len(rows) + 1))
     else:
         unit, numbers, rows = "line", [], []
@@ -165,6 +174,8 @@ def _first_bad_json(path: Path) -> tuple[str, list[int]]:
                 raise FloraError(
                     f"{where}: line {number} is not valid JSON ({exc.msg}); {fix}"
                 ) from None
+            except RecursionError:
+                raise FloraError(f"{where}: line {number} is nested too deeply to read") from None
     for number, row in zip(numbers, rows, strict=True):
         if not isinstance(row, dict):
             kind = type(row).__name__
