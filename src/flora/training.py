@@ -146,8 +146,8 @@ def _insert_cores(layers: dict[str, LoraLayer], core: dict[str, torch.Tensor], r
             raise FloraError(
                 f"core of '{name}' is {tuple(core[name].shape)}; rank {rank} needs ({rank}, {rank})"
             )
-        R = torch.nn.Linear(rank, rank, bias=False, dtype=frame.weight.dtype)
-        R = R.to(frame.weight.device)
+        w = frame.weight
+        R = torch.nn.Linear(rank, rank, bias=False, dtype=w.dtype, device=w.device)
         with torch.no_grad():
             R.weight.copy_(core[name])
         layer.lora_A[_ADAPTER_NAME] = _Cored(frame, R)

@@ -89,7 +89,8 @@ def test_round_one_sets_an_orthonormal_frame_and_the_top_singular_values_as_core
 def test_the_frame_of_a_rank_deficient_update_pads_with_zero_components():
     g = torch.Generator().manual_seed(2)
     update = LoraFactors(torch.randn(1, 10, generator=g), torch.randn(12, 1, generator=g), 1.0)
-    frame, core = frame_of(update, 3)
+    frame, core, rest = frame_of(update, 3)
+    assert rest.rank == 1 and not rest.delta().any()  # nothing beyond the frame to merge
     torch.testing.assert_close(frame.B @ core @ frame.A, update.delta(), rtol=0, atol=1e-5)
     assert frame.rank == 3 and core[1:, 1:].abs().sum() == 0
 

@@ -56,7 +56,8 @@ def drawn(seed: int, round: int, client: int, rank: int, total: int) -> list[int
 def split(lora: LoraFactors, chosen: Sequence[int]) -> tuple[LoraFactors, LoraFactors | None]:
     """(the components ``chosen``, the others: None where there are none) of ``lora``."""
     index = torch.tensor(list(chosen), dtype=torch.long)
-    rest = torch.tensor([j for j in range(lora.rank) if j not in set(chosen)], dtype=torch.long)
+    drew = set(chosen)
+    rest = torch.tensor([j for j in range(lora.rank) if j not in drew], dtype=torch.long)
     picked = LoraFactors(lora.A[index].clone(), lora.B[:, index].clone(), lora.scaling)
     if not rest.numel():
         return picked, None

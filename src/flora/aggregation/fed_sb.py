@@ -44,9 +44,8 @@ import torch
 
 from flora.aggregation import flora as stacking
 from flora.aggregation.base import AggregationResult, adapter_bytes
-from flora.aggregation.fedmomentum import split
 from flora.aggregation.lifecycle import CORE, ClientPlan, GlobalLora, State, Step, initial_lora
-from flora.aggregation.lowrank import lowrank_svd, weighted_sum
+from flora.aggregation.lowrank import lowrank_svd, numerical_rank, weighted_sum
 from flora.aggregation.validate import check_equal_ranks
 from flora.factors import Adapter, LoraFactors, adapter_from_tensors, adapter_to_tensors
 
@@ -85,8 +84,10 @@ def aggregate(clients: Sequence[Adapter], weights: Sequence[float]) -> Aggregati
     )
 
 
-def frame_of(update: LoraFactors, rank: int) -> tuple[LoraFactors, torch.Tensor]:
-    """(the frame A = V_r^T, B = U_r, the core S_r as an r x r matrix) of ``update``'s SVD."""
+def frame_of(update: LoraFactors, rank: int) -> tuple[LoraFactors, torch.Tensor, LoraFactors]:
+    """(the frame A = V_r^T, B = U_r, the core S_r as an r x r matrix, the components beyond r
+    at the numerical rank, B = U S, A = Vh: one zero component where there are none) of
+    ``update``'s SVD, taken once."""
     U, S, Vh = lowrank_svd(update.B, update.A)
     core = torch.zeros(rank, rank)
     keep = min(rank, S.numel())
@@ -94,7 +95,16 @@ def frame_of(update: LoraFactors, rank: int) -> tuple[LoraFactors, torch.Tensor]
     A = torch.zeros(rank, update.in_features)
     B = torch.zeros(update.out_features, rank)
     A[:keep], B[:, :keep] = Vh[:keep].float(), U[:, :keep].float()
-    return LoraFactors(A.contiguous(), B.contiguous(), 1.0), core
+    n = numerical_rank(S)
+    if n > rank:
+        rest = LoraFactors(
+            Vh[rank:n].float().contiguous(), (U[:, rank:n] * S[rank:n]).float().contiguous(), 1.0
+        )
+    else:
+        rest = LoraFactors(
+            torch.zeros(1, update.in_features), torch.zeros(update.out_features, 1), 1.0
+        )
+    return LoraFactors(A.contiguous(), B.contiguous(), 1.0), core, rest
 
 
 @dataclass(frozen=True)
@@ -150,15 +160,7 @@ class Silver(GlobalLora):
         core = {}
         merged: Adapter = {}
         for module, update in sorted(result.global_factors.items()):
-            frames[module], core[module] = frame_of(update, rank)
-            _, rest, _, _ = split(update, rank)
-            merged[module] = (
-                rest
-                if rest is not None
-                else LoraFactors(
-                    torch.zeros(1, update.in_features), torch.zeros(update.out_features, 1), 1.0
-                )
-            )
+            frames[module], core[module], merged[module] = frame_of(update, rank)
         holders["ready"][0] = 1.0
         state = {**state, _FRAME: adapter_to_tensors(frames), _CORE: core, _HOLDERS: holders}
         return Step(state, merged)
