@@ -123,6 +123,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FloraError(f"{config_path}: not valid JSON ({error}); re-save the adapter") from None
+    except RecursionError:
+        raise FloraError(
+            f"{config_path}: JSON nested too deep to read; re-save the adapter with peft"
+        ) from None
     if not isinstance(config, dict):
         raise FloraError(f"{config_path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()

@@ -520,7 +520,11 @@ class EvalConfig:
         metadata={"help": "answers generated before and after for the first N held-out prompts"},
     )
     max_new_tokens: int = field(
-        default=48, metadata={"help": "the length limit of each generated sample answer"}
+        default=48,
+        metadata={
+            "help": "the length limit of each generated sample answer (at most the model's "
+            "context less the prompt)"
+        },
     )
     no_repeat_ngram_size: int = field(
         default=3,
@@ -758,6 +762,13 @@ class RunConfig:
                     f"privacy.mode = 'client-level' with federation.method = {method.name!r}: "
                     f"{method.client_dp_refusal}; use privacy.mode = 'dp-sgd' (sample-level, "
                     "every method) or federation.method = 'fedit' or 'ffa-lora'"
+                )
+            robust = self.federation.options.get("robust", "mean")
+            if robust != "mean":
+                raise FloraError(
+                    f"privacy.mode = 'client-level' with federation.options.robust = {robust!r}: "
+                    "its noise is calibrated to the mean of the clipped updates; set "
+                    "federation.options.robust = 'mean' (the clipping bounds every client)"
                 )
             if self.federation.centralized:
                 raise FloraError(

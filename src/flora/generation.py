@@ -31,9 +31,13 @@ def generate_answer(
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
 ) -> str:
     """The model's greedy answer to one prompt (no n-gram of ``no_repeat_ngram_size`` tokens
-    twice; 0: plain greedy), decoded without special tokens."""
+    twice; 0: plain greedy), decoded without special tokens. ``max_new_tokens`` is bounded by
+    the model's context (``max_position_embeddings``) less the prompt."""
     device = next(model.parameters()).device
     ids = torch.tensor([encode_prompt(instruction, context, tokenizer, template)], device=device)
+    window = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(window, int) and window > 0:
+        max_new_tokens = max(1, min(max_new_tokens, window - ids.shape[1]))
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast_context(precision, device.type):

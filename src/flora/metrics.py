@@ -46,6 +46,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise _damaged(path, f"line {number} is JSON nested too deep") from None
         except json.JSONDecodeError:
             if number == len(lines):  # no newline after it: the write was cut short
                 continue

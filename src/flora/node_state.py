@@ -172,9 +172,13 @@ def load_data(
     if (key, partition) in _DATA:
         return _DATA[(key, partition)]
     path = state_dir / "data" / key / f"partition-{partition}.json"
+    data = None
     if path.is_file():
-        data = ClientData(**json.loads(path.read_text(encoding="utf-8")))
-    else:
+        try:
+            data = ClientData(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, RecursionError):
+            data = None  # a damaged cache: made again below from the run's data
+    if data is None:
         full = run_data(config, tokenizer)
         if not 0 <= partition < len(full.clients):
             raise FloraError(

@@ -186,6 +186,9 @@ class RunOutputs:
                 norm = norms[task.client]
                 ratio = norm / median if median else None
                 client_row |= {"update_norm": norm, "norm_ratio": ratio}
+            if outcome is not None and task.client in outcome.ratios:
+                # what screening.norm_multiple compares: its largest module against the others
+                client_row["module_norm_ratio"] = outcome.ratios[task.client]
             self.metrics.write(client_row)
         failed = {r.client: r.error or "no upload" for r in results if not r.ok}
         for client, reason in sorted(failed.items()):  # one row per left-out client

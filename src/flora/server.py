@@ -61,6 +61,8 @@ class RoundOutcome:
     clipped: dict[int, float] = field(default_factory=dict)  # client -> norm clip factor
     fields: dict[str, float] = field(default_factory=dict)  # the method's own server-row fields
     norms: dict[int, float] = field(default_factory=dict)  # client -> its upload's norm, as sent
+    # client -> its largest module norm over the others' median of that module (leave-one-out)
+    ratios: dict[int, float] = field(default_factory=dict)
 
     def travels(self, server: Server) -> Adapter:
         """What goes down to the clients: the round's merged factors, or the method's LoRA."""
@@ -266,7 +268,14 @@ class Server:
             self.history.append(update)
         seconds = time.perf_counter() - start
         return RoundOutcome(
-            round, update, report, seconds, screened.clipped, step.fields, screened.norms
+            round,
+            update,
+            report,
+            seconds,
+            screened.clipped,
+            step.fields,
+            screened.norms,
+            screened.ratios,
         )
 
     def state(self) -> dict[str, Any]:

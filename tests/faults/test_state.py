@@ -293,7 +293,7 @@ def test_bad_values_are_one_line(tmp_path, capsys, override, message):
 DATA = {  # a data file's bytes, and what its one line says
     "empty.jsonl": (b"", "the file is empty"),
     "blank.json": (b"  \n", "the file is empty"),
-    "latin1.jsonl": (b'{"instruction": "caf\xe9"}\n', "byte 20 is not UTF-8 text"),
+    "latin1.jsonl": (b'{"instruction": "caf\xe9"}\n', "line 1 is not UTF-8 text"),
     "deep.jsonl": (b"[" * 100_000 + b"\n", "line 1 is nested too deeply"),
     "deep.json": (b"[" * 100_000, "nested too deeply"),
 }

@@ -223,6 +223,23 @@ _LAM = Option(
     check=lambda v: v >= 0.0,
     expected="lam >= 0 (0: least squares)",
 )
+_ROBUST = Option(
+    name="robust",
+    type=str,
+    default="mean",
+    help="fedit, ffa-lora: 'mean' (weighted by examples), or the unweighted coordinate-wise "
+    "'median' or 'trimmed-mean' of the factors, against hostile clients",
+    choices=("mean", "median", "trimmed-mean"),
+)
+_TRIM = Option(
+    name="trim",
+    type=float,
+    default=0.2,
+    help="fedit, ffa-lora with robust = 'trimmed-mean': the share of clients dropped at each "
+    "end of every coordinate, floor(trim K) (Flower's FedTrimmedAvg default 0.2)",
+    check=lambda v: 0.0 <= v < 0.5,
+    expected="0 <= trim < 0.5",
+)
 _STACKING = (
     "the server stacks every client's own factors unnoised and sends them all to every "
     "client, so noise on an aggregate would hide nothing; stacking cannot sit behind "
@@ -279,6 +296,7 @@ for _method in (
         mixed_ranks=False,
         paper="Zhang et al., ICASSP 2024",
         summary="FedAvg of A and B separately; equal ranks; not exact",
+        options=(_ROBUST, _TRIM),
     ),
     Method(
         name="zero-padding",
@@ -317,6 +335,7 @@ for _method in (
         mixed_ranks=False,
         paper="Sun et al., ICLR 2024",
         summary="shared frozen A, averaged B; equal ranks; exact given the shared A",
+        options=(_ROBUST, _TRIM),
     ),
     Method(
         name="rolora",

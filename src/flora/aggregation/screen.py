@@ -62,6 +62,9 @@ class Screened:
     # client -> its upload's ||s B A||_F over all modules (root of the sum of squares), as sent
     # (before any clip), for every upload whose structure passed
     norms: dict[int, float] = field(default_factory=dict)
+    # client -> the largest over modules of its norm / the median of the others' (leave-one-out):
+    # the norm_multiple at which it would be bounded; for uploads that passed the absolute bound
+    ratios: dict[int, float] = field(default_factory=dict)
 
 
 def update_norm(factors: LoraFactors) -> float:
@@ -157,21 +160,24 @@ def screen(
             result.rejected[upload.client] = reason
         else:
             passed.append((upload, norms))
-    if rules.norm_multiple > 0 and len(passed) > 1:
-        reference = [dict(norms) for _, norms in passed]  # the round's norms before any clip
-        for index, (upload, norms) in enumerate(passed):
-            others = reference[:index] + reference[index + 1 :]
-            medians = {m: statistics.median(o[m] for o in others) for m in norms}
-            # a module whose other updates are all zero gives no yardstick: no relative bound
-            bounds = {m: rules.norm_multiple * v if v > 0 else math.inf for m, v in medians.items()}
-            why = f"{rules.norm_multiple:g} x the others' median"
-            kept, reason, scale = _bounded(upload, norms, bounds, rules.norm_action, why)
-            if kept is None:
-                result.rejected[upload.client] = str(reason)
-                continue
-            if scale < 1:
-                result.clipped[upload.client] = min(scale, result.clipped.get(upload.client, 1.0))
-            result.accepted.append(kept)
-    else:
-        result.accepted = [upload for upload, _ in passed]
+    reference = [dict(norms) for _, norms in passed]  # the round's norms before any clip
+    for index, (upload, norms) in enumerate(passed):
+        others = reference[:index] + reference[index + 1 :]
+        medians = {m: statistics.median(o[m] for o in others) for m in norms} if others else {}
+        ratios = [norms[m] / v for m, v in medians.items() if v > 0]
+        if ratios:
+            result.ratios[upload.client] = max(ratios)
+        if rules.norm_multiple <= 0 or not others:
+            result.accepted.append(upload)
+            continue
+        # a module whose other updates are all zero gives no yardstick: no relative bound
+        bounds = {m: rules.norm_multiple * v if v > 0 else math.inf for m, v in medians.items()}
+        why = f"{rules.norm_multiple:g} x the others' median"
+        kept, reason, scale = _bounded(upload, norms, bounds, rules.norm_action, why)
+        if kept is None:
+            result.rejected[upload.client] = str(reason)
+            continue
+        if scale < 1:
+            result.clipped[upload.client] = min(scale, result.clipped.get(upload.client, 1.0))
+        result.accepted.append(kept)
     return result

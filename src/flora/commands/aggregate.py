@@ -107,7 +107,7 @@ def _parse_weights(text: str | None, directories: list[Path]) -> list[float] | N
             return None
         try:
             counts.append(float(json.loads(info.read_text(encoding="utf-8"))["examples"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError, OSError):
             raise FloraError(f"{info}: unreadable; it needs an 'examples' count") from None
     return counts
 

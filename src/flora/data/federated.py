@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -139,7 +141,7 @@ def kept_table(train: dict[str, KeptCounts], heldout: dict[str, KeptCounts]) -> 
 def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> FederatedData:
     """The run's data from its config: seeded end to end, so every runtime gets the same split."""
     fed = config.federation
-    return prepare_data(
+    data = prepare_data(
         source=config.data.source,
         tokenizer=tokenizer,
         template=config.data.template,
@@ -163,3 +165,16 @@ def run_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Federated
         shift_client=config.data.shift_client,
         shift_category=config.data.shift_category,
     )
+    check_accumulation(config.train.grad_accum, config.train.batch_size, data.clients)
+    return data
+
+
+def check_accumulation(grad_accum: int, batch_size: int, clients: Sequence[Sequence[Any]]) -> None:
+    """A step may take at most one epoch of the largest client's micro-batches: a larger
+    ``grad_accum`` is a mistake that would hold ever more batches in memory."""
+    most = max((math.ceil(len(c) / batch_size) for c in clients), default=1)
+    if grad_accum > max(1, most):
+        raise FloraError(
+            f"train.grad_accum must be at most {max(1, most)} (the largest client's micro-batches "
+            f"of train.batch_size = {batch_size} in an epoch), got {grad_accum}; lower it"
+        )

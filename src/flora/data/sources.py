@@ -137,50 +137,92 @@ def _file_rows(path: Path) -> tuple[Any, str, list[int]]:
         ) from None
 
 
+MAX_LINE = 16 * 2**20  # characters in one JSON line: one example, never a whole dataset
+MAX_JSON_ARRAY = 512 * 2**20  # bytes of a .json array, which is parsed whole
+
+
 def _first_bad_json(path: Path) -> tuple[str, list[int]]:
     """Raise a FloraError naming the first line (JSON lines) or record (a JSON array) that is
     not a JSON object; otherwise return which of the two a row is, and the rows' line numbers
-    (JSON lines)."""
+    (JSON lines). JSON lines are read one line at a time (a line over ``MAX_LINE`` characters is
+    refused without reading it whole); a JSON array over ``MAX_JSON_ARRAY`` bytes is refused."""
     where = f"data.source {str(path)!r}"
+    with path.open("rb") as probe:
+        head = probe.read(4096).decode("utf-8", errors="ignore").lstrip()
+    if path.suffix == ".json" and head.startswith("["):
+        return _json_array(path, where)
+    numbers: list[int] = []
+    with path.open(encoding="utf-8", newline="") as file:
+        number = 0
+        while True:
+            number += 1
+            try:
+                line = file.readline(MAX_LINE + 1)
+            except UnicodeDecodeError:
+                raise FloraError(
+                    f"{where}: line {number} is not UTF-8 text; save the file as UTF-8"
+                ) from None
+            if not line:
+                break
+            if len(line) > MAX_LINE:
+                raise FloraError(
+                    f"{where}: line {number} is longer than {MAX_LINE // 2**20} MiB of text; "
+                    "put one example per line (JSON lines)"
+                )
+            if not line.strip():
+                continue
+            _object_line(line, number, where)
+            numbers.append(number)
+    if not numbers:
+        raise FloraError(f"{where}: the file is empty; give it at least one example")
+    return "line", numbers
+
+
+def _object_line(line: str, number: int, where: str) -> None:
+    """One JSON line that must hold a JSON object."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        fix = "each line must hold one JSON object"
+        raise FloraError(f"{where}: line {number} is not valid JSON ({exc.msg}); {fix}") from None
+    except RecursionError:
+        raise FloraError(f"{where}: line {number} is nested too deeply to read") from None
+    if not isinstance(row, dict):
+        kind = type(row).__name__
+        raise FloraError(f"{where}: line {number}: expected a JSON object, got {kind}")
+
+
+def _json_array(path: Path, where: str) -> tuple[str, list[int]]:
+    """A .json file holding one array of objects, parsed whole (bounded in size)."""
+    size = path.stat().st_size
+    if size > MAX_JSON_ARRAY:
+        raise FloraError(
+            f"{where}: a JSON array of {size / 2**20:.0f} MiB is parsed whole; save it as JSON "
+            f"lines (.jsonl, read a line at a time) or keep it under {MAX_JSON_ARRAY // 2**20} MiB"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise FloraError(
             f"{where}: byte {error.start} is not UTF-8 text; save it as UTF-8"
         ) from None
-    if not text.strip():
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fix = "fix the file or save it as JSON lines"
+        raise FloraError(
+            f"{where}: not valid JSON at line {exc.lineno} ({exc.msg}); {fix}"
+        ) from None
+    except RecursionError:
+        raise FloraError(f"{where}: nested too deeply to read; one object per row") from None
+    if not rows:
         raise FloraError(f"{where}: the file is empty; give it at least one example")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            fix = "fix the file or save it as JSON lines"
-            raise FloraError(
-                f"{where}: not valid JSON at line {exc.lineno} ({exc.msg}); {fix}"
-            ) from None
-        except RecursionError:
-            raise FloraError(f"{where}: nested too deeply to read; one object per row") from None
-        unit, numbers = "record", list(range(1, len(rows) + 1))
-    else:
-        unit, numbers, rows = "line", [], []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-                numbers.append(number)
-            except json.JSONDecodeError as exc:
-                fix = "each line must hold one JSON object"
-                raise FloraError(
-                    f"{where}: line {number} is not valid JSON ({exc.msg}); {fix}"
-                ) from None
-            except RecursionError:
-                raise FloraError(f"{where}: line {number} is nested too deeply to read") from None
+    unit, numbers = "record", list(range(1, len(rows) + 1))
     for number, row in zip(numbers, rows, strict=True):
         if not isinstance(row, dict):
             kind = type(row).__name__
             raise FloraError(f"{where}: {unit} {number}: expected a JSON object, got {kind}")
-    return unit, numbers if unit == "line" else []
+    return unit, []
 
 
 def load_hub_split(
