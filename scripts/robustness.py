@@ -7,7 +7,8 @@ Tiny random Llama (configs/tiny.toml) on Dolly, 3 rounds of 4 local steps, in tw
 1 hostile client of 3 (ranks [8, 4, 2], client 1) and 3 colluders of 10 (ranks [8, 8, 4, 4, 4, 4,
 2, 2, 2, 2], clients 1-3). Attacks (tests/faults/attacks.py), every round: the update scaled 5x
 and 50x, and a sign flip of honest norm. FLoRA under each screen (the old default: reject beyond
-100 x the others' median; clipping at 10, 5 and 3 x), and FedIT (equal ranks 4) under the old
+100 x the others' median; clipping at 10, 5 and 3 x; the new default, clipping at 3 x the
+others' median of norm / sqrt(rank)), and FedIT (equal ranks 4) under the old
 screen with its mean, coordinate-wise median and trimmed mean (trim 0.2).
 
 Damage: ||U - U_honest||_F / ||U_honest||_F, U the final merged update of the target modules (final
@@ -55,11 +56,13 @@ FEDERATIONS = {
     ),
 }
 ATTACKS = {"honest": 1.0, "scale5": 5.0, "scale50": 50.0, "signflip": -1.0}
+RAW = "screening.rank_normalized=false"
 SCREENS = {
-    "old": ["screening.norm_multiple=100", "screening.norm_action=reject"],
-    "clip10": ["screening.norm_multiple=10", "screening.norm_action=clip"],
-    "clip5": ["screening.norm_multiple=5", "screening.norm_action=clip"],
-    "clip3": ["screening.norm_multiple=3", "screening.norm_action=clip"],
+    "old": ["screening.norm_multiple=100", "screening.norm_action=reject", RAW],
+    "default": [],  # today's: clip at 3 x the others' median of norm / sqrt(rank)
+    "clip10": ["screening.norm_multiple=10", "screening.norm_action=clip", RAW],
+    "clip5": ["screening.norm_multiple=5", "screening.norm_action=clip", RAW],
+    "clip3": ["screening.norm_multiple=3", "screening.norm_action=clip", RAW],
 }
 ESTIMATORS = ("mean", "median", "trimmed-mean")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
-from flora.config import config_fingerprint, load_config
+from flora.config import config_fingerprint, config_to_dict, load_config, load_run_config
 from flora.errors import FloraError
 
 CONFIGS = sorted(Path("configs").glob("*.toml"))
@@ -64,8 +65,21 @@ def test_missing_file():
     ],
 )
 def test_fields_added_later_keep_the_fingerprints_runs_were_checkpointed_with(name, before):
-    # the fingerprints flora recorded before output.report_to and train.optimizer existed: runs
+    # the fingerprints flora recorded before output.report_to, train.optimizer and
+    # screening.rank_normalized existed (and the screen's defaults were 100 x, reject): runs
     # checkpointed then still resume (a changed fingerprint is refused as an edited config)
-    assert config_fingerprint(load_config(f"configs/{name}.toml")) == before
-    changed = load_config(f"configs/{name}.toml", ["train.optimizer='sgd'"])
+    then = ["screening.norm_multiple=100", "screening.norm_action='reject'"]
+    old = load_config(f"configs/{name}.toml", [*then, "screening.rank_normalized=false"])
+    assert config_fingerprint(old) == before
+    changed = load_config(f"configs/{name}.toml", [*then, "train.optimizer='sgd'"])
     assert config_fingerprint(changed) != before
+
+
+def test_a_run_written_before_rank_normalized_resumes_with_raw_norms(tmp_path):
+    # Prepare: a run's config.json as flora wrote it before the field existed
+    data = config_to_dict(load_config("configs/tiny.toml"))
+    del data["screening"]["rank_normalized"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    # Execute / Assert: the screen it ran with (raw norms), not today's default
+    assert load_run_config(tmp_path).screening.rank_normalized is False
+    assert load_config("configs/tiny.toml").screening.rank_normalized is True

@@ -597,14 +597,22 @@ class ScreeningConfig:
         },
     )
     norm_multiple: float = field(
-        default=100.0,
+        default=3.0,
         metadata={
             "help": "||s B A||_F per module above this multiple of the median of the round's "
-            "other uploads is rejected or clipped (0: off)"
+            "other uploads is clipped or rejected (0: off); 3 bounds a 50x scaler near the "
+            "honest variation (docs/robustness.md)"
         },
     )
     norm_action: str = field(
-        default="reject", metadata={"help": '"reject" the upload, or "clip" it onto the bound'}
+        default="clip", metadata={"help": '"clip" the upload onto the bound, or "reject" it'}
+    )
+    rank_normalized: bool = field(
+        default=True,
+        metadata={
+            "help": "norm_multiple compares ||s B A||_F / sqrt(rank): honest norms grow as "
+            "sqrt(rank), so clients of large ranks are not clipped (false: raw norms)"
+        },
     )
     max_examples: int = field(
         default=0,
@@ -873,6 +881,7 @@ def config_fingerprint(config: RunConfig) -> str:
 _LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("output", "report_to"): [],
     ("train", "optimizer"): "adamw",
+    ("screening", "rank_normalized"): False,
 }
 
 
@@ -900,6 +909,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
             value = federation.pop(key, None)
             if key in taken:
                 options.setdefault(key, value)
+    screening = data.get("screening")
+    if isinstance(screening, dict):  # written before rank_normalized: raw norms, as it ran
+        screening.setdefault("rank_normalized", False)
     return config_from_dict(data)
 
 

@@ -91,6 +91,7 @@ class Server:
             screening.norm_multiple,
             screening.norm_action,
             screening.max_examples,
+            screening.rank_normalized,
         )
         self.method = get_method(config.federation.method)
         self.ranks = config.client_ranks()

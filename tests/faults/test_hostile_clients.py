@@ -54,7 +54,8 @@ def max_weight(run_dir: Path) -> float:
 
 
 CASES = {
-    "x1e10": (t.scaled(1e10), "exceeds 100 x the others' median"),
+    # rejected with norm_action = "reject" (the default clips: see the test below)
+    "x1e10": (t.scaled(1e10), "exceeds 3 x the others' median (per sqrt(rank))"),
     "rank + 2": (t.extra_rank(2), "has rank 6, the client was assigned 4"),
     "1e12 examples": (t.examples(10**12), "exceeds its partition's"),
     "NaN": (t.nan(), "holds NaN or inf"),
@@ -72,7 +73,8 @@ def test_a_bad_upload_is_named_and_left_out(tmp_path, tamper, case, runtime, cap
     # Prepare: client 1 (rank 4) is hostile or broken in round 1 of 2
     change, reason = CASES[case]
     tamper(1, 1, change)
-    config = load_config(TINY, [*FAST, "federation.rounds=2"])
+    reject = ["screening.norm_action=reject"] if case == "x1e10" else []
+    config = load_config(TINY, [*FAST, *reject, "federation.rounds=2"])
     # Execute
     run_dir = run(config, tmp_path / "run", runtime)
     # Assert: one fault row naming it, the others aggregated, round 2 as usual, a sane model
@@ -89,10 +91,9 @@ def test_a_bad_upload_is_named_and_left_out(tmp_path, tamper, case, runtime, cap
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_clipping_keeps_a_hostile_update_within_the_bound(tmp_path, tamper, runtime, capsys):
-    # Prepare: clip at 3 x the others' median instead of rejecting
+    # Prepare: the default screen clips at 3 x the others' median (of norm / sqrt(rank))
     tamper(1, 1, t.scaled(1e10))
-    rules = ["screening.norm_action='clip'", "screening.norm_multiple=3.0"]
-    config = load_config(TINY, [*FAST, *rules, "federation.rounds=1"])
+    config = load_config(TINY, [*FAST, "federation.rounds=1"])
     # Execute
     run_dir = run(config, tmp_path / "run", runtime)
     # Assert: used, clipped by about 1e-10, the final model sane
@@ -103,6 +104,9 @@ def test_clipping_keeps_a_hostile_update_within_the_bound(tmp_path, tamper, runt
     # every client row has its upload's norm as sent, and its ratio to the round's median
     ratios = {r["client"]: r["norm_ratio"] for r in rows(run_dir, "client")}
     assert ratios[1] > 1e8 and all(0.1 < ratios[k] < 10 for k in (0, 2))
+    # ... and what the bound compares: its largest module against the others' median
+    modules = {r["client"]: r["module_norm_ratio"] for r in rows(run_dir, "client")}
+    assert modules[1] > 1e8 and all(modules[k] < 3 for k in (0, 2))
     assert "flora: round 1, client 1's update clipped by" in capsys.readouterr().err
 
 
@@ -113,6 +117,7 @@ def test_an_absolute_bound_rejects_what_it_should(tmp_path, tamper):
         [
             *FAST,
             "screening.max_update_norm=1.0",
+            "screening.norm_action=reject",
             "federation.rounds=1",
             "screening.norm_multiple=0",
         ],
@@ -133,7 +138,8 @@ def test_integer_factors_are_refused(tmp_path, tamper):
 def test_too_few_usable_uploads_stop_the_run_with_the_last_state_intact(tmp_path, tamper, runtime):
     # Prepare: all three must count; client 0 is hostile in round 2
     tamper(0, 2, t.scaled(1e10))
-    config = load_config(TINY, [*FAST, "federation.min_clients=3", "federation.rounds=2"])
+    sets = ["federation.min_clients=3", "federation.rounds=2", "screening.norm_action=reject"]
+    config = load_config(TINY, [*FAST, *sets])
     # Execute
     with pytest.raises(FloraError, match=r"round 2 failed: 2 usable upload\(s\) of 3 sampled"):
         run(config, tmp_path / "run", runtime)
@@ -148,7 +154,7 @@ def test_the_screened_run_equals_one_without_the_bad_client(tmp_path, tamper):
     """Left out means left out: client 1's rejected upload changes nothing that a failure of
     client 1 would not (the same model bitwise)."""
     tamper(1, 1, t.scaled(1e10))
-    config = load_config(TINY, [*FAST, "federation.rounds=1"])
+    config = load_config(TINY, [*FAST, "federation.rounds=1", "screening.norm_action=reject"])
     hostile = run(config, tmp_path / "hostile", "embedded")
     tamper(1, 1, t.raises())
     failed = run(config, tmp_path / "failed", "embedded")
