@@ -68,8 +68,9 @@ def test_fields_added_later_keep_the_fingerprints_runs_were_checkpointed_with(na
     # the fingerprints flora recorded before output.report_to, train.optimizer and
     # screening.rank_normalized existed (and the screen's defaults were 100 x, reject): runs
     # checkpointed then still resume (a changed fingerprint is refused as an edited config)
-    then = ["screening.norm_multiple=100", "screening.norm_action='reject'"]
-    old = load_config(f"configs/{name}.toml", [*then, "screening.rank_normalized=false"])
+    then = ["screening.norm_multiple=100", "screening.norm_action='reject'", "model.dtype='fp32'"]
+    later = ["screening.rank_normalized=false", "train.tf32=false"]  # as such runs resume
+    old = load_config(f"configs/{name}.toml", [*then, *later])
     assert config_fingerprint(old) == before
     changed = load_config(f"configs/{name}.toml", [*then, "train.optimizer='sgd'"])
     assert config_fingerprint(changed) != before

@@ -169,3 +169,126 @@ def test_flower_gpus_follow_the_device(
     assert backend_config(asked, 2)["client_resources"] == {"num_cpus": 2, "num_gpus": 0.5}
     with pytest.raises(FloraError, match=r"client_gpus = 3.0 but this machine has 2"):
         backend_config(config_from_dict({"flower": {"client_gpus": 3.0}}))
+
+
+# --- GPU defaults (issue 25): a bf16 base with fp32 targets, TF32, stated attention -------------
+
+
+def test_a_cuda_run_defaults_to_bf16_with_a_bf16_base(two_gpus: None) -> None:
+    config = RunConfig()  # every default
+    assert config.train.precision == "auto" and config.model.dtype == "auto"
+    cuda = resolve_device("auto")
+    assert resolve_precision(config.train.precision, cuda, config.model.dtype) == "bf16"
+    assert devices.resolve_base_dtype(config.model.dtype, cuda, config.train.precision) == "bf16"
+    # fp32 asked for: the base stays fp32 too
+    assert devices.resolve_base_dtype("auto", cuda, "fp32") == "fp32"
+
+
+def test_an_older_gpu_trains_in_fp16_over_an_fp32_base(
+    monkeypatch: pytest.MonkeyPatch, two_gpus: None
+) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    cuda = resolve_device("auto")
+    assert resolve_precision("auto", cuda, "auto") == "fp16"
+    assert devices.resolve_base_dtype("auto", cuda, "auto") == "fp32"
+
+
+def test_the_cpu_keeps_an_fp32_base_by_default(no_accelerator: None) -> None:
+    assert devices.resolve_base_dtype("auto", resolve_device("auto"), "auto") == "fp32"
+    assert devices.resolve_base_dtype("bf16", "cpu", "auto") == "bf16"  # as asked
+
+
+def test_tf32_is_enabled_on_cuda_only() -> None:
+    matmul, cpu = torch.backends.cuda.matmul, torch.get_float32_matmul_precision()
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert devices.enable_tf32("cpu", True) is False and matmul.fp32_precision == "ieee"
+        assert devices.enable_tf32("cuda:0", True) is True
+        assert matmul.fp32_precision == "tf32"
+        assert devices.enable_tf32("cuda:0", False) is False and matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+    assert torch.get_float32_matmul_precision() == cpu
+
+
+def test_attention_is_sdpa_unless_flash_attention_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    assert devices.resolve_attention("auto", "cpu", "bf16") == "sdpa"
+    assert devices.resolve_attention("eager", "cuda:0", "bf16") == "eager"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else real(name)
+    )
+    assert devices.resolve_attention("auto", "cuda:0", "bf16") == "flash_attention_2"
+    assert devices.resolve_attention("auto", "cuda:0", "fp32") == "sdpa"  # its kernels need half
+    with pytest.raises(FloraError, match="model.attention"):
+        devices.resolve_attention("flash", "cpu", "fp32")
+
+
+def test_the_dry_run_of_a_cuda_config_states_the_gpu_defaults(
+    two_gpus: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flora.cli import main
+
+    sets = ["train.precision=auto", "eval.samples=0", "data.limit=60", "data.heldout=8"]
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["run", "configs/tiny.toml", "--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    expected = (
+        "device cuda:0, precision bf16, base bf16 (target modules fp32), attention sdpa, tf32 on"
+    )
+    assert expected in out
+
+
+def test_the_peak_memory_probe_reads_the_runs_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flora.memory import peak_memory
+
+    seen: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda d=None: seen.append(("reset", d))
+    )
+    monkeypatch.setattr(
+        torch.cuda, "max_memory_allocated", lambda d=None: seen.append(("peak", d)) or 2**21
+    )
+    with peak_memory(device="cuda:1") as record:
+        pass
+    assert seen == [("reset", torch.device("cuda", 1)), ("peak", torch.device("cuda", 1))]
+    assert record.cuda_mib == 2.0
+    seen.clear()
+    with peak_memory(device="cpu") as record:  # a CPU run reads no GPU, even where one is
+        pass
+    assert seen == [] and record.cuda_mib is None
+
+
+def test_the_deterministic_option_turns_torchs_deterministic_algorithms_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    from flora import simulation
+    from flora.config import load_config
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    sets = [
+        "eval.samples=0",
+        "data.limit=40",
+        "data.heldout=8",
+        "data.max_length=48",
+        "train.max_steps=1",
+        "federation.rounds=1",
+        "threads=1",
+    ]
+    try:
+        runs = []
+        for name in ("a", "b"):
+            config = load_config("configs/tiny.toml", [*sets, "train.deterministic=true"])
+            simulation.run(config, tmp_path / name, quiet=True)
+            assert torch.are_deterministic_algorithms_enabled()
+            runs.append((tmp_path / name / "final" / "model" / "model.safetensors").read_bytes())
+        assert runs[0] == runs[1]  # the same model, bitwise
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def _steps(name: str, steps: int = 3) -> torch.Tensor:
     """``steps`` steps of optimiser ``name`` on a fixed quadratic; the parameter after them."""
     param = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 12).reshape(3, 4))
-    optimizer = make_optimizer([param], TrainConfig(optimizer=name, lr=0.1, weight_decay=0.01))
+    optimizer = make_optimizer(
+        [param], TrainConfig(precision="fp32", optimizer=name, lr=0.1, weight_decay=0.01)
+    )
     for _ in range(steps):
         (param**2).sum().backward()
         optimizer.step()
@@ -43,7 +45,9 @@ def test_fused_adamw_is_adamw_within_float_tolerance() -> None:
 
 def test_fused_adamw_trains_a_client_like_adamw(tiny_model, token_examples, tokenizer) -> None:
     def factors(name: str):
-        config = TrainConfig(lr=1e-2, batch_size=2, max_steps=3, lora_dropout=0.0, optimizer=name)
+        config = TrainConfig(
+            precision="fp32", lr=1e-2, batch_size=2, max_steps=3, lora_dropout=0.0, optimizer=name
+        )
         result = train_client(
             tiny_model,
             token_examples,
@@ -95,7 +99,7 @@ def test_each_schedule_warms_up_then_decays(schedule: str, decayed: list[float])
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_the_scheduler_sets_the_optimizers_lr(schedule: str) -> None:
-    config = TrainConfig(lr=0.5, warmup_ratio=0.0, schedule=schedule)
+    config = TrainConfig(precision="fp32", lr=0.5, warmup_ratio=0.0, schedule=schedule)
     optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], config)
     scheduler = make_scheduler(optimizer, config, total=4)
     seen = []

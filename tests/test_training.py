@@ -21,7 +21,7 @@ HIDDEN, KV = 64, 32  # tiny-llama: q_proj (64, 64), v_proj (32, 64) with 2 of 4 
 def _train(model, examples, pad_id, **overrides):
     """train_client with small defaults; config fields and call arguments both overridable."""
     fields = set(TrainConfig.__dataclass_fields__)
-    config = {"lr": 1e-2, "batch_size": 2, "max_steps": 3, "lora_dropout": 0.0}
+    config = {"lr": 1e-2, "batch_size": 2, "max_steps": 3, "lora_dropout": 0.0, "precision": "fp32"}
     config.update({k: v for k, v in overrides.items() if k in fields})
     kwargs = {"rank": 4, "alpha": 8.0, "seed": 0, "pad_id": pad_id}
     kwargs.update({k: v for k, v in overrides.items() if k not in fields})

@@ -62,7 +62,9 @@ CATCH_UPS = ("replay", "svd", "auto")
 # "auto": bf16 where the device runs it (a GPU with bf16, a CPU with native bf16), else fp16 on a
 # GPU without bf16, else fp32; fp16 trains with a gradient scaler. See docs/devices.md.
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-BASE_DTYPES = ("fp32", "bf16", "fp16")  # what the frozen base's weights are held in
+# what the frozen base's weights are held in ("auto": bf16 on a GPU training in bf16, else fp32)
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANTIZATIONS = (0, 4, 8)  # bitsandbytes: 4 = NF4 (QLoRA), 8 = LLM.int8; 0 = none
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # keys that moved, with where they went: a config using the old place is told the new one
@@ -90,11 +92,20 @@ class ModelConfig:
         },
     )
     dtype: str = field(
-        default="fp32",
+        default="auto",
         metadata={
             "help": 'what the frozen base\'s weights are held in: "fp32", or "bf16" / "fp16" to '
             "halve their memory (the forward passes then run in that precision: "
-            "train.precision must match)"
+            'train.precision must match); "auto": bf16 on a GPU that trains in bf16 (target '
+            "modules kept fp32), fp32 elsewhere"
+        },
+    )
+    attention: str = field(
+        default="auto",
+        metadata={
+            "help": 'the attention kernels: "sdpa" (PyTorch\'s fused attention), "eager", '
+            '"flash_attention_2" (needs the flash-attn package), or "auto": flash-attention 2 '
+            "where installed with a half-precision base on CUDA, else sdpa"
         },
     )
     quantization: int = field(
@@ -117,6 +128,9 @@ class ModelConfig:
         need(bool(self.name), "model.name", self.name, "a model spec such as 'smollm2'")
         need(self.dtype in BASE_DTYPES, "model.dtype", self.dtype, f"one of {BASE_DTYPES}")
         need(
+            self.attention in ATTENTIONS, "model.attention", self.attention, f"one of {ATTENTIONS}"
+        )
+        need(
             self.quantization in QUANTIZATIONS,
             "model.quantization",
             self.quantization,
@@ -131,7 +145,7 @@ class ModelConfig:
 
     @property
     def low_precision(self) -> bool:
-        """Whether the base is held below fp32 (bf16, fp16 or quantised)."""
+        """Whether the base may be held below fp32 (bf16, fp16, "auto" or quantised)."""
         return self.dtype != "fp32" or self.quantization > 0
 
 
@@ -401,8 +415,26 @@ class TrainConfig:
         default=0.05, metadata={"help": "dropout on the LoRA branch's input"}
     )
     precision: str = field(
-        default="fp32",
-        metadata={"help": 'autocast: "fp32", "bf16", "fp16" (with a grad scaler) or "auto"'},
+        default="auto",
+        metadata={
+            "help": 'autocast: "fp32", "bf16", "fp16" (with a grad scaler) or "auto": bf16 on '
+            "GPUs that have it, fp16 on older ones, bf16 on CPUs with AMX/AVX512-BF16, else fp32 "
+            "(docs/devices.md)"
+        },
+    )
+    deterministic: bool = field(
+        default=False,
+        metadata={
+            "help": "torch's deterministic algorithms (and cuBLAS' fixed workspace) for bitwise "
+            "repeatable runs on CUDA, at some speed; the CPU is deterministic already"
+        },
+    )
+    tf32: bool = field(
+        default=True,
+        metadata={
+            "help": "on CUDA, TF32 for the matmuls that stay fp32 (Ampere and later); false: "
+            "full fp32"
+        },
     )
     device: str = field(
         default="auto",
@@ -751,7 +783,7 @@ class RunConfig:
             )
 
         dtype, precision = self.model.dtype, self.train.precision
-        if dtype != "fp32" and precision not in (dtype, "auto"):
+        if dtype not in ("fp32", "auto") and precision not in (dtype, "auto"):
             raise FloraError(
                 f"train.precision = {precision!r} with model.dtype = {dtype!r}: the forward "
                 f"passes run in the base's precision; set train.precision = {dtype!r} (or "
@@ -882,6 +914,9 @@ _LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("output", "report_to"): [],
     ("train", "optimizer"): "adamw",
     ("screening", "rank_normalized"): False,
+    ("model", "attention"): "auto",
+    ("train", "tf32"): False,
+    ("train", "deterministic"): False,
 }
 
 
@@ -912,6 +947,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
     screening = data.get("screening")
     if isinstance(screening, dict):  # written before rank_normalized: raw norms, as it ran
         screening.setdefault("rank_normalized", False)
+    train = data.get("train")
+    if isinstance(train, dict):  # written before train.tf32: full fp32 matmuls, as it ran
+        train.setdefault("tf32", False)
     return config_from_dict(data)
 
 

@@ -7,6 +7,12 @@ against the hardware that is there.
   scaler) on a GPU without bf16, else fp32. A base held in bf16/fp16 runs in its own precision.
 - :func:`autocast_context` and :func:`grad_scaler`: what the forward and backward passes use.
 - :func:`hold_in`: a base's weights held in bf16/fp16, its target modules kept in fp32.
+- :func:`resolve_base_dtype`: ``model.dtype = "auto"``: on a GPU training in bf16, a bf16 base
+  (its target modules kept fp32 for exact merges); fp32 everywhere else.
+- :func:`resolve_attention`: ``model.attention = "auto"``: flash-attention 2 where it is
+  installed and the base is half precision on CUDA, else PyTorch's SDPA.
+- :func:`enable_tf32`: TF32 matmuls on CUDA for what stays fp32 (``train.tf32``).
+- :func:`make_deterministic`: torch's deterministic algorithms (``train.deterministic``).
 
 docs/devices.md lists the supported combinations.
 """
@@ -19,15 +25,20 @@ from typing import Literal
 
 import torch
 
-from flora.config import PRECISIONS
+from flora.config import ATTENTIONS, PRECISIONS
 from flora.errors import FloraError
 
 __all__ = [
+    "ATTENTIONS",
     "DTYPES",
     "Precision",
     "autocast_context",
+    "enable_tf32",
     "grad_scaler",
     "hold_in",
+    "make_deterministic",
+    "resolve_attention",
+    "resolve_base_dtype",
     "resolve_device",
     "resolve_precision",
 ]
@@ -105,6 +116,8 @@ def resolve_precision(
             "use 'auto' to pick the best one this device runs"
         )
     device = torch.device(device)
+    if base_dtype == "auto":  # an auto base follows the precision, never the other way round
+        base_dtype = "fp32"
     if precision == "auto" and base_dtype in ("bf16", "fp16"):
         precision = base_dtype
     if precision == "auto":
@@ -159,3 +172,60 @@ def hold_in(model: torch.nn.Module, dtype: str, keep_fp32: Sequence[str]) -> Non
             # the kept fp32 weights are copied too: a view into the memory-mapped checkpoint
             # would keep all of its pages mapped (resident), not only theirs
             param.data = param.data.clone() if id(param) in kept else param.data.to(DTYPES[dtype])
+
+
+def resolve_base_dtype(dtype: str, device: torch.device | str, precision: str) -> str:
+    """What the frozen base is held in: ``dtype`` as given, or for "auto" bf16 on a CUDA GPU
+    whose training precision resolves to bf16 (half the memory and bandwidth; the target modules
+    stay fp32, so merges are exact), fp32 everywhere else (the CPU's default is unchanged)."""
+    if dtype != "auto":
+        return dtype
+    device = torch.device(device)
+    if device.type == "cuda" and resolve_precision(precision, device) == "bf16":
+        return "bf16"
+    return "fp32"
+
+
+def resolve_attention(attention: str, device: torch.device | str, base_dtype: str) -> str:
+    """transformers' ``attn_implementation``: "auto" is flash-attention 2 where the package is
+    installed and a half-precision base runs on CUDA (its kernels need both), else SDPA."""
+    if attention not in ATTENTIONS:
+        raise FloraError(f"model.attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention != "auto":
+        return attention
+    import importlib.util
+
+    device = torch.device(device)
+    flash = importlib.util.find_spec("flash_attn") is not None
+    if flash and device.type == "cuda" and base_dtype in ("bf16", "fp16"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def enable_tf32(device: torch.device | str, on: bool) -> bool:
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and later; the LoRA factors and
+    whatever stays fp32); returns whether it is on. Nothing changes on other devices."""
+    if torch.device(device).type != "cuda":
+        return False
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: per backend, never the CPU's
+        matmul.fp32_precision = "tf32" if on else "ieee"
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
+def make_deterministic(on: bool) -> None:
+    """With ``on``, torch's deterministic algorithms (a warning, not an error, for an op that has
+    none), cuBLAS' fixed workspace (set before CUDA's first use) and no cuDNN autotuning: a CUDA
+    run repeats bitwise. Off, nothing changes (the CPU repeats bitwise already)."""
+    if not on:
+        return
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False

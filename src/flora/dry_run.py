@@ -23,7 +23,12 @@ import torch
 
 from flora.client import ClientResult
 from flora.config import RunConfig, config_to_dict
-from flora.devices import resolve_device, resolve_precision
+from flora.devices import (
+    resolve_attention,
+    resolve_base_dtype,
+    resolve_device,
+    resolve_precision,
+)
 from flora.engine import GlobalModel
 from flora.errors import FloraError
 from flora.factors import LoraFactors, lora_scaling
@@ -53,6 +58,10 @@ def dry_run(config: RunConfig, run_dir: Path) -> str:
     check_trackers(config.output.report_to)  # as the run would, before anything loads
     device = resolve_device(config.train.device, "train.device")
     precision = resolve_precision(config.train.precision, device, config.model.dtype)
+    base = resolve_base_dtype(config.model.dtype, device, config.train.precision)
+    targets = " (target modules fp32)" if base != "fp32" and config.model.exact_merge else ""
+    kernels = resolve_attention(config.model.attention, device, base)
+    tf32 = "on" if config.train.tf32 and device.type == "cuda" else "off"
     model = GlobalModel(config, "cpu")  # the shapes and the data; no training here
     sizes = [len(examples) for examples in model.data.clients]
     server = Server(config, model.shapes, sizes)  # checks every rank against its layers
@@ -60,7 +69,8 @@ def dry_run(config: RunConfig, run_dir: Path) -> str:
     return "\n\n".join(
         [
             "# the resolved config (flora run --dry-run)\n" + config_toml(config).rstrip(),
-            f"device {device}, precision {precision}\n{_layers(model.shapes)}",
+            f"device {device}, precision {precision}, base {base}{targets}, attention "
+            f"{kernels}, tf32 {tf32}\n{_layers(model.shapes)}",
             model.data.table,
             _traffic_table(traffic, config.federation.rounds),
             server.ledger.plan(sizes),

@@ -26,7 +26,12 @@ from flora.checkpoint import Checkpoint, latest_round, load_checkpoint
 from flora.client import ClientData, ClientResult, evaluate_model
 from flora.config import RunConfig, config_fingerprint
 from flora.data.federated import FederatedData, run_data
-from flora.devices import resolve_device, resolve_precision
+from flora.devices import (
+    resolve_attention,
+    resolve_base_dtype,
+    resolve_device,
+    resolve_precision,
+)
 from flora.errors import FloraError
 from flora.evaluation.during_run import mmlu_row
 from flora.factors import Adapter
@@ -121,9 +126,14 @@ class RunCore:
         config = resolved_config(config)  # targets and ranks written out, in config.json too
         self.config = config
         where = resolve_device(device or config.train.device, "train.device")
+        precision = resolve_precision(config.train.precision, where, config.model.dtype)
+        base = resolve_base_dtype(config.model.dtype, where, config.train.precision)
         recorded = {
             "device": str(where),
-            "precision": resolve_precision(config.train.precision, where, config.model.dtype),
+            "precision": precision,
+            "base_dtype": base,
+            "attention": resolve_attention(config.model.attention, where, base),
+            "tf32": config.train.tf32 and where.type == "cuda",
         }
         self.outputs = RunOutputs.open(run_dir, config, resume=resume, hint=hint, recorded=recorded)
         try:

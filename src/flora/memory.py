@@ -39,8 +39,11 @@ def rss_mib(field: str = "VmRSS") -> float | None:
 
 
 @contextlib.contextmanager
-def peak_memory(interval: float = 0.02) -> Iterator[PeakMemory]:
-    """Measure the block's peak memory; the yielded record is filled when the block ends."""
+def peak_memory(
+    interval: float = 0.02, device: torch.device | str | None = None
+) -> Iterator[PeakMemory]:
+    """Measure the block's peak memory; the yielded record is filled when the block ends. The
+    CUDA peak is that of ``device`` (the run's own GPU, e.g. cuda:1), where it is a GPU."""
     record = PeakMemory()
     high_before = rss_mib("VmHWM")
     samples: list[float] = []
@@ -57,9 +60,10 @@ def peak_memory(interval: float = 0.02) -> Iterator[PeakMemory]:
     sampler = threading.Thread(target=sample, daemon=True, name="flora-peak-memory")
     if high_before is not None:
         sampler.start()
-    cuda = torch.cuda.is_available()
+    where = torch.device(device) if device is not None else None
+    cuda = where is not None and where.type == "cuda" and torch.cuda.is_available()
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(where)
     try:
         yield record
     finally:
@@ -71,4 +75,4 @@ def peak_memory(interval: float = 0.02) -> Iterator[PeakMemory]:
             sampled = max(samples, default=0.0)
             record.rss_mib = high_after if high_after > high_before else sampled
         if cuda:
-            record.cuda_mib = torch.cuda.max_memory_allocated() / 2**20
+            record.cuda_mib = torch.cuda.max_memory_allocated(where) / 2**20

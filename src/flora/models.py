@@ -48,7 +48,11 @@ from flora.devices import (
     DTYPES,
     Precision,
     autocast_context,
+    enable_tf32,
     hold_in,
+    make_deterministic,
+    resolve_attention,
+    resolve_base_dtype,
     resolve_device,
     resolve_precision,
 )
@@ -324,6 +328,7 @@ def load_model(
     dtype: str = "fp32",
     quantization: int = 0,
     keep_fp32: Sequence[str] = (),
+    attention: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer.
 
@@ -336,12 +341,14 @@ def load_model(
     ``device``, or quantised to ``quantization`` bits (4: NF4, 8: LLM.int8) with ``precision`` as
     the compute dtype; the modules whose leaf name is in ``keep_fp32`` stay fp32 (and
     unquantised) either way. ``precision`` itself takes effect in the forward passes.
+    ``dtype = "auto"`` and ``attention`` resolve for ``device`` (flora.devices).
     """
     if not spec:
         raise FloraError(f"model spec is empty; use one of {', '.join(_BUILTIN_SPECS)} or a path")
-    if dtype not in DTYPES:
-        raise FloraError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
+    dtype = resolve_base_dtype(dtype, device, precision)
+    if dtype not in DTYPES:
+        raise FloraError(f"model.dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
     compute = resolve_precision(precision, device, dtype)
     if spec in _BUILTIN_SPECS and spec.startswith("tiny-"):
         tokenizer: PreTrainedTokenizerBase = tiny_tokenizer()  # shipped: no download, no package
@@ -372,6 +379,9 @@ def load_model(
     else:
         hold_in(model, dtype, keep_fp32)
         model.to(device)  # type: ignore[arg-type]  # transformers wraps .to for its own checks
+    kernels = resolve_attention(attention, device, dtype)
+    if model.config._attn_implementation != kernels:
+        model.set_attn_implementation(kernels)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -441,6 +451,8 @@ def load_run_model(
     m = with_default_targets(config).model
     where = resolve_device(device or config.train.device, "device" if device else "train.device")
     keep = m.target_modules if m.exact_merge and m.low_precision else []
+    enable_tf32(where, config.train.tf32)
+    make_deterministic(config.train.deterministic)
     return load_model(
         m.name,
         precision=config.train.precision,
@@ -449,6 +461,7 @@ def load_run_model(
         dtype=m.dtype,
         quantization=m.quantization,
         keep_fp32=keep,
+        attention=m.attention,
     )
 
 

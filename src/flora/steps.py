@@ -29,7 +29,13 @@ from flora.data.batching import batches, collate
 from flora.data.prompts import Example
 from flora.devices import autocast_context, grad_scaler
 from flora.errors import FloraError
-from flora.loss import response_loss, response_losses, supervised_tokens
+from flora.loss import (
+    POSITIONS,
+    response_loss,
+    response_losses,
+    response_positions,
+    supervised_tokens,
+)
 from flora.optim import make_optimizer, make_scheduler
 
 if TYPE_CHECKING:
@@ -77,14 +83,15 @@ def plain_steps(
     scheduler = make_scheduler(optimizer, config, total)
     device = next(model.parameters()).device
     scaler = grad_scaler(config.precision, device.type)  # fp16: scaled loss, skipped inf steps
-    curve: list[float] = []
+    curve: list[torch.Tensor | float] = []
     tokens = 0
     model.train()
     bar = tqdm(total=total, disable=not progress, desc="local steps", leave=False)
     for window, divisor in windows(examples, config, seed, total, sampling):
-        logged, count = 0.0, 0
-        for batch, share in _collated(window, pad_id, skip_empty=weighting == "tokens"):
-            tokens += int(batch["attention_mask"].sum())
+        logged: torch.Tensor | float = 0.0
+        count = 0
+        for batch, share, size in _collated(window, pad_id, skip_empty=weighting == "tokens"):
+            tokens += size
             loss, part, n = _micro_loss(model, batch, config.precision, weighting, share, divisor)
             scaler.scale(loss).backward()
             logged, count = logged + part, count + n
@@ -100,10 +107,9 @@ def plain_steps(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         curve.append(logged / max(1, count))
-        bar.update(1)
-        bar.set_postfix(loss=f"{curve[-1]:.4f}")
+        _show(bar, curve, progress)
     bar.close()
-    return curve, tokens
+    return read_curve(curve), tokens
 
 
 def dp_sgd_steps(
@@ -125,16 +131,17 @@ def dp_sgd_steps(
 
     optimizer = make_optimizer(params, config)
     scheduler = make_scheduler(optimizer, config, total)
-    curve: list[float] = []
+    curve: list[torch.Tensor | float] = []
     tokens = 0
     model.train()
     bar = tqdm(total=total, disable=not progress, desc="local steps", leave=False)
     with private_optimizer(model, optimizer, privacy, seed + 2) as dp:
         for window, _ in windows(examples, config, seed, total, "poisson"):
             micro = list(_collated(window, pad_id, skip_empty=False))
-            logged, count = 0.0, 0
-            for i, (batch, _) in enumerate(micro):
-                tokens += int(batch["attention_mask"].sum())
+            logged: torch.Tensor | float = 0.0
+            count = 0
+            for i, (batch, _, size) in enumerate(micro):
+                tokens += size
                 # the sum of the examples' own means: opacus clips each example's gradient,
                 # and the optimizer divides the noisy sum by the expected batch
                 loss, part, n = _micro_loss(model, batch, config.precision, "examples", divisor=1)
@@ -150,10 +157,9 @@ def dp_sgd_steps(
             scheduler.step()
             dp.zero_grad(set_to_none=True)
             curve.append(logged / max(1, count))
-            bar.update(1)
-            bar.set_postfix(loss=f"{curve[-1]:.4f}")
+            _show(bar, curve, progress)
     bar.close()
-    return curve, tokens
+    return read_curve(curve), tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,16 +212,53 @@ def _micro_batches(
 
 def _collated(
     window: list[list[Example]], pad_id: int, *, skip_empty: bool
-) -> Iterator[tuple[Batch, float]]:
-    """A step's micro-batches, collated (on the CPU), each with its share of the step's response
-    tokens; ``skip_empty`` passes over those without any (their mean loss would be 0/0)."""
+) -> Iterator[tuple[Batch, float, int]]:
+    """A step's micro-batches, collated on the host, each with its share of the step's response
+    tokens and its non-pad tokens; ``skip_empty`` passes over those without any response token
+    (their mean loss would be 0/0). Each batch carries its response positions, so the device
+    never computes a shape from data (flora.loss.POSITIONS)."""
     collated = [collate(b, pad_id) for b in window]
     supervised = sum(supervised_tokens(batch["labels"]) for batch in collated)
     for batch in collated:
         share = supervised_tokens(batch["labels"]) / max(1, supervised)
         if skip_empty and share == 0:
             continue
-        yield batch, share
+        batch[POSITIONS] = response_positions(batch["labels"])
+        yield batch, share, int(batch["attention_mask"].sum())
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on ``device``: on CUDA through pinned memory, without waiting for the copy."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def read_curve(curve: Sequence[torch.Tensor | float]) -> list[float]:
+    """The steps' losses as floats: the round's one read of the device (one sync)."""
+    tensors = [v for v in curve if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in curve]
+    device, dtype = tensors[0].device, tensors[0].dtype
+    values = [
+        v.to(dtype) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype, device=device)
+        for v in curve
+    ]
+    return [float(v) for v in torch.stack(values).cpu().tolist()]
+
+
+def _logged(value: torch.Tensor) -> torch.Tensor:
+    """A loss kept for the log on its device, in float64 (as Python's floats add), float32 on
+    MPS (which has no float64)."""
+    value = value.detach()
+    return value.float() if value.device.type == "mps" else value.double()
+
+
+def _show(bar: tqdm, curve: Sequence[torch.Tensor | float], progress: bool) -> None:
+    """Advance the progress bar; its loss is read (a sync per step) only where it is shown."""
+    bar.update(1)
+    if progress:
+        bar.set_postfix(loss=f"{float(curve[-1]):.4f}")
 
 
 def _micro_loss(
@@ -225,19 +268,19 @@ def _micro_loss(
     weighting: str,
     share: float = 1.0,
     divisor: int = 1,
-) -> tuple[torch.Tensor, float, int]:
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One micro-batch's part of its step's loss: (what to backpropagate, the loss it adds to
-    the step's log, the examples that log is averaged over).
+    the step's log (on the device: read once a round), the examples that log is averaged over).
 
     "tokens": the mean over its response tokens x ``share``, its share of the step's response
     tokens (a part of the step's mean already: it counts no examples). "examples": the sum of
     its examples' own means over ``divisor``, counting its examples."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = to_device(batch, device)
     if weighting == "tokens":
         with autocast_context(precision, device.type):
             loss = response_loss(model, batch)  # () mean over response tokens
-        return loss * share, float(loss.detach()) * share, 0
+        return loss * share, _logged(loss) * share, 0
     with autocast_context(precision, device.type):
         losses = response_losses(model, batch)  # (B,) each example's own mean
-    return losses.sum() / divisor, float(losses.detach().sum()), len(losses)
+    return losses.sum() / divisor, _logged(losses.sum()), len(losses)

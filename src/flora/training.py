@@ -31,10 +31,10 @@ from flora.data.prompts import IGNORE_INDEX, Example
 from flora.devices import autocast_context
 from flora.errors import FloraError
 from flora.factors import Adapter, LoraFactors, lora_scaling
-from flora.loss import response_loss, supervised_tokens
+from flora.loss import POSITIONS, response_loss, response_positions, supervised_tokens
 from flora.memory import peak_memory
 from flora.privacy.config import dp_sgd_refusal
-from flora.steps import local_steps
+from flora.steps import local_steps, to_device
 from flora.weights import applied, fan_in_fan_out
 
 if TYPE_CHECKING:
@@ -268,7 +268,7 @@ def train_client(
     start = time.perf_counter()
     with (
         torch.random.fork_rng(devices=[]),
-        peak_memory() as memory,
+        peak_memory(device=next(model.parameters()).device) as memory,
         _checkpointing(model, config.gradient_checkpointing),
         applied(model, folded),
     ):
@@ -336,24 +336,26 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total: torch.Tensor | float = 0.0  # on the device: read once, at the end
+    count = 0
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = collate(examples[start : start + batch_size], pad_id)
-                n = supervised_tokens(batch["labels"])
+                n = supervised_tokens(batch["labels"])  # on the host: no sync
                 if n == 0:
                     continue
+                batch[POSITIONS] = response_positions(batch["labels"])
                 with autocast_context(precision, device.type):
-                    inputs = {k: v.to(device) for k, v in batch.items()}
-                    loss = response_loss(model, inputs)
-                total += float(loss) * n  # mean * count = this batch's summed loss
+                    loss = response_loss(model, to_device(batch, device))
+                # mean * count = this batch's summed loss, in float64 as Python's floats add
+                total = total + (loss.float() if device.type == "mps" else loss.double()) * n
                 count += n
     finally:
         model.train(was_training)
     if count == 0:
         raise FloraError("evaluate_loss: no example has a response token; check the labels")
-    return total / count
+    return float(total) / count
 
 
 def category_losses(

@@ -157,7 +157,7 @@ def test_a_trained_client_starts_at_the_global_models_loss(tiny_model, token_exa
     with applied(tiny_model, lifecycle.adapter(state)):
         expected = evaluate_loss(tiny_model, token_examples, batch_size=4, pad_id=pad)
     # Execute: one step at lr 0 over the whole batch: its loss is the starting model's
-    config = TrainConfig(lr=0.0, batch_size=4, max_steps=1, lora_dropout=0.0)
+    config = TrainConfig(precision="fp32", lr=0.0, batch_size=4, max_steps=1, lora_dropout=0.0)
     common = {"rank": 2, "alpha": 4.0, "config": config, "seed": 0, "pad_id": pad}
     local = train_client(tiny_model, token_examples, init=plan.init, folded=plan.folded, **common)
     fresh = train_client(tiny_model, token_examples, **common)  # FLoRA's fresh LoRA

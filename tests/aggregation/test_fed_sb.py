@@ -117,7 +117,7 @@ def test_a_client_trains_its_core_only(tiny_model, token_examples, tokenizer):
         B, _ = torch.linalg.qr(torch.randn(o, 2, generator=g))
         init[m] = LoraFactors(A.T.contiguous(), B.contiguous(), 1.0)
         core[m] = torch.diag(torch.tensor([0.3, 0.1]))
-    config = TrainConfig(lr=1e-2, batch_size=2, max_steps=2, lora_dropout=0.0)
+    config = TrainConfig(precision="fp32", lr=1e-2, batch_size=2, max_steps=2, lora_dropout=0.0)
     local = train_client(
         tiny_model,
         token_examples,

@@ -110,7 +110,7 @@ def test_the_hooks_come_off_and_the_base_is_bitwise_as_before(
         alpha=8.0,
         seed=0,
         pad_id=tokenizer.pad_token_id,
-        config=TrainConfig(batch_size=2, max_steps=3),
+        config=TrainConfig(precision="fp32", batch_size=2, max_steps=3),
         privacy=DPSGD(1.0, 0.5, 2),
     )
     after = tiny_model.state_dict()
@@ -126,7 +126,14 @@ def test_the_hooks_come_off_and_the_base_is_bitwise_as_before(
 
 def _factors(model, examples, pad, privacy=None, target_modules=("q_proj", "v_proj"), **train):
     config = TrainConfig(
-        **{"lr": 1e-2, "batch_size": 2, "max_steps": 5, "lora_dropout": 0.0, **train}
+        **{
+            "lr": 1e-2,
+            "precision": "fp32",
+            "batch_size": 2,
+            "max_steps": 5,
+            "lora_dropout": 0.0,
+            **train,
+        }
     )
     return train_client(
         model,
@@ -210,3 +217,31 @@ def test_dp_sgd_on_architectures_whose_loss_takes_the_models_own_forward(
     for module in plain:
         torch.testing.assert_close(private[module].B, plain[module].B, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(private[module].A, plain[module].A, rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_norms_are_fp32_under_bf16_training(tiny_model, token_examples, tokenizer):
+    """With bf16 autocast, opacus would compute each example's gradient (and so its norm and
+    clip factor) in bf16; flora's samplers compute them in fp32, so no clipped example exceeds
+    the bound by more than fp32 rounding."""
+    # Prepare: a bound below every example's norm, so every example is clipped
+    pad = tokenizer.pad_token_id
+    params = _lora_params(tiny_model)
+    norms = [
+        float(g.norm()) for g in _per_example_gradients(tiny_model, params, token_examples, pad)
+    ]
+    bound = min(norms) / 3
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    # Execute: one bf16 micro-batch through the private optimizer's hooks and clipping
+    with private_optimizer(tiny_model, optimizer, DPSGD(0.0, bound, 4), seed=0) as dp:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = response_losses(tiny_model, collate(token_examples, pad))
+        losses.sum().backward()
+        samples = [p.grad_sample for p in params]
+        dp.pre_step()  # clip each example and sum, as the step does
+        # Assert: fp32 per-example gradients; every clipped one within the bound to fp32 rounding
+        assert all(s.dtype == torch.float32 for s in samples)
+        per_example = torch.cat([s.reshape(len(token_examples), -1) for s in samples], dim=1)
+        factors = (bound / (per_example.norm(dim=1) + 1e-6)).clamp(max=1.0)
+        clipped = (per_example * factors[:, None]).norm(dim=1)
+        assert float(clipped.max()) <= bound * (1 + 1e-6)
+        dp.zero_grad(set_to_none=True)

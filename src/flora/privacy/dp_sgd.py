@@ -75,6 +75,10 @@ def private_optimizer(
     tokens); the optimizer divides the noisy clipped sum by ``privacy.expected_batch``.
     """
     hooks = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+    # this instance's samplers: per-example gradients in fp32 whatever the autocast precision,
+    # so each example's norm, its clip factor and the clipped sum are exact to fp32 rounding
+    # (in bf16 a clipped example could exceed the bound by ~0.4%: epsilon would be optimistic)
+    hooks.GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, torch.nn.Linear: _fp32_linear}
     device = next(p for p in model.parameters() if p.requires_grad).device
     try:
         with warnings.catch_warnings():
@@ -91,6 +95,16 @@ def private_optimizer(
             )
     finally:
         hooks.cleanup()
+
+
+def _fp32_linear(
+    layer: torch.nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """opacus' per-example gradients of a linear layer, computed from fp32 activations and
+    backprops (under bf16 autocast both arrive in bf16)."""
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    return compute_linear_grad_sample(layer, [a.float() for a in activations], backprops.float())
 
 
 def empty_step(params: Sequence[torch.Tensor]) -> None:
