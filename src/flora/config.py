@@ -447,6 +447,14 @@ class TrainConfig:
     group_by_length: bool = field(
         default=False, metadata={"help": "batch examples of similar length together: less padding"}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "each micro-batch's examples end to end in one row, no padding, attention "
+            "kept within each example (position ids restart); the same examples and loss per "
+            "step. Token-weighted loss only (not DP-SGD)"
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={
@@ -511,6 +519,12 @@ class TrainConfig:
             self.loss_weighting,
             f"one of {LOSS_WEIGHTINGS}",
         )
+        if self.packing and self.loss_weighting == "examples":
+            raise FloraError(
+                "train.packing with train.loss_weighting = 'examples': a packed row mixes "
+                "examples, so their own means are not its rows'; set train.loss_weighting = "
+                "'tokens' (or 'auto'), or train.packing = false"
+            )
 
     def resolved(self, private: bool) -> tuple[str, str]:
         """(sampling, loss weighting), "auto" resolved for a DP-SGD (``private``) run or not."""

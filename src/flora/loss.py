@@ -79,7 +79,10 @@ def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
         return model(**_model_inputs(batch), use_cache=False).loss
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
     ).last_hidden_state  # (B, T, H)
     rows, targets, _ = _selected(hidden, batch)
     logits = head(rows).float()  # (N, V), N = response tokens

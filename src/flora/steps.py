@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from flora.config import TrainConfig
-from flora.data.batching import batches, collate
+from flora.data.batching import batches, collate, pack
 from flora.data.prompts import Example
 from flora.devices import autocast_context, grad_scaler
 from flora.errors import FloraError
@@ -90,7 +90,8 @@ def plain_steps(
     for window, divisor in windows(examples, config, seed, total, sampling):
         logged: torch.Tensor | float = 0.0
         count = 0
-        for batch, share, size in _collated(window, pad_id, skip_empty=weighting == "tokens"):
+        micro = _collated(window, pad_id, skip_empty=weighting == "tokens", packing=config.packing)
+        for batch, share, size in micro:
             tokens += size
             loss, part, n = _micro_loss(model, batch, config.precision, weighting, share, divisor)
             scaler.scale(loss).backward()
@@ -211,20 +212,22 @@ def _micro_batches(
 
 
 def _collated(
-    window: list[list[Example]], pad_id: int, *, skip_empty: bool
+    window: list[list[Example]], pad_id: int, *, skip_empty: bool, packing: bool = False
 ) -> Iterator[tuple[Batch, float, int]]:
     """A step's micro-batches, collated on the host, each with its share of the step's response
     tokens and its non-pad tokens; ``skip_empty`` passes over those without any response token
     (their mean loss would be 0/0). Each batch carries its response positions, so the device
-    never computes a shape from data (flora.loss.POSITIONS)."""
-    collated = [collate(b, pad_id) for b in window]
+    never computes a shape from data (flora.loss.POSITIONS). ``packing``: each micro-batch is
+    one packed row (flora.data.batching.pack), its tokens all real."""
+    collated = [pack(b) if packing else collate(b, pad_id) for b in window]
     supervised = sum(supervised_tokens(batch["labels"]) for batch in collated)
     for batch in collated:
         share = supervised_tokens(batch["labels"]) / max(1, supervised)
         if skip_empty and share == 0:
             continue
         batch[POSITIONS] = response_positions(batch["labels"])
-        yield batch, share, int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")
+        yield batch, share, int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

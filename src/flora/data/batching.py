@@ -11,7 +11,7 @@ from flora.data._seed import make_rng
 from flora.data.prompts import IGNORE_INDEX, Example
 from flora.errors import FloraError
 
-__all__ = ["batches", "collate"]
+__all__ = ["batches", "collate", "pack"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,35 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         labels[row, :length] = torch.tensor(example["labels"], dtype=torch.long)
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """The examples packed end to end in one row, no padding (``train.packing``).
+
+    Returns ``input_ids``, ``labels`` and ``position_ids``, each (1, sum of lengths) int64: the
+    position ids restart at 0 with each example, which is how transformers recognises a packed
+    row and keeps each token's attention within its own example (its packed-sequence masks for
+    SDPA, flash-attention's variable-length kernels). Each example's first label is -100, so no
+    token is predicted across a boundary; the response tokens and their loss are those of the
+    unpacked examples.
+    """
+    if not examples:
+        raise FloraError("pack needs at least one example; check data.batch_size and the data")
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        if len(example["labels"]) != length or length == 0:
+            raise FloraError(
+                f"pack: example {row} has {length} input_ids and {len(example['labels'])} "
+                "labels; encode it with flora.data.encode_example"
+            )
+        ids.extend(example["input_ids"])
+        labels.extend([IGNORE_INDEX, *example["labels"][1:]])
+        positions.extend(range(length))
+    row = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    return {k: torch.tensor([v], dtype=torch.long) for k, v in row.items()}
 
 
 GROUP_SPAN = 50  # batches per length group (as transformers' LengthGroupedSampler)

@@ -36,6 +36,7 @@ class TrainSettings(Protocol):
     loss_weighting: str
     gradient_checkpointing: bool
     precision: str
+    packing: bool
 
 
 __all__ = ["ACCOUNTANTS", "PRIVACY_MODES", "PrivacyConfig", "TrainSettings", "dp_sgd_refusal"]
@@ -151,6 +152,11 @@ def dp_sgd_refusal(train: TrainSettings, base_dtype: str = "fp32") -> str | None
             "train.gradient_checkpointing with privacy.mode = 'dp-sgd': opacus' per-example "
             "hooks would see each recomputed forward twice; set "
             "train.gradient_checkpointing = false"
+        )
+    if train.packing:
+        return (
+            "train.packing with privacy.mode = 'dp-sgd': DP-SGD clips each example's gradient, "
+            "and a packed row holds several examples; set train.packing = false"
         )
     fp16 = "the gradient scaler's loss scale would be clipped with the gradients"
     if train.precision == "fp16":
