@@ -65,8 +65,8 @@ def pack(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         ids.extend(example["input_ids"])
         labels.extend([IGNORE_INDEX, *example["labels"][1:]])
         positions.extend(range(length))
-    row = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    return {k: torch.tensor([v], dtype=torch.long) for k, v in row.items()}
+    packed = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    return {k: torch.tensor([v], dtype=torch.long) for k, v in packed.items()}
 
 
 GROUP_SPAN = 50  # batches per length group (as transformers' LengthGroupedSampler)
