@@ -13,6 +13,12 @@ in the same invocation, and the seconds per step.
 
     .venv/bin/python bench/memory_settings.py              # about 4 minutes on 2 cores
     .venv/bin/python bench/memory_settings.py --length 256 --settings fp32 bf16
+    python bench/memory_settings.py --device cuda --peak-tflops 989   # a GPU: its own peak
+
+Each row also gives the training tokens per second, and with ``--peak-tflops`` (the device's
+dense bf16 peak) the MFU, 6 N tokens/s over that peak (the usual convention: it counts the frozen
+base's weight gradients, which LoRA never computes). On CUDA the peak is the GPU's own
+(``peak_cuda_mib``), not the resident set.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def worker(setting: str, length: int, threads: int) -> dict[str, Any]:
+def worker(
+    setting: str, length: int, threads: int, device: str = "cpu", peak_tflops: float = 0.0
+) -> dict[str, Any]:
     import torch
 
     from flora.config import TrainConfig
@@ -49,7 +57,12 @@ def worker(setting: str, length: int, threads: int) -> dict[str, Any]:
     targets = ["q_proj", "v_proj"]
     keep = targets if dtype != "fp32" or bits else []
     model, tokenizer = load_model(
-        "smollm2", dtype=dtype, quantization=bits, keep_fp32=keep, precision=precision
+        "smollm2",
+        dtype=dtype,
+        quantization=bits,
+        keep_fp32=keep,
+        precision=precision,
+        device=device,
     )
     generator = torch.Generator().manual_seed(0)
     examples = []
@@ -77,19 +90,26 @@ def worker(setting: str, length: int, threads: int) -> dict[str, Any]:
         seed=0,
         pad_id=int(tokenizer.pad_token_id),
     )
-    peak = result.peak_rss_mib or 0.0
+    cuda = device.startswith("cuda")
+    peak = (result.peak_cuda_mib if cuda else result.peak_rss_mib) or 0.0
+    rate = result.tokens / result.seconds if result.seconds else 0.0
+    params = sum(p.numel() for p in model.parameters())
     return {
+        "tokens_per_second": rate,
+        "mfu": 6 * params * rate / (peak_tflops * 1e12) if peak_tflops else None,
         "setting": setting,
         "held_mib": held,
         "peak_rss_mib": peak,
         "before_mib": before,
-        "growth_mib": peak - before,
+        "growth_mib": peak - (0.0 if cuda else before),
         "seconds_per_step": result.seconds / result.steps,
         "loss": result.train_loss,
     }
 
 
-def measure(settings: list[str], length: int, threads: int) -> list[dict[str, Any]]:
+def measure(
+    settings: list[str], length: int, threads: int, device: str = "cpu", peak_tflops: float = 0.0
+) -> list[dict[str, Any]]:
     rows = []
     for setting in settings:
         command = [
@@ -101,6 +121,10 @@ def measure(settings: list[str], length: int, threads: int) -> list[dict[str, An
             str(length),
             "--threads",
             str(threads),
+            "--device",
+            device,
+            "--peak-tflops",
+            str(peak_tflops),
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -129,7 +153,7 @@ def report(rows: list[dict[str, Any]], length: int) -> None:
     )
     print(
         f"{'setting':<11}{'held MiB':>9}{'x':>6}{'peak MiB':>9}{'x':>6}{'growth MiB':>11}"
-        f"{'x':>6}{'s/step':>8}{'x':>6}{'loss':>8}"
+        f"{'x':>6}{'s/step':>8}{'x':>6}{'loss':>8}{'tok/s':>9}{'MFU':>7}"
     )
     for row in rows:
         print(
@@ -137,7 +161,9 @@ def report(rows: list[dict[str, Any]], length: int) -> None:
             f"{row['held_mib'] / base['held_mib']:>6.2f}{row['peak_rss_mib']:>9.0f}"
             f"{row['peak_rss_mib'] / base['peak_rss_mib']:>6.2f}{row['growth_mib']:>11.0f}"
             f"{row['growth_mib'] / base['growth_mib']:>6.2f}{row['seconds_per_step']:>8.2f}"
-            f"{row['seconds_per_step'] / base['seconds_per_step']:>6.2f}{row['loss']:>8.4f}",
+            f"{row['seconds_per_step'] / base['seconds_per_step']:>6.2f}{row['loss']:>8.4f}"
+            f"{row['tokens_per_second']:>9.1f}"
+            + (f"{row['mfu']:>7.1%}" if row.get("mfu") is not None else f"{'-':>7}"),
             flush=True,
         )
 
@@ -148,12 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--worker", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="the device's dense bf16 peak, for MFU"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here (make bench)")
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.length, args.threads)))
+        row = worker(args.worker, args.length, args.threads, args.device, args.peak_tflops)
+        print(json.dumps(row))
         return
-    rows = measure(args.settings, args.length, args.threads)
+    rows = measure(args.settings, args.length, args.threads, args.device, args.peak_tflops)
     report(rows, args.length)
     if args.json:
         args.json.write_text(json.dumps(figures(rows), indent=2) + "\n")

@@ -68,6 +68,11 @@ BENCHES = [
         "flora's client training against a bare PEFT loop and transformers.Trainer",
     ),
     Bench(
+        "cpu_precision",
+        ["--threads", "1"],
+        "bf16 autocast training on this CPU against fp32 (train.precision = 'auto''s CPU choice)",
+    ),
+    Bench(
         "length_grouping",
         ["--threads", "1", "--examples", "32", "--repeats", "2"],
         "length-grouped batches against shuffled ones",

