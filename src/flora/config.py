@@ -47,6 +47,7 @@ __all__ = [
     "config_fingerprint",
     "config_from_dict",
     "config_to_dict",
+    "config_toml",
     "load_config",
     "load_run_config",
     "parse_override",
@@ -1005,3 +1006,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 raise FloraError(f"--set {override}: '{part}' is not a section")
         node[keys[-1]] = value
     return config_from_dict(data)
+
+
+def config_toml(config: RunConfig) -> str:
+    """``config`` as TOML that loads back to the same config (unset values as comments)."""
+    data = config_to_dict(config)
+    top = [f"{k} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    sections = [
+        "\n".join([f"[{name}]", *(_entry(k, v) for k, v in table.items())])
+        for name, table in data.items()
+        if isinstance(table, dict)
+    ]
+    return "\n\n".join(["\n".join(top), *sections]) + "\n"
+
+
+def _entry(key: str, value: Any) -> str:
+    return f"# {key}: unset" if value is None else f"{key} = {_value(value)}"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)

@@ -13,16 +13,14 @@ accepted. A download that depends on the uploaded values (florist's cut by spect
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from flora.client import ClientResult
-from flora.config import RunConfig, config_to_dict
+from flora.config import RunConfig, config_toml
 from flora.devices import (
     resolve_attention,
     resolve_base_dtype,
@@ -156,31 +154,3 @@ def _traffic_table(traffic: list[Traffic], rounds: int) -> str:
     up, down = sum(r.up for r in traffic), sum(r.down for r in traffic)
     lines.append(f"{f'all {rounds} rounds':<23} {_size(up):>11} {_size(down):>11}")
     return "\n".join(lines)
-
-
-def config_toml(config: RunConfig) -> str:
-    """``config`` as TOML that loads back to the same config (unset values as comments)."""
-    data = config_to_dict(config)
-    top = [f"{k} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    sections = [
-        "\n".join([f"[{name}]", *(_entry(k, v) for k, v in table.items())])
-        for name, table in data.items()
-        if isinstance(table, dict)
-    ]
-    return "\n\n".join(["\n".join(top), *sections]) + "\n"
-
-
-def _entry(key: str, value: Any) -> str:
-    return f"# {key}: unset" if value is None else f"{key} = {_value(value)}"
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + "}"
-    return repr(value)

@@ -63,6 +63,7 @@ from flora.tiny_tokenizer import tiny_tokenizer
 
 __all__ = [
     "CACHE_ENV",
+    "HUB_IDS",
     "PRECISIONS",
     "SMOLLM2_CACHE_SUBDIR",
     "autocast_context",
@@ -70,6 +71,7 @@ __all__ = [
     "cache_root",
     "default_target_modules",
     "gemma3_checkpoint",
+    "load_base",
     "load_model",
     "load_run_model",
     "load_tokenizer",
@@ -465,14 +467,25 @@ def load_run_model(
     )
 
 
-def base_reference(spec: str, cache_dir: Path | None = None) -> str | None:
-    """What an adapter's ``base_model_name_or_path`` names for a run on ``spec``: the packaged
-    model's converted checkpoint directory (absolute), a local checkpoint's absolute path, or the
-    hub id as given; None for a random tiny model, which has no checkpoint to point at."""
+# the hub models flora's packaged ones are conversions of (model cards state the difference)
+HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
+
+
+def base_reference(spec: str) -> str | None:
+    """What an adapter's ``base_model_name_or_path`` names for a run on ``spec``, so that it
+    survives a copy to another machine: a packaged model's hub id (its card states that the
+    weights were the packaged conversion), a local checkpoint's absolute path, or the hub id as
+    given; None for a random tiny model, whose base the run saves beside the adapter."""
     if spec.startswith("tiny-"):
         return None
     if spec in _BUILTIN_SPECS:
-        packaged = gemma3_checkpoint if spec == "gemma3-270m" else smollm2_checkpoint
-        return str(packaged(cache_dir).resolve())
+        return HUB_IDS[spec]
     path = _checkpoint_path(spec)
     return str(Path(path).resolve()) if Path(path).is_dir() else path
+
+
+def load_base(spec: str, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_model` for a base named as adapters name it: a packaged model's hub id loads
+    the packaged model (what the run trained on), anything else as given."""
+    packaged = {hub: name for name, hub in HUB_IDS.items()}
+    return load_model(packaged.get(spec, spec), **kwargs)

@@ -41,8 +41,9 @@ from flora.config import RECORDED, RunConfig, config_fingerprint, config_to_dict
 from flora.errors import FloraError
 from flora.export import cumulative_adapter
 from flora.factors import Adapter
-from flora.io import atomic_write_json
+from flora.io import atomic_write_json, atomic_write_text
 from flora.metrics import read_metrics
+from flora.model_card import model_card
 from flora.models import base_reference, load_model
 from flora.protocol import ClientTask, RoundUpdate
 from flora.server import RoundOutcome, Server
@@ -320,6 +321,12 @@ class RunOutputs:
             "versions": package_versions(),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
+        adapter = self.run_dir / "final" / "adapter"
+        if (adapter / "adapter_config.json").is_file():
+            rows = read_metrics(self.metrics.path)
+            base = base_reference(self.config.model.name)
+            card = model_card(self.config, base, rows, summary["versions"])
+            atomic_write_text(adapter / "README.md", card)
         return result
 
 
@@ -419,11 +426,11 @@ def save_final(
     if adapter is None:
         return
     base = base_reference(config.model.name)
-    if base is None:
+    if base is None:  # a random tiny base travels with the run, named relative to the adapter
         base_model, base_tokenizer = load_model(config.model.name, seed=config.seed)
         base_model.save_pretrained(final / "base")
         base_tokenizer.save_pretrained(final / "base")
-        base = str((final / "base").resolve())
+        base = "../base"
     template = {
         "base_model_name_or_path": base,
         "target_modules": config.model.target_modules,

@@ -84,6 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's; 1 can win on busy CPUs)"
     )
+    parser.add_argument(
+        "--base",
+        help="with a run directory: evaluate its final/adapter on this base (a local copy of "
+        "the base, a model spec or a hub id) instead of the base the run names",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the table (default: off)")
     parser.set_defaults(handler=run)
 
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    target = resolve_target(args.target)
+    target = resolve_target(args.target, base=args.base)
     out = Path(args.out) if args.out else target.default_out()
     options = EvalOptions(
         tasks=tasks,

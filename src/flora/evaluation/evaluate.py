@@ -34,7 +34,7 @@ from flora.evaluation.results import (
 )
 from flora.evaluation.samples import answer_all, load_mt_bench
 from flora.io import atomic_write_json
-from flora.models import load_model
+from flora.models import load_base, load_model
 
 __all__ = [
     "TASKS",
@@ -82,12 +82,19 @@ def parse_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def resolve_target(spec: str) -> Target:
-    """A run directory, a checkpoint directory, a built-in spec, or a hub id."""
+def resolve_target(spec: str, base: str | None = None) -> Target:
+    """A run directory, a checkpoint directory, a built-in spec, or a hub id. ``base``: a run
+    directory's final/adapter on that base (a local copy, a spec or a hub id)."""
     path = Path(spec).expanduser()
+    if base is not None and not (path.is_dir() and (path / "metrics.jsonl").is_file()):
+        raise FloraError(f"--base {base!r} applies to a run directory's adapter; {spec} is not one")
     if path.is_dir() and (path / "metrics.jsonl").is_file():
         config = load_run_config(path)
         name, final = path.resolve().name, path / "final"
+        if base is not None:
+            if not (final / "adapter" / "adapter_config.json").is_file():
+                raise FloraError(f"{path}: no final/adapter to put on --base; finish the run")
+            return Target(name, base, config, path, adapter=final / "adapter")
         if (final / "model" / "config.json").is_file():
             return Target(name, str(final / "model"), config, path)
         if (final / "adapter" / "adapter_config.json").is_file():  # output.model = false
@@ -120,9 +127,7 @@ def evaluate(
     device = resolve_device(options.device or config.train.device, "--device")
     precision = resolve_precision(options.precision or config.train.precision, device)
     started, start = time.time(), time.perf_counter()
-    model, tokenizer = load_model(
-        target.model, precision=precision, seed=config.seed, device=device
-    )
+    model, tokenizer = load_base(target.model, precision=precision, seed=config.seed, device=device)
     if target.adapter is not None:  # the run's base plus its whole update
         from peft import PeftModel
 
