@@ -4,6 +4,8 @@ themselves: test_mmlu_results.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -196,3 +198,37 @@ def test_a_bf16_base_scores_mmlu_like_the_fp32_one(torch_single_thread):
     }
     assert scores["bf16"].per_subject["physics"][1] == len(TEST)
     assert scores["bf16"].predictions == scores["fp32"].predictions
+
+
+def test_a_subject_missing_from_the_data_folder_is_one_line_never_a_download(tmp_path, monkeypatch):
+    # Prepare: a data folder with two subjects' CSVs
+    from flora.errors import FloraError
+    from flora.evaluation.mmlu_data import load_mmlu
+
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    for subject in ("anatomy", "astronomy"):
+        folder = tmp_path / "mmlu" / "test"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{subject}_test.csv").write_text(header + "Q?,a,b,c,d,2\n")
+    monkeypatch.setenv("FLORA_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    # Execute / Assert: the two load; all 57 name the missing ones; an unknown one is refused
+    got = load_mmlu("test", ["astronomy", "anatomy"])
+    assert list(got) == ["anatomy", "astronomy"] and got["anatomy"][0].answer == 2
+    with pytest.raises(FloraError, match="no test CSV for MMLU subject.*abstract_algebra"):
+        load_mmlu("test")
+    with pytest.raises(FloraError, match="'anatomyy' is not an MMLU subject"):
+        load_mmlu("test", ["anatomyy"])
+
+
+def test_eval_subjects_scores_those_only(tmp_path, capsys):
+    from flora.cli import main
+
+    if find_shared_data("mmlu/dev/abstract_algebra_dev.csv") is None:
+        pytest.skip("no shared MMLU copy")
+    args = ["eval", "tiny-llama", "--tasks", "mmlu", "--subjects", "anatomy,astronomy"]
+    assert main([*args, "--limit-per-subject", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert {"mmlu_anatomy", "mmlu_astronomy"} <= set(results)
+    assert "mmlu_abstract_algebra" not in results
+    assert main(["eval", "tiny-llama", "--subjects", "nope"]) == 2

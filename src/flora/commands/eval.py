@@ -53,6 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"MMLU test questions per subject, the first N (default: {DEFAULT_LIMIT_PER_SUBJECT})",
     )
     parser.add_argument(
+        "--subjects",
+        help="MMLU: these subjects only, comma-separated (e.g. anatomy,college_physics; "
+        "default: all 57)",
+    )
+    parser.add_argument(
         "--full", action="store_true", help="MMLU: every test question, 14,042 (default: off)"
     )
     parser.add_argument(
@@ -93,6 +98,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _subjects(text: str | None) -> list[str] | None:
+    """``--subjects``, split and checked (None: all)."""
+    if text is None:
+        return None
+    from flora.evaluation.mmlu_data import check_subjects
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise FloraError("--subjects is empty; name MMLU subjects such as anatomy,college_physics")
+    return check_subjects(names)
+
+
 def run(args: argparse.Namespace) -> int:
     from flora.evaluation import EvalOptions, evaluate, format_results, parse_tasks, resolve_target
 
@@ -126,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens,
+        subjects=_subjects(args.subjects),
     )
     result = evaluate(target, options, out, quiet=args.quiet)
     config = result["config"]

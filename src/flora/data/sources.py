@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "find_shared_data",
     "load_hub_split",
     "load_records",
+    "shared_data_roots",
 ]
 
 DATA_DIR_ENV = "FLORA_DATA_DIR"
@@ -34,24 +35,24 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 """A local file's suffix -> the ``datasets`` builder that reads it."""
 
 
-def find_shared_data(relative: str) -> Path | None:
-    """Locate ``relative`` inside the shared data folder, or return None.
-
-    Looks in ``$FLORA_DATA_DIR/relative`` first, then in ``<ancestor>/shared/data/relative`` for
-    every ancestor of the working directory and of this file (the repository sits beside
-    ``shared/``, so ``../shared/data`` from its root is found either way).
-    """
+def shared_data_roots() -> Iterator[Path]:
+    """The folders that may hold the shared data, in the order they are searched:
+    ``$FLORA_DATA_DIR``, then ``<ancestor>/shared/data`` for every ancestor of the working
+    directory and of this file (the repository sits beside ``shared/``)."""
     env_dir = os.environ.get(DATA_DIR_ENV)
     if env_dir:
-        candidate = Path(env_dir).expanduser() / relative
-        if candidate.is_file():
-            return candidate
-    starts = (Path.cwd().resolve(), Path(__file__).resolve().parent)
-    for start in starts:
+        yield Path(env_dir).expanduser()
+    for start in (Path.cwd().resolve(), Path(__file__).resolve().parent):
         for folder in (start, *start.parents):
-            candidate = folder / "shared" / "data" / relative
-            if candidate.is_file():
-                return candidate
+            yield folder / "shared" / "data"
+
+
+def find_shared_data(relative: str) -> Path | None:
+    """Locate ``relative`` inside the shared data folder (:func:`shared_data_roots`, the first
+    that holds it), or return None."""
+    for root in shared_data_roots():
+        if (root / relative).is_file():
+            return root / relative
     return None
 
 

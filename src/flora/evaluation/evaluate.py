@@ -72,6 +72,7 @@ class EvalOptions:
     device: str | None = None  # None: the run's train.device (auto for plain models)
     num_samples: int = 10  # MT-Bench first-turn questions answered
     max_new_tokens: int = 128
+    subjects: list[str] | None = None  # MMLU subjects (None: all 57)
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -183,7 +184,7 @@ def _mmlu(
     precision: str,
     quiet: bool,
 ) -> MMLUResult:
-    test, dev = load_mmlu("test"), load_mmlu("dev")
+    test, dev = load_mmlu("test", options.subjects), load_mmlu("dev", options.subjects)
     bar = tqdm(total=len(test), desc=f"MMLU {options.shots}-shot", unit="subject", disable=quiet)
     try:
         return score_mmlu(

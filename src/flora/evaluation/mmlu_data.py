@@ -16,14 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flora.data.sources import find_shared_data, load_hub_split
+from flora.data.sources import load_hub_split, shared_data_roots
 from flora.errors import FloraError
+from flora.evaluation.mmlu_results import SUBJECT_CATEGORIES
 
 __all__ = [
     "LETTERS",
     "MMLU_DIR",
     "MMLU_HUB_ID",
     "Question",
+    "check_subjects",
     "format_prompt",
     "format_question",
     "load_mmlu",
@@ -80,16 +82,49 @@ def read_subject_csv(path: Path, subject: str) -> list[Question]:
     return out
 
 
-def load_mmlu(split: str) -> dict[str, list[Question]]:
-    """``split`` ("dev" or "test") by subject, sorted by subject name, in the source's order."""
+def check_subjects(subjects: Sequence[str] | None) -> list[str]:
+    """The subjects asked for (None: all 57), each checked to be one of MMLU's."""
+    wanted = list(dict.fromkeys(subjects)) if subjects else sorted(SUBJECT_CATEGORIES)
+    unknown = [s for s in wanted if s not in SUBJECT_CATEGORIES]
+    if unknown:
+        raise FloraError(
+            f"--subjects: {unknown[0]!r} is not an MMLU subject; use names such as "
+            "abstract_algebra, anatomy, college_physics (the 57 of cais/mmlu)"
+        )
+    return wanted
+
+
+def load_mmlu(split: str, subjects: Sequence[str] | None = None) -> dict[str, list[Question]]:
+    """``split`` ("dev" or "test") of ``subjects`` (None: all 57), sorted by subject name, in the
+    source's order. From the shared data folder where it holds MMLU: a subject missing there is
+    an error naming it, never a quiet download; from the hub only where no folder holds any."""
     if split not in ("dev", "test"):
         raise FloraError(f"MMLU split must be 'dev' or 'test', got {split!r}")
-    marker = find_shared_data(f"{MMLU_DIR}/{split}/abstract_algebra_{split}.csv")
-    if marker is None:
-        return _load_hub(split)
+    wanted = check_subjects(subjects)
+    folder = _local_folder(split)
+    if folder is None:
+        hub = _load_hub(split)
+        return {s: hub[s] for s in sorted(wanted) if s in hub}
     suffix = f"_{split}.csv"
-    files = sorted(marker.parent.glob(f"*{suffix}"))
-    return {f.name[: -len(suffix)]: read_subject_csv(f, f.name[: -len(suffix)]) for f in files}
+    missing = [s for s in wanted if not (folder / f"{s}{suffix}").is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise FloraError(
+            f"{folder}: no {split} CSV for MMLU subject(s) {shown}; add them (cais/mmlu) or "
+            "choose --subjects among those present"
+        )
+    return {s: read_subject_csv(folder / f"{s}{suffix}", s) for s in sorted(wanted)}
+
+
+def _local_folder(split: str) -> Path | None:
+    """The shared data folder's ``mmlu/<split>``, found by any subject's file in it."""
+    for root in shared_data_roots():  # the first root holding any subject's file
+        folder = root / MMLU_DIR / split
+        if any((folder / f"{s}_{split}.csv").is_file() for s in SUBJECT_CATEGORIES):
+            return folder
+    return None
 
 
 def _load_hub(split: str) -> dict[str, list[Question]]:
