@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from client_data import smollm2_client  # bench/: run as a script, its folder is on sys.path
+from client_data import (  # bench/: run as a script, its folder is on sys.path
+    smollm2_client,
+    timed_epoch,
+)
 from flora.devices import _native_bf16
-from flora.training import TrainConfig, train_client
+from flora.training import TrainConfig
 
-SEED = 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,19 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def epoch(precision: str) -> tuple[float, float, float]:
         config = TrainConfig(batch_size=args.batch_size, local_epochs=1.0, precision=precision)
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = train_client(
-            model,
-            examples,
-            rank=16,
-            alpha=32,
-            target_modules=["q_proj", "v_proj"],
-            config=config,
-            seed=SEED,
-            pad_id=int(tokenizer.pad_token_id),
-        )
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return len(examples) / cpu, len(examples) / wall, result.train_loss
+        return timed_epoch(model, tokenizer, examples, config)
 
     epoch("bf16")  # warm-up: first-use allocations and kernels of both
     epoch("fp32")

@@ -20,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from client_data import smollm2_client  # bench/: run as a script, its folder is on sys.path
+from client_data import (  # bench/: run as a script, its folder is on sys.path
+    smollm2_client,
+    timed_epoch,
+)
 from flora.data import Example, batches
 from flora.models import resolve_precision
-from flora.training import TrainConfig, train_client
+from flora.training import TrainConfig
 
 SEED = 0
 
@@ -66,19 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             precision=precision,
             group_by_length=grouped,
         )
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = train_client(
-            model,
-            examples,
-            rank=16,
-            alpha=32,
-            target_modules=["q_proj", "v_proj"],
-            config=config,
-            seed=SEED,
-            pad_id=int(tokenizer.pad_token_id),
-        )
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return len(examples) / cpu, len(examples) / wall, result.train_loss
+        return timed_epoch(model, tokenizer, examples, config)
 
     epoch(False)  # warm-up: first-use allocations
     modes = {"shuffled": False, "grouped": True}
