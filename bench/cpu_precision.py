@@ -27,7 +27,6 @@ from flora.devices import _native_bf16
 from flora.training import TrainConfig
 
 
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=24, help="the client's examples")
