@@ -99,10 +99,9 @@ def model_card(
         lines.append(f"| held-out loss | {before:.4f} before, {after:.4f} after |")
     if mmlu:
         last = max(mmlu, key=lambda r: r["round"])
-        lines.append(
-            f"| MMLU (5-shot) | {last['acc']:.4f} ± {last['acc_stderr']:.4f} after round "
-            f"{last['round']} |"
-        )
+        stderr = last.get("acc_stderr")
+        spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+        lines.append(f"| MMLU | {last['acc']:.4f}{spread} after round {last['round']} |")
     if config.privacy.mode != "none":
         spent = f"epsilon {max(epsilons):.3g}" if epsilons else "epsilon not recorded"
         lines.append(

@@ -141,7 +141,7 @@ def test_help_shows_every_default(capsys):
     # Assert: each option's help, joined across its wrapped lines, names its default
     text = capsys.readouterr().out
     options = text[text.index("options:") :].split("\n  -")[1:]
-    assert len(options) == 13, options
+    assert len(options) == 15, options
     for option in options:
         if not option.startswith("h, --help"):
             assert "(default: " in " ".join(option.split()), option

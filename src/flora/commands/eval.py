@@ -54,8 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--subjects",
-        help="MMLU: these subjects only, comma-separated (e.g. anatomy,college_physics; "
-        "default: all 57)",
+        help="MMLU: these subjects only, comma-separated, e.g. anatomy,college_physics "
+        "(default: all 57)",
     )
     parser.add_argument(
         "--full", action="store_true", help="MMLU: every test question, 14,042 (default: off)"
@@ -92,7 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--base",
         help="with a run directory: evaluate its final/adapter on this base (a local copy of "
-        "the base, a model spec or a hub id) instead of the base the run names",
+        "the base, a model spec or a hub id) (default: the base the run names)",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the table (default: off)")
     parser.set_defaults(handler=run)
