@@ -103,6 +103,15 @@ def _fake_convert(gguf: Path, target: Path) -> None:
     (target / "config.json").write_text("{}")
 
 
+@pytest.fixture
+def stand_in_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A stand-in GGUF for the cache tests, whose conversion is stubbed (no package needed)."""
+    fake = tmp_path / "stand-in.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "smollm2_gguf", lambda cache_dir=None: fake)
+
+
+@pytest.mark.usefixtures("stand_in_gguf")
 def test_cache_is_built_once_and_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[Path] = []
     monkeypatch.setattr(
@@ -115,12 +124,14 @@ def test_cache_is_built_once_and_reused(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert sorted(p.name for p in first.parent.iterdir()) == ["smollm2-135m-instruct"]
 
 
+@pytest.mark.usefixtures("stand_in_gguf")
 def test_cache_env_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(models, "_convert_gguf", _fake_convert)
     assert smollm2_checkpoint() == tmp_path / models.SMOLLM2_CACHE_SUBDIR
 
 
+@pytest.mark.usefixtures("stand_in_gguf")
 def test_crash_during_conversion_leaves_no_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -134,6 +145,7 @@ def test_crash_during_conversion_leaves_no_cache(
     assert list((tmp_path / "models").iterdir()) == []  # neither the cache nor a staging dir
 
 
+@pytest.mark.usefixtures("stand_in_gguf")
 def test_concurrent_winner_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Another process finishes first: our rename fails, its cache stays, our staging goes."""
     target = tmp_path / models.SMOLLM2_CACHE_SUBDIR

@@ -932,6 +932,7 @@ _LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("model", "attention"): "auto",
     ("train", "tf32"): False,
     ("train", "deterministic"): False,
+    ("train", "packing"): False,
 }
 
 
