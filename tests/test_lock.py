@@ -8,6 +8,7 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,13 @@ def _locked() -> dict[str, str]:
 
 def test_every_installed_distribution_is_at_its_locked_version():
     locked = _locked()
-    installed = {_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # what this environment installed: its site-packages alone (a test, or a tool a test runs,
+    # may put other folders on sys.path for a while)
+    sites = {str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("purelib", "platlib")}
+    installed = {
+        _name(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions(path=sorted(sites))
+    }
     differ = {n: (v, locked[n]) for n, v in installed.items() if n in locked and locked[n] != v}
     extra = sorted(n for n in installed if n not in locked and n not in UNLOCKED)
     missing = sorted(n for n in locked if n not in installed)
