@@ -48,6 +48,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_toml",
+    "extend_rounds",
     "load_config",
     "load_run_config",
     "parse_override",
@@ -967,6 +968,26 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if isinstance(train, dict):  # written before train.tf32: full fp32 matmuls, as it ran
         train.setdefault("tf32", False)
     return config_from_dict(data)
+
+
+def extend_rounds(config: RunConfig, rounds: int) -> RunConfig:
+    """A resumed run's config with ``rounds`` as its new last round (``flora run --resume
+    --rounds N``, the Flower app's run config ``rounds``); fewer rounds, or more under an
+    epsilon budget, are refused."""
+    if rounds < config.federation.rounds:
+        raise FloraError(
+            f"--rounds {rounds}: the run already has {config.federation.rounds} rounds; give a "
+            "larger N to extend it"
+        )
+    if rounds > config.federation.rounds and config.privacy.epsilon > 0:
+        raise FloraError(
+            f"--rounds {rounds}: this run's noise was set to spend privacy.epsilon = "
+            f"{config.privacy.epsilon:g} over {config.federation.rounds} rounds, and more rounds "
+            "would spend more; start a new run (or one with privacy.noise_multiplier and "
+            "privacy.epsilon = 0, whose rows report the epsilon spent)"
+        )
+    federation = dataclasses.replace(config.federation, rounds=rounds)
+    return dataclasses.replace(config, federation=federation)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -7,7 +7,9 @@ failures) in seconds; test_runtimes.py runs the same apps on Flower's real runti
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -212,7 +214,7 @@ def test_zero_padding_partial_participation_regression(tmp_path):
 
 @pytest.mark.parametrize(
     ("partitions", "message"),
-    [([0, 0], "one node each"), ([0, 5], "one node each")],
+    [([0, 0], "one node each"), ([0, 5], "partition 5 of 6, but the config has 2 clients")],
 )
 def test_node_discovery_refuses_duplicate_or_foreign_partitions(partitions, message):
     grid = InlineGrid(make_client_app(), 2)
@@ -225,9 +227,48 @@ def test_node_discovery_refuses_duplicate_or_foreign_partitions(partitions, mess
 
 
 def test_node_discovery_waits_for_the_nodes_then_gives_up():
-    grid = InlineGrid(make_client_app(), 1)
-    with pytest.raises(FloraError, match="1 of 2 nodes connected"):
+    grid = InlineGrid(make_client_app(), 2)
+    del grid.node_config[102]  # partition 1's node never connects
+    with pytest.raises(
+        FloraError, match=r"1 of 2 partitions have a node after 0 s \(none holds \[1\]\)"
+    ):
         discover_partitions(grid, 2, wait=0.5)
+
+
+def test_a_federation_of_another_size_is_refused_at_the_first_answer():
+    # Prepare: two nodes of a 2-node federation (Flower's default simulation), 3 clients
+    grid = InlineGrid(make_client_app(), 2)
+    start = time.monotonic()
+    # Execute, Assert: refused with the fix for both kinds of federation, long before node-wait
+    with pytest.raises(FloraError) as refused:
+        discover_partitions(grid, 3, wait=300)
+    assert time.monotonic() - start < 60
+    message = str(refused.value)
+    assert "holds partition 0 of 2, but the config has 3 clients" in message
+    assert "--federation-config 'num-supernodes=3'" in message
+    assert "--node-config 'partition-id=K num-partitions=3'" in message
+    assert "\n" not in message
+
+
+def test_flora_errors_reach_flowers_log_as_one_line():
+    # Prepare: the record Flower logs when a ServerApp raises (its runner's exc_info=ex)
+    try:
+        raise FloraError("the config has 3 clients; the fix")
+    except FloraError as error:
+        refused = logging.LogRecord(
+            "flwr", logging.ERROR, __file__, 1, "%s raised an exception", ("ServerApp",),
+            (type(error), error, error.__traceback__),
+        )  # fmt: skip
+    other = logging.LogRecord(
+        "flwr", logging.ERROR, __file__, 1, "boom", (), (ValueError, ValueError("x"), None)
+    )
+    # Execute: the ServerApp module's filter on Flower's logger
+    flwr_logger = logging.getLogger("flwr")
+    assert flwr_logger.filter(refused) and flwr_logger.filter(other)
+    # Assert: flora's refusal is its one line; any other exception keeps its traceback
+    assert refused.getMessage() == "flora: the config has 3 clients; the fix"
+    assert refused.exc_info is None
+    assert other.exc_info is not None
 
 
 class ServerCrash(Exception):

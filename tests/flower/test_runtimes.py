@@ -23,7 +23,6 @@ from flora import simulation
 from flora.cli import main
 from flora.config import load_config
 from flora.metrics import read_metrics
-from flora.outputs import RunOutputs
 
 TINY = "configs/tiny.toml"
 TWO_CLIENTS = ["federation.num_clients=2", "lora.ranks=[8, 4]"]
@@ -58,27 +57,19 @@ def test_flower_sim_gives_the_embedded_global_update(tmp_path, torch_single_thre
     assert not (sim / "nodes").exists()  # the node state is dropped after a good run
 
 
-def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(
-    tmp_path, monkeypatch, torch_single_thread
-):
-    # Prepare: the ServerApp dies right after round 2's checkpoint
+def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, torch_single_thread):
+    # Prepare: the ServerApp (a process of Flower's, started by the SuperLink) dies writing
+    # round 3's checkpoint: a file stands where its temporary directory goes
     sim, embedded = tmp_path / "sim", tmp_path / "embedded"
     overrides = [arg for o in [*TWO_CLIENTS, "federation.rounds=3"] for arg in ("--set", o)]
-    real = RunOutputs.checkpoint
-
-    def checkpoint_then_die(self, round, *args, **kwargs):  # type: ignore[no-untyped-def]
-        path = real(self, round, *args, **kwargs)
-        if round == 2:
-            raise RuntimeError("injected ServerApp fault after round 2")
-        return path
-
-    monkeypatch.setattr(RunOutputs, "checkpoint", checkpoint_then_die)
-    assert (
-        main(["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim), "--quiet"])
-        == 2
-    )
+    (sim / "checkpoints").mkdir(parents=True)
+    (sim / "checkpoints" / "round_0003.tmp").write_text("in the way")
+    command = ["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim), "--quiet"]
+    assert main(command) == 2
+    assert (sim / "checkpoints" / "round_0002").is_dir()
+    assert not (sim / "checkpoints" / "round_0003").exists()
     assert len(list((sim / "nodes").glob("run-*/partition-*/base-1.safetensors"))) == 2
-    monkeypatch.setattr(RunOutputs, "checkpoint", real)
+    (sim / "checkpoints" / "round_0003.tmp").unlink()
     # Execute
     assert main(["run", "--resume", str(sim), "--quiet"]) == 2  # not with the embedded runtime
     assert main(["run", "--resume", str(sim), "--runtime", "flower-sim", "--quiet"]) == 0
@@ -92,6 +83,7 @@ def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(
     assert [r["round"] for r in rows(sim, "server")] == [1, 2, 3]
     assert [r["catch_up_rounds"] for r in rows(sim, "client") if r["round"] == 3] == [1, 1]
     assert not (sim / "nodes").exists()
+    assert (sim / "logs" / "run.log").is_file()  # Flower's log of each run, as streamed
 
 
 @pytest.fixture(scope="module")

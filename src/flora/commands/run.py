@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,24 +155,19 @@ def _dry_run(args: argparse.Namespace) -> int:
         raise FloraError("--dry-run needs a CONFIG.toml or a shipped config's name")
     config, run_dir = _new_run(args)
     print(dry_run(config, run_dir))
+    if args.runtime == "flower-sim":
+        from flora.flower.sim import flwr_run_command
+        from flora.packaged import config_path
+
+        command = flwr_run_command(config, config_path(args.config), args.overrides, run_dir)
+        print(
+            f"\nthe same on Flower's own command line (its local simulation federation):\n{command}"
+        )
     return 0
 
 
 def _extended(config: RunConfig, rounds: int | None) -> RunConfig:
     """The run's config, with ``--rounds`` as its new last round."""
-    if rounds is None:
-        return config
-    if rounds < config.federation.rounds:
-        raise FloraError(
-            f"--rounds {rounds}: the run already has {config.federation.rounds} rounds; give a "
-            "larger N to extend it"
-        )
-    if rounds > config.federation.rounds and config.privacy.epsilon > 0:
-        raise FloraError(
-            f"--rounds {rounds}: this run's noise was set to spend privacy.epsilon = "
-            f"{config.privacy.epsilon:g} over {config.federation.rounds} rounds, and more rounds "
-            "would spend more; start a new run (or one with privacy.noise_multiplier and "
-            "privacy.epsilon = 0, whose rows report the epsilon spent)"
-        )
-    federation = dataclasses.replace(config.federation, rounds=rounds)
-    return dataclasses.replace(config, federation=federation)
+    from flora.config import extend_rounds
+
+    return config if rounds is None else extend_rounds(config, rounds)

@@ -16,11 +16,17 @@ Run config keys (``[tool.flwr.app.config]`` in flower-app/pyproject.toml, or
 - ``server-device``: where the ServerApp holds its copy of the model ("cpu", "cuda", ...;
   default the run's ``train.device``; the nodes' own node config ``device`` sets theirs)
 - ``resume``: continue the run in ``run-dir`` after its last checkpoint (default false), with
-  the run's own config.json (``config`` and ``set`` are then ignored). The nodes keep their
-  state per flora run (``run-key`` in ``run-dir/flower.json``), so they go on from where they
-  were; a node that lost it gets every merged update again.
+  the run's own config.json (``config`` and ``set`` are then ignored); ``rounds`` (default 0:
+  the run's own) extends it to that many rounds, as ``flora run --resume --rounds N``. The
+  nodes keep their state per flora run (``run-key`` in ``run-dir/flower.json``), so they go on
+  from where they were; a node that lost it gets every merged update again.
 - ``keep-node-state``: keep the nodes' state after the run (default false: a successful run
   asks every node to delete its ``run-<key>`` directory)
+
+A federation whose nodes do not match the config's clients (``flwr run`` on a simulation
+federation of another ``num-supernodes``, a SuperNode started with another ``num-partitions``)
+is refused as soon as the first node answers, in one line that gives the fix. A FloraError
+(flora's own refusal of bad input) reaches Flower's log as that one line, not a traceback.
 
 The run directory has the embedded runtime's layout (flora.outputs), so the same tools read
 both; the rows, evaluation and checkpoints come from the same core (flora.engine.RunCore).
@@ -29,6 +35,7 @@ both; the rows, evaluation and checkpoints come from the same core (flora.engine
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from logging import INFO, WARNING
@@ -38,7 +45,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict, Us
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from flora.config import RunConfig, load_config, load_run_config
+from flora.config import RunConfig, extend_rounds, load_config, load_run_config
 from flora.engine import RunCore
 from flora.errors import FloraError
 from flora.flower.grid import PollingGrid
@@ -51,42 +58,65 @@ from flora.packaged import config_path
 __all__ = ["app", "discover_partitions", "make_server_app", "run_server"]
 
 
-def discover_partitions(grid: Grid, num_partitions: int, wait: float) -> dict[int, int]:
-    """partition -> node id, asking each connected node which partition it holds."""
-    deadline = time.monotonic() + wait
-    while len(node_ids := list(grid.get_node_ids())) < num_partitions:
-        if time.monotonic() > deadline:  # in simulation round 1 may see no node yet
-            raise FloraError(
-                f"{len(node_ids)} of {num_partitions} nodes connected after {wait:.0f} s; start "
-                "one SuperNode per partition (--node-config 'partition-id=K num-partitions=N')"
-            )
-        time.sleep(1.0)
+def _mismatch(node: int, k: int, n: int, num_partitions: int) -> FloraError:
+    return FloraError(
+        f"node {node} holds partition {k} of {n}, but the config has {num_partitions} clients: "
+        f"on a simulation federation run `flwr run` with --federation-config "
+        f"'num-supernodes={num_partitions}' (`flora run --runtime flower-sim` sizes it itself); "
+        f"in a deployment start {num_partitions} SuperNodes with --node-config "
+        f"'partition-id=K num-partitions={num_partitions}'"
+    )
+
+
+def _ask(grid: Grid, node_ids: list[int], wait: float) -> dict[int, tuple[int, int] | None]:
+    """node -> (partition-id, num-partitions) for each node that answered (None: no partition)."""
     queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
-    nodes: dict[int, int] = {}
+    answers: dict[int, tuple[int, int] | None] = {}
     for reply in grid.send_and_receive(queries, timeout=wait):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            log(
-                WARNING,
-                "node %d did not answer: %s",
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
+            log(WARNING, "node %d did not answer: %s", node, reply.error.reason)
             continue
         try:
-            k, n = node_from_content(reply.content)
+            answers[node] = node_from_content(reply.content)
         except FloraError:  # a node started without --node-config partition-id
-            log(WARNING, "node %d has no partition-id; ignored", reply.metadata.src_node_id)
-            continue
-        if n != num_partitions or k in nodes:
+            log(WARNING, "node %d has no partition-id; ignored", node)
+            answers[node] = None
+    return answers
+
+
+def discover_partitions(grid: Grid, num_partitions: int, wait: float) -> dict[int, int]:
+    """partition -> node id, asking each node which partition it holds as soon as it connects;
+    a node that holds a partition of another count is refused at once, in one line."""
+    deadline = time.monotonic() + wait
+    known: dict[int, tuple[int, int] | None] = {}
+    nodes: dict[int, int] = {}
+    while True:
+        new = [node for node in grid.get_node_ids() if node not in known]
+        left = max(deadline - time.monotonic(), 1.0)
+        for node, answer in _ask(grid, new, left).items() if new else ():
+            known[node] = answer
+            if answer is None:
+                continue
+            k, n = answer
+            if n != num_partitions:
+                raise _mismatch(node, k, n, num_partitions)
+            if k in nodes or not 0 <= k < num_partitions:
+                raise FloraError(
+                    f"node {node} holds partition {k} of {n}; the run needs partitions "
+                    f"0..{num_partitions - 1}, one node each"
+                )
+            nodes[k] = node
+        if len(nodes) == num_partitions:
+            return nodes
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(num_partitions)) - set(nodes))
             raise FloraError(
-                f"node {reply.metadata.src_node_id} holds partition {k} of {n}; the run needs "
-                f"partitions 0..{num_partitions - 1}, one node each"
+                f"{len(nodes)} of {num_partitions} partitions have a node after {wait:.0f} s "
+                f"(none holds {missing}); start one SuperNode per partition (--node-config "
+                f"'partition-id=K num-partitions={num_partitions}')"
             )
-        nodes[k] = reply.metadata.src_node_id
-    missing = sorted(set(range(num_partitions)) - set(nodes))
-    if missing:
-        raise FloraError(f"no node holds partitions {missing}; set their partition-id")
-    return nodes
+        time.sleep(1.0)
 
 
 def _settings(run_config: UserConfig) -> tuple[RunConfig, Path]:
@@ -94,7 +124,9 @@ def _settings(run_config: UserConfig) -> tuple[RunConfig, Path]:
     if bool(run_config.get("resume", False)):
         if not run_config.get("run-dir"):
             raise FloraError("run config resume=true needs the run's run-dir='/abs/runs/x'")
-        return load_run_config(Path(run_dir)), Path(run_dir)
+        config = load_run_config(Path(run_dir))
+        rounds = int(run_config.get("rounds", 0) or 0)
+        return (extend_rounds(config, rounds) if rounds else config), Path(run_dir)
     path = str(run_config.get("config", ""))
     if not path:
         raise FloraError("run config 'config' is empty; pass --run-config 'config=\"PATH.toml\"'")
@@ -178,6 +210,21 @@ def _run(
     if not bool(options.get("keep-node-state", False)):
         forget_node_state(grid, nodes, run_key, runtime.timeout)
     return result
+
+
+class _OneLine(logging.Filter):
+    """Flower logs a ServerApp's exception with its traceback; flora's own refusals (FloraError:
+    bad input, each message naming the fix) become that one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, FloraError):
+            record.msg, record.args, record.exc_info = "flora: %s", (str(error),), None
+        return True
+
+
+if not any(isinstance(f, _OneLine) for f in logging.getLogger("flwr").filters):
+    logging.getLogger("flwr").addFilter(_OneLine())
 
 
 def make_server_app(

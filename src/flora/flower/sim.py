@@ -1,32 +1,36 @@
-"""``flora run --runtime flower-sim``: the Flower apps on Flower's simulation runtime, in-process.
+"""``flora run --runtime flower-sim``: the Flower app on a local simulation federation, through
+Flower's own commands.
 
-``flwr.simulation.run_simulation`` starts one virtual SuperNode per client (node config
-``partition-id`` = client index) and runs the ClientApp on a pool of Ray actors, each using
-``cpus_per_client`` cores. The node state (each partition's base snapshots and data) lives in
-``RUN_DIR/nodes/`` and is removed when the run succeeds; ``resume`` continues a run that stopped
-after a checkpoint, its nodes going on from the state they kept there. Flower's own state goes
-to a temporary FLWR_HOME, with its telemetry off (flora.flower.home).
+A SuperLink in simulation mode on 127.0.0.1 (flora.flower.link), ``flwr run`` of the app shipped
+in the package (flora.packaged.FLOWER_APP_DIR) with ``--federation-config num-supernodes=N``, N
+the config's clients (one virtual SuperNode each, node config ``partition-id`` = client index),
+Ray running the ClientApps with ``flower.client_cpus`` / ``flower.client_gpus`` each; the run's
+log streams here unless ``quiet``. The ServerApp reads the resolved config from a TOML written
+for it (the same config, loaded back equal: tests/test_cli_dry_run.py). The node state (each
+partition's base snapshots) lives in ``RUN_DIR/nodes/`` and is removed when the run succeeds;
+``resume`` continues a run that stopped after a checkpoint, its nodes going on from the state
+they kept there. Flower's state goes to a temporary FLWR_HOME with its telemetry off
+(flora.flower.home); the SuperLink is stopped when the run ends, whatever the way.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
+import shlex
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from flwr.simulation import run_simulation
-
-from flora.config import RunConfig
+from flora.config import RunConfig, config_toml
 from flora.errors import FloraError
-from flora.flower.client_app import make_client_app
-from flora.flower.home import own_flower_home
-from flora.flower.server_app import make_server_app
+from flora.flower.link import LocalSuperLink
 from flora.outputs import RunResult
+from flora.packaged import FLOWER_APP_DIR
 
-__all__ = ["backend_config", "simulate"]
+__all__ = ["backend_config", "federation_config", "flwr_run_command", "simulate"]
 
 
 def backend_config(config: RunConfig, cpus_per_client: int | None = None) -> dict[str, Any]:
@@ -59,6 +63,60 @@ def backend_config(config: RunConfig, cpus_per_client: int | None = None) -> dic
     }
 
 
+def federation_config(
+    config: RunConfig, cpus_per_client: int | None = None, *, quiet: bool = False
+) -> dict[str, Any]:
+    """``flwr run --federation-config``: one simulated SuperNode per client, Ray's resources."""
+    backend = backend_config(config, cpus_per_client)
+    client, init = backend["client_resources"], backend["init_args"]
+    return {
+        "num-supernodes": 1 if config.federation.centralized else config.federation.num_clients,
+        "client-resources-num-cpus": int(client["num_cpus"]),
+        "client-resources-num-gpus": float(client["num_gpus"]),
+        "init-args-num-cpus": int(init["num_cpus"]),
+        "init-args-num-gpus": int(init["num_gpus"]),
+        "init-args-logging-level": "ERROR" if quiet else "WARNING",
+        "init-args-log-to-driver": not quiet,
+    }
+
+
+def _toml_string(text: str) -> str:
+    return f"'{text}'" if "'" not in text and "\n" not in text else json.dumps(text)
+
+
+def _double_quoted(text: str) -> str:
+    """``text`` as one shell word in double quotes (its TOML literal strings keep their ')."""
+    escaped = "".join("\\" + c if c in '"\\$`' else c for c in text)
+    return f'"{escaped}"'
+
+
+def flwr_run_command(
+    config: RunConfig, config_file: Path, overrides: list[str], run_dir: Path
+) -> str:
+    """The ``flwr run`` command that runs this config by hand on Flower's local simulation
+    federation (the ``local`` connection): ``flora run --dry-run --runtime flower-sim`` prints
+    it, with ``num-supernodes`` the config's client count."""
+    federation = federation_config(config)
+    run_config = {
+        "config": str(config_file.resolve()),
+        "set": ";".join(overrides),
+        "run-dir": str(run_dir.resolve()),
+    }
+    sizes = " ".join(f"{k}={json.dumps(v)}" for k, v in list(federation.items())[:3])
+    values = " ".join(f"{k}={_toml_string(v)}" for k, v in run_config.items() if v)
+    return " ".join(
+        [
+            "flwr run",
+            shlex.quote(str(FLOWER_APP_DIR)),
+            "--federation-config",
+            shlex.quote(sizes),
+            "--run-config",
+            _double_quoted(values),
+            "--stream",
+        ]
+    )
+
+
 def simulate(
     config: RunConfig,
     run_dir: Path,
@@ -68,45 +126,42 @@ def simulate(
     cpus_per_client: int | None = None,
     round_timeout: float = 3600.0,
 ) -> RunResult:
-    """Run ``config`` on the Flower simulation runtime; the results land in ``run_dir``."""
+    """Run ``config`` on a local Flower simulation federation; the results land in ``run_dir``."""
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise FloraError(f"{run_dir} already holds a run; use another --out or --resume")
     if resume and not (run_dir / "flower.json").is_file():
         raise FloraError(
             f"{run_dir} did not run on Flower (no flower.json); resume it without --runtime"
         )
+    run_dir = run_dir.resolve()
     nodes = run_dir / "nodes"
-    fed = config.federation
-    options = {"round-timeout": round_timeout, "resume": resume}
-    server_app = make_server_app(config, run_dir, options)  # type: ignore[arg-type]
-    backend = backend_config(config, cpus_per_client)
-    if quiet:  # no output from the ClientApp actors (their errors come back in the replies)
-        backend["init_args"]["log_to_driver"] = False
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    if quiet:  # not even Flower's deprecation banner
-        logger.setLevel(logging.ERROR)
-    try:
-        with own_flower_home():  # flora run entered it before flwr's import (telemetry) too
-            run_simulation(
-                server_app,
-                make_client_app(nodes),
-                num_supernodes=1 if fed.centralized else fed.num_clients,
-                backend_config=backend,
-                verbose_logging=False,
-            )
-    except FloraError:
-        raise
-    except Exception as error:  # the ServerApp's own exception, re-raised by run_simulation
-        raise FloraError(
-            f"the Flower simulation stopped ({type(error).__name__}: {error}); continue from the "
-            f"last checkpoint with: flora run --resume {run_dir} --runtime flower-sim"
-        ) from error
-    finally:
-        logger.setLevel(level)
+    federation = federation_config(config, cpus_per_client, quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="flora-flower-sim-") as tmp:
+        work = Path(tmp)
+        resolved = work / "config.toml"
+        resolved.write_text(config_toml(config), encoding="utf-8")
+        run_config = {
+            "config": str(resolved),
+            "run-dir": str(run_dir),
+            "state-dir": str(nodes),
+            "round-timeout": float(round_timeout),
+            "resume": resume,
+            "rounds": config.federation.rounds if resume else 0,
+        }
+        with LocalSuperLink(work, logs=run_dir / "logs") as link:
+            run_id = link.submit(FLOWER_APP_DIR, run_config, federation)
+            link.follow(run_id, None if quiet else sys.stdout)
+            status, details = link.status(run_id)
     summary = run_dir / "summary.json"
-    if not summary.is_file():
-        raise FloraError("the Flower simulation ended without a result; see the log above")
+    if status != "finished:completed" or not summary.is_file():
+        reason = details.removeprefix("Simulation failed with exception: ") or status
+        resume_hint = (
+            f"; continue from the last checkpoint with: flora run --resume {run_dir} "
+            "--runtime flower-sim"
+            if (run_dir / "checkpoints").is_dir()
+            else ""
+        )
+        raise FloraError(f"the Flower simulation stopped ({reason}){resume_hint}")
     shutil.rmtree(nodes, ignore_errors=True)
     data = json.loads(summary.read_text(encoding="utf-8"))
     return RunResult(
