@@ -4,9 +4,13 @@
 # `flwr run flower-app`, wait for the run, then stop every process this script started, by
 # process-group id. See docs/flower.md.
 #
+# Nodes, by default: `flora flower-supernode` (Flower's SuperNode polling every --idle-poll s
+# instead of 3 s) with --isolation process, and a `flora flower-worker --supernode` as its
+# executor (ClientApp tasks run in that warm process; none starts per message).
+#
 #   scripts/flower-deploy.sh [-c CONFIG.toml] [-s 'a.b=1;c.d=2'] [-o RUN_DIR] [-n NODES]
 #                            [-t TIMEOUT_S] [-w WORKER_CMD] [--tls] [--auth [--intruder]] [--sim]
-#                            [--no-workers] [--keep]
+#                            [--relay | --no-workers] [--idle-poll S] [--keep]
 #
 #   -c  flora config (default configs/tiny.toml)     -s  overrides, ';'-separated (no quote ')
 #   -o  run directory (default runs/flower-<time>)   -n  nodes (default federation.num_clients)
@@ -19,7 +23,10 @@
 #   --intruder  (with --auth) also start one SuperNode whose key is not registered, claiming
 #           partition 0: the SuperLink refuses it (its log: RUN_DIR/logs/intruder.log)
 #   --sim   SuperLink in simulation mode (Ray runs the ClientApps; no SuperNodes started)
+#   --relay  Flower starts a ClientApp process per message, which hands it to the node's
+#           flower-worker over a Unix socket (node config worker=PATH)
 #   --no-workers  no flower-worker: every ClientApp process imports torch and loads the model
+#   --idle-poll S  the SuperNodes' idle poll (default 0.2; 0: Flower's flower-supernode, 3 s)
 #   --keep  keep the work directory (FLWR_HOME, node state, certificates)
 # Logs go to RUN_DIR/logs/ (pids: the process groups started). Exit code 0: finished:completed.
 set -euo pipefail
@@ -27,8 +34,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 APP="$ROOT/flower-app"
 WORKER_CMD=(flora flower-worker)
-CONFIG="$ROOT/configs/tiny.toml" SET="" RUN_DIR="" NODES="" TIMEOUT=1800 TLS=0 SIM=0 KEEP=0 WORKERS=1
-AUTH=0 INTRUDER=0
+CONFIG="$ROOT/configs/tiny.toml" SET="" RUN_DIR="" NODES="" TIMEOUT=1800 TLS=0 SIM=0 KEEP=0
+AUTH=0 INTRUDER=0 MODE=executor IDLE_POLL=0.2
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -c) CONFIG="$2"; shift 2 ;;
@@ -42,8 +49,10 @@ while [[ $# -gt 0 ]]; do
     --intruder) INTRUDER=1; shift ;;
     --sim) SIM=1; shift ;;
     --keep) KEEP=1; shift ;;
-    --no-workers) WORKERS=0; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --no-workers) MODE=plain; shift ;;
+    --relay) MODE=relay; shift ;;
+    --idle-poll) IDLE_POLL="$2"; shift 2 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "flower-deploy: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -153,7 +162,9 @@ node_key() {  # node_key NAME [register]: a fresh ECDSA P-384 key pair, register
     || { echo "flower-deploy: registering $1 failed, see $LOGS/register.log" >&2; exit 1; }
 }
 if [[ $SIM == 0 ]]; then
-  if [[ $WORKERS == 1 ]]; then  # one warm worker per node; wait until each listens
+  SUPERNODE=(flower-supernode)
+  [[ "$IDLE_POLL" != 0 ]] && SUPERNODE=(flora flower-supernode --idle-poll "$IDLE_POLL" --)
+  if [[ $MODE == relay ]]; then  # one warm worker per node; wait until each listens
     for ((k = 0; k < NODES; k++)); do
       start "$LOGS/worker-$k.log" "${WORKER_CMD[@]}" --socket "$WORK/workers/node-$k.sock"
     done
@@ -167,17 +178,33 @@ if [[ $SIM == 0 ]]; then
         || { echo "flower-deploy: worker $k did not start, see $LOGS/worker-$k.log" >&2; exit 1; }
     done
   fi
+  EXECUTORS=()
   for ((k = 0; k < NODES; k++)); do
     NODE_CONFIG="partition-id=$k num-partitions=$NODES state-dir='$STATE'"
-    [[ $WORKERS == 1 ]] && NODE_CONFIG+=" worker='$WORK/workers/node-$k.sock'"
+    [[ $MODE == relay ]] && NODE_CONFIG+=" worker='$WORK/workers/node-$k.sock'"
     NODE_AUTH=()
     if [[ $AUTH == 1 ]]; then
       node_key "node-$k" register
       NODE_AUTH=(--auth-supernode-private-key "$KEYS/node-$k")
     fi
-    start "$LOGS/supernode-$k.log" flower-supernode "${NODE_SECURITY[@]}" "${NODE_AUTH[@]}" \
-      --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port "$(free_port)" \
+    NODE_PORT="$(free_port)" ISOLATION=()
+    [[ $MODE == executor ]] && ISOLATION=(--isolation process)
+    start "$LOGS/supernode-$k.log" "${SUPERNODE[@]}" "${NODE_SECURITY[@]}" "${NODE_AUTH[@]}" \
+      --superlink "127.0.0.1:$LINK_PORT" --host 127.0.0.1 --port "$NODE_PORT" "${ISOLATION[@]}" \
       --node-config "$NODE_CONFIG"
+    if [[ $MODE == executor ]]; then  # the node's executor: its ClientApp tasks run warm here
+      start "$LOGS/worker-$k.log" "${WORKER_CMD[@]}" --supernode "127.0.0.1:$NODE_PORT"
+      EXECUTORS+=("${PIDS[-1]}")
+    fi
+  done
+  for ((k = 0; k < ${#EXECUTORS[@]}; k++)); do  # ready once torch and the app are imported
+    for _ in $(seq 600); do
+      grep -q "executor of" "$LOGS/worker-$k.log" 2>/dev/null && break
+      alive "${EXECUTORS[$k]}" || break
+      sleep 0.2
+    done
+    grep -q "executor of" "$LOGS/worker-$k.log" 2>/dev/null \
+      || { echo "flower-deploy: worker $k did not start, see $LOGS/worker-$k.log" >&2; exit 1; }
   done
   if [[ $INTRUDER == 1 ]]; then  # a key the SuperLink never saw, posing as partition 0
     node_key intruder

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flora import __version__
-from flora.commands import aggregate, compare, configs, flower_worker, models, run
+from flora.commands import aggregate, compare, configs, flower_supernode, flower_worker, models, run
 from flora.commands import eval as eval_command
 from flora.errors import FloraError
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     configs.add_parser(subparsers)
     models.add_parser(subparsers)
     flower_worker.add_parser(subparsers)
+    flower_supernode.add_parser(subparsers)
     return parser
 
 

@@ -34,10 +34,10 @@ def fail_client_round(partition: int, round: int) -> Callable[[], None]:
     return lambda: setattr(flora.client, "client_round", real)
 
 
-if __name__ == "__main__":  # faults.py PARTITION@ROUND --socket PATH: a worker with the fault
-    where, _, path = sys.argv[1], sys.argv[2], sys.argv[3]
+if __name__ == "__main__":  # faults.py PARTITION@ROUND --socket PATH | --supernode HOST:PORT
+    where, mode, target = sys.argv[1], sys.argv[2], sys.argv[3]
     partition, round = (int(v) for v in where.split("@"))
     fail_client_round(partition, round)
-    from flora.flower.worker import serve
+    from flora.flower.worker import serve, serve_node
 
-    sys.exit(serve(Path(path)))
+    sys.exit(serve(Path(target)) if mode == "--socket" else serve_node(target))

@@ -19,7 +19,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the model. Start it before the SuperNode and pass --node-config \"... worker='PATH'\". "
         "Stops on SIGTERM/SIGINT. Needs the [flower] extra.",
     )
-    parser.add_argument("--socket", required=True, type=Path, help="Unix socket path to listen on")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path, help="Unix socket path to listen on (relay mode)")
+    where.add_argument(
+        "--supernode",
+        metavar="HOST:PORT",
+        help="be the executor of the SuperNode serving its runtime API here (started with "
+        "--isolation process): no process per message",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.set_defaults(handler=run)
 
@@ -37,4 +44,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.supernode:
+        from flora.flower.worker import serve_node
+
+        return serve_node(args.supernode)
     return serve(args.socket)

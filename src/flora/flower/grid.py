@@ -5,10 +5,16 @@ round waits 1.5 s on average, and up to 3 s, after the last reply arrived; the s
 polls at its own ``pull_interval``. ``PollingGrid`` wraps whichever Grid the ServerApp receives
 and pulls every ``interval`` seconds (run config ``poll-interval``, default 0.2 s): on loopback
 or a LAN a pull with nothing ready costs about a millisecond. Everything else is delegated.
+
+The deployment Grid also retries a reply whose arrays the SuperNode has not finished pushing
+after 1 s, then 2, 4 (capped at 10): wrapping it makes this ServerApp process's HttpGrid retry
+after 20 ms, doubling up to 0.5 s, as flora's SuperNodes and executors do
+(flora.flower.supernode.RETRY_FIRST, RETRY_CAP).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
@@ -21,6 +27,18 @@ from flora.errors import FloraError
 __all__ = ["PollingGrid"]
 
 
+def _quick_retries(grid: Grid) -> None:
+    """Flower's deployment Grid pulls a reply's arrays through its module's ``pull_objects``."""
+    from flwr.superlink.grid import http_grid
+
+    from flora.flower.supernode import RETRY_CAP, RETRY_FIRST
+
+    pull = http_grid.pull_objects
+    if isinstance(grid, http_grid.HttpGrid) and not isinstance(pull, functools.partial):
+        quick = functools.partial(pull, initial_backoff=RETRY_FIRST, backoff_cap=RETRY_CAP)
+        http_grid.pull_objects = quick
+
+
 class PollingGrid(Grid):
     """``grid`` with ``send_and_receive`` pulling every ``interval`` seconds."""
 
@@ -29,6 +47,7 @@ class PollingGrid(Grid):
             raise FloraError(f"run config poll-interval must be > 0 seconds, got {interval}")
         self.grid = grid
         self.interval = interval
+        _quick_retries(grid)
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)

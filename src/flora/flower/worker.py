@@ -1,4 +1,5 @@
-"""A node's warm worker: ``flora flower-worker --socket PATH``, next to a SuperNode.
+"""A node's warm worker: ``flora flower-worker --socket PATH``, next to a SuperNode, or
+``flora flower-worker --supernode HOST:PORT``, its executor (flora.flower.executor).
 
 It imports torch, transformers and peft once, then serves the node's train and evaluate
 messages (flora.flower.relay) one at a time with the same functions a ClientApp would call
@@ -27,7 +28,7 @@ from flora.errors import FloraError
 from flora.flower.node import Node
 from flora.flower.relay import KINDS, decode_content, encode_content, read_frame, write_frame
 
-__all__ = ["serve"]
+__all__ = ["serve", "serve_node"]
 
 _IO_TIMEOUT = 300.0  # seconds for one socket read or write (not for the work itself)
 
@@ -117,4 +118,27 @@ def serve(path: Path, *, max_messages: int = 0, stop: threading.Event | None = N
         for signum, previous_handler in previous.items():
             signal.signal(signum, previous_handler)
         _log(f"stopped after {served} messages")
+    return 0
+
+
+def serve_node(address: str, *, stop: threading.Event | None = None, max_tasks: int = 0) -> int:
+    """Be the executor of the SuperNode at ``address`` (started with ``--isolation process``):
+    run its ClientApp tasks in this process until SIGTERM/SIGINT or ``stop``. Returns 0."""
+    from flora.flower import client
+    from flora.flower.client_app import make_client_app
+    from flora.flower.executor import serve_tasks
+
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        handler = lambda signum, frame: stop.set()  # noqa: E731
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    _log(f"executor of {address}, {client.process_age():.1f} s after the process started")
+    ran = 0
+    try:
+        ran = serve_tasks(address, make_client_app(), stop, log=_log, max_tasks=max_tasks)
+    finally:
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
+        _log(f"stopped after {ran} tasks")
     return 0
