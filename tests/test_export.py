@@ -4,6 +4,7 @@ AutoPeftModelForCausalLM, it gives final/model's outputs (flora.export, outputs.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -134,3 +135,47 @@ def test_eval_takes_a_base_for_a_runs_adapter(tmp_path, capsys):
     assert loss == pytest.approx(summary["loss_after"], abs=1e-5)  # the run's own final loss
     assert main(["eval", "tiny-llama", "--base", str(base)]) == 2
     assert "applies to a run directory" in capsys.readouterr().err
+
+
+def test_flora_export_names_the_given_base_and_writes_the_merged_model(tmp_path, capsys):
+    from flora.cli import main
+
+    # Prepare: a finished run, and a copy of its base somewhere else (as on another machine)
+    config = load_config(TINY, [*FAST, "federation.rounds=1"])
+    simulation.run(config, tmp_path / "run", quiet=True)
+    want = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model"))
+    copy = tmp_path / "models" / "tiny-base"
+    shutil.copytree(tmp_path / "run" / "final" / "base", copy)
+    out = tmp_path / "export"
+    # Execute
+    code = main(
+        ["export", str(tmp_path / "run"), "--out", str(out), "--base", str(copy), "--merged"]
+    )
+    # Assert: the adapter names the copy and loads from the export alone, the merged
+    # checkpoint gives the same logits, the card travels with it
+    assert code == 0
+    declared = json.loads((out / "adapter_config.json").read_text())
+    assert declared["base_model_name_or_path"] == str(copy.resolve())
+    torch.testing.assert_close(
+        _logits(AutoPeftModelForCausalLM.from_pretrained(out)), want, rtol=0, atol=2e-5
+    )
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    torch.testing.assert_close(_logits(merged), want, rtol=0, atol=2e-5)
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: peft\n")
+    assert not list(tmp_path.glob(".export.tmp-*"))
+    # an export never overwrites another, and a run without an adapter is one line
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "exists and is not empty" in err[0] and "no final/adapter to export" in err[1]
+
+
+def test_flora_export_without_a_base_makes_the_runs_own_absolute(tmp_path):
+    from flora.export_run import export_run
+
+    config = load_config(TINY, [*FAST, "federation.rounds=1", "output.model=false"])
+    simulation.run(config, tmp_path / "run", quiet=True)
+    base = export_run(tmp_path / "run", tmp_path / "out")
+    assert base == str((tmp_path / "run" / "final" / "base").resolve())  # was "../base"
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out")

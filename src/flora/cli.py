@@ -13,7 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flora import __version__
-from flora.commands import aggregate, compare, configs, flower_supernode, flower_worker, models, run
+from flora.commands import (
+    aggregate,
+    compare,
+    configs,
+    export,
+    flower_supernode,
+    flower_worker,
+    models,
+    run,
+)
 from flora.commands import eval as eval_command
 from flora.errors import FloraError
 
@@ -31,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_parser(subparsers)
     run.add_parser(subparsers)
     eval_command.add_parser(subparsers)
+    export.add_parser(subparsers)
     compare.add_parser(subparsers)
     configs.add_parser(subparsers)
     models.add_parser(subparsers)

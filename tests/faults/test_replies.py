@@ -6,6 +6,7 @@ Python objects, screened the same way, tests/faults/test_hostile_clients.py.)"""
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Callable, Iterable
 
@@ -21,6 +22,7 @@ from tests.flower.inline_grid import InlineGrid
 
 from flora.config import load_config
 from flora.flower.client_app import make_client_app
+from flora.flower.records import PACKED
 from flora.flower.server_app import run_server
 from flora.metrics import read_metrics
 
@@ -93,6 +95,22 @@ def huge_header(reply: Message) -> Message:
     return reply
 
 
+def huge_packed_header(reply: Message) -> Message:
+    """The packed factors replaced by ~150 bytes whose safetensors header claims 200 GiB."""
+    header = json.dumps(
+        {
+            "m.lora_A.weight": {
+                "dtype": "F32",
+                "shape": [50 * 2**30],
+                "data_offsets": [0, 200 * 2**30],
+            }
+        }
+    ).encode()
+    data = len(header).to_bytes(8, "little") + header + b"\0" * 8
+    reply.content["factors"] = ArrayRecord({PACKED: Array(np.frombuffer(data, dtype=np.uint8))})
+    return reply
+
+
 CASES: dict[str, tuple[Meddle, str]] = {
     "no reply": (lambda reply: None, "no reply before the timeout"),
     "no metrics": (without("metrics"), "unreadable reply"),
@@ -102,6 +120,7 @@ CASES: dict[str, tuple[Meddle, str]] = {
     "a count of 1e15": (metric("num-examples", 1e15), "exceeds its partition's"),
     "junk factors": (junk_factors, "unreadable reply"),
     "a header claiming 200 GiB": (huge_header, "unreadable reply"),
+    "packed tensors claiming 200 GiB": (huge_packed_header, "elements its task allows"),
     "a reply for another round": (metric("round", 0), "a reply for round 0 in round 1"),
 }
 

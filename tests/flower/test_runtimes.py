@@ -121,3 +121,15 @@ def test_a_node_that_fails_mid_round_is_left_out_and_catches_up(deployment):
     assert [log.count("train for partition") for log in served] == [2, 2]
     assert "train for partition 1 failed" in served[1] and "injected fault" in served[1]
     assert all("flwr-clientapp" not in log for log in served)
+
+
+def test_the_relay_setup_with_flowers_own_supernodes_still_runs(tmp_path):
+    # Flower's own flower-supernode (3 s idle poll) starting a ClientApp process per message,
+    # which hands the work to the node's worker over its Unix socket
+    done, run_dir = deploy(
+        tmp_path, "--relay", "--idle-poll", "0", "-n", "2", "-s", ";".join(TWO_CLIENTS)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = [(run_dir / "logs" / f"worker-{k}.log").read_text() for k in (0, 1)]
+    assert [log.count("train for partition") for log in served] == [2, 2]
+    assert all("ready on" in log for log in served)  # the socket worker, not an executor

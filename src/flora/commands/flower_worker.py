@@ -1,4 +1,5 @@
-"""`flora flower-worker --socket PATH`: a node's warm worker for Flower (flora.flower.worker)."""
+"""`flora flower-worker --supernode HOST:PORT | --socket PATH`: a node's warm worker for Flower
+(flora.flower.worker)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "flower-worker",
         help="serve a Flower node's train/evaluate messages from one warm process",
         description="Serve this machine's SuperNode's flora messages from one long-lived "
-        "process, so the ClientApp Flower starts per message does not re-import torch or reload "
-        "the model. Start it before the SuperNode and pass --node-config \"... worker='PATH'\". "
-        "Stops on SIGTERM/SIGINT. Needs the [flower] extra.",
+        "process that imports torch and loads the model once. --supernode HOST:PORT: be the "
+        "executor of a SuperNode started with --isolation process (its ClientApp tasks run "
+        "here; no process per message). --socket PATH: serve the ClientApp processes Flower "
+        'starts per message (start it before the SuperNode, with --node-config "... '
+        "worker='PATH'\"). Stops on SIGTERM/SIGINT. Needs the [flower] extra.",
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", type=Path, help="Unix socket path to listen on (relay mode)")

@@ -23,6 +23,7 @@ from flora.flower.records import (
     adapter_from_record,
     result_to_content,
     task_from_record,
+    unpack,
     updates_from_record,
 )
 from flora.node_state import NodeBase, load_base, load_data
@@ -46,7 +47,7 @@ def _task(content: RecordDict, node: Node) -> TaskInfo:
 def _adapter(content: RecordDict, name: str) -> core.Adapter | None:
     if name not in content.array_records:
         return None
-    return adapter_from_record(dict(content.array_records[name].to_torch_state_dict()))
+    return adapter_from_record(unpack(content.array_records[name]))
 
 
 def process_age() -> float:
@@ -66,7 +67,7 @@ def _work(content: RecordDict, node: Node, *, train: bool) -> RecordDict:
     task.init = _adapter(content, "init")
     task.folded = _adapter(content, "folded")
     if "core" in content.array_records:
-        task.core = dict(content.array_records["core"].to_torch_state_dict())
+        task.core = unpack(content.array_records["core"])
     base = NodeBase(load_base(config, node.device or None), node.directory)
     data = load_data(config, task.client, base.tokenizer, node.state_dir)
     loaded = time.perf_counter() - started

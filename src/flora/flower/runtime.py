@@ -29,6 +29,7 @@ from flora.client import ClientResult
 from flora.engine import RunCore, Runtime
 from flora.flower.records import (
     adapter_to_record,
+    pack,
     result_from_content,
     task_to_record,
     updates_to_record,
@@ -120,11 +121,11 @@ class FlowerRuntime(Runtime):
     def _train_message(self, task: ClientTask) -> Message:
         extra = {}
         if task.init is not None:
-            extra["init"] = ArrayRecord(adapter_to_record(task.init))
+            extra["init"] = pack(adapter_to_record(task.init))
         if task.folded is not None:
-            extra["folded"] = ArrayRecord(adapter_to_record(task.folded))
+            extra["folded"] = pack(adapter_to_record(task.folded))
         if task.core is not None:
-            extra["core"] = ArrayRecord(dict(task.core))
+            extra["core"] = pack(dict(task.core))
         return self._message(MessageType.TRAIN, task, **extra)
 
     def collect(
@@ -196,7 +197,7 @@ class FlowerRuntime(Runtime):
         extra = {}
         lora = server.adapter
         if lora is not None:
-            extra["lora"] = ArrayRecord(adapter_to_record(lora))
+            extra["lora"] = pack(adapter_to_record(lora))
         message = self._message(MessageType.EVALUATE, task, **extra)
         (result,) = self.collect(
             [task], self.grid.send_and_receive([message], timeout=self.timeout), "evaluate"
