@@ -161,7 +161,8 @@ def simulate(
             if (run_dir / "checkpoints").is_dir()
             else ""
         )
-        raise FloraError(f"the Flower simulation stopped ({reason}){resume_hint}")
+        log = run_dir / "logs" / "run.log"
+        raise FloraError(f"the Flower simulation stopped ({reason}; log: {log}){resume_hint}")
     shutil.rmtree(nodes, ignore_errors=True)
     data = json.loads(summary.read_text(encoding="utf-8"))
     return RunResult(
