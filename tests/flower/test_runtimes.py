@@ -7,6 +7,7 @@ ports, FLWR_HOME in a temporary directory, every process stopped by the script (
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,11 @@ def update(run_dir: Path, round: int) -> dict[str, torch.Tensor]:
 
 
 def test_flower_sim_gives_the_embedded_global_update(tmp_path, torch_single_thread):
-    # Prepare
+    # Prepare: a user's own Flower configuration in their FLWR_HOME
     sim, embedded = tmp_path / "sim", tmp_path / "embedded"
     overrides = [arg for o in TWO_CLIENTS for arg in ("--set", o)]
+    users = Path(os.environ["FLWR_HOME"]) / "config.toml"
+    users.write_text('[superlink]\ndefault = "mine"\n')
     # Execute: the CLI on Flower's simulation runtime, then the embedded runtime
     command = ["run", TINY, *overrides, "--runtime", "flower-sim", "--out", str(sim), "--quiet"]
     assert main(command) == 0
@@ -55,6 +58,7 @@ def test_flower_sim_gives_the_embedded_global_update(tmp_path, torch_single_thre
     assert after < before
     assert (sim / "final" / "model" / "model.safetensors").is_file()
     assert not (sim / "nodes").exists()  # the node state is dropped after a good run
+    assert users.read_text() == '[superlink]\ndefault = "mine"\n'  # left as it was
 
 
 def test_a_flower_sim_run_that_died_resumes_from_its_checkpoint(tmp_path, torch_single_thread):

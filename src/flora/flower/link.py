@@ -2,14 +2,15 @@
 
 ``flora run --runtime flower-sim`` and the tests use it the way a user uses Flower 1.41: a
 ``flower-superlink`` (simulation mode: Ray runs the ClientApps of ``num-supernodes`` virtual
-SuperNodes), a SuperLink connection named ``flora`` in ``$FLWR_HOME/config.toml``, ``flwr run``
+SuperNodes), a SuperLink connection named ``flora`` in the ``config.toml`` of a FLWR_HOME of its
+own (``WORK/flwr-home``: a user's Flower configuration is never rewritten), ``flwr run``
 to submit the app, ``flwr log --stream`` to follow it and ``flwr ls`` for its status. Nothing
 here is Flower's deprecated in-process ``run_simulation``.
 
 The SuperLink takes a free port, starts in its own process group and is stopped (SIGTERM, then
 SIGKILL) by that group's id when the block ends, also on an exception or Ctrl-C; it never
 installs an app's dependencies (``--disable-runtime-dependency-installation``: flora is
-installed where it runs). ``$FLWR_HOME`` must be set (flora.flower.home) before entering.
+installed where it runs).
 """
 
 from __future__ import annotations
@@ -98,10 +99,8 @@ class LocalSuperLink:
         startup: float = 60.0,
         logs: Path | None = None,
     ) -> None:
-        if not os.environ.get("FLWR_HOME"):
-            raise FloraError("FLWR_HOME is not set; enter flora.flower.home.own_flower_home()")
         self.work = work
-        self.home = Path(os.environ["FLWR_HOME"])
+        self.home = work / "flwr-home"  # its own: a user's $FLWR_HOME/config.toml is not touched
         self.simulation = simulation
         self.startup = startup
         self.port = 0
@@ -124,7 +123,7 @@ class LocalSuperLink:
         ]
         if self.simulation:
             command.append("--simulation")
-        env = _environment() | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        env = self._environment() | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -171,6 +170,9 @@ class LocalSuperLink:
             encoding="utf-8",
         )
 
+    def _environment(self) -> dict[str, str]:
+        return _environment() | {"FLWR_HOME": str(self.home)}
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -198,7 +200,7 @@ class LocalSuperLink:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=_environment(),
+            env=self._environment(),
         )
         if done.returncode != 0:
             last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
@@ -231,7 +233,7 @@ class LocalSuperLink:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_environment(),
+            env=self._environment(),
         )
         copier = threading.Thread(target=_copy, args=(stream, self.logs / "run.log", out))
         copier.start()
