@@ -128,14 +128,12 @@ def unpack(record: ArrayRecord, limit: int | None = None) -> dict[str, torch.Ten
         return {}
     if list(record.keys()) != [PACKED]:
         raise FloraError(f"its arrays are not one packed '{PACKED}' array: {list(record)[:3]}")
-    array = record[PACKED]
-    _elements(PACKED, array)  # a plain numeric npy array whose bytes match its shape
-    data = array.numpy().tobytes()
+    data = _payload(PACKED, record[PACKED])  # the bytes after a checked uint8 npy header
     try:
         size = int.from_bytes(data[:8], "little")
         if not 0 < size <= len(data) - 8 or size > 1 << 26:
             raise ValueError(f"a header of {size} bytes in {len(data)}")
-        header = json.loads(data[8 : 8 + size])
+        header = json.loads(bytes(data[8 : 8 + size]))
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         total = 0
         for key, entry in entries.items():
@@ -147,13 +145,14 @@ def unpack(record: ArrayRecord, limit: int | None = None) -> dict[str, torch.Ten
     if limit is not None and total > limit:
         raise FloraError(f"its arrays hold more than the {limit} elements its task allows")
     try:
-        return load_safetensors(data)
+        return load_safetensors(bytes(data))  # the one copy of the payload
     except SafetensorError as error:
         raise FloraError(f"its packed tensors do not read ({error})") from None
 
 
-def _elements(key: str, array: Any) -> int:
-    """The element count an array's npy header claims, checked against its bytes."""
+def _payload(key: str, array: Any) -> memoryview:
+    """An array's bytes after its npy header, a view (no copy), once the header is checked: a
+    1-D uint8 array whose bytes match its shape."""
     if getattr(array, "stype", None) != "numpy.ndarray" or not isinstance(array.data, bytes):
         raise FloraError(f"array '{key}' is not a numpy array")
     stream = io.BytesIO(array.data)
@@ -167,12 +166,11 @@ def _elements(key: str, array: Any) -> int:
         shape, _, dtype = read(stream, max_header_size=1024)
     except (ValueError, TypeError, SyntaxError) as error:
         raise FloraError(f"array '{key}' has no readable npy header ({error})") from error
-    if dtype.hasobject or dtype.kind not in "fiub":
-        raise FloraError(f"array '{key}' is of dtype {dtype}, not numeric")
-    count = math.prod(shape)
-    if count * dtype.itemsize != len(array.data) - stream.tell():
+    if dtype != np.uint8 or len(shape) != 1:
+        raise FloraError(f"array '{key}' is of dtype {dtype} and shape {shape}, not bytes")
+    if shape[0] != len(array.data) - stream.tell():
         raise FloraError(f"array '{key}' claims shape {shape} but carries other bytes")
-    return count
+    return memoryview(array.data)[stream.tell() :]
 
 
 def updates_to_record(updates: Sequence[RoundUpdate]) -> ArrayRecord:
